@@ -1,0 +1,1 @@
+"""Backend adapters, installed as wwwserve_gateway.backends and registered through entry points."""

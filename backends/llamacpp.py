@@ -1,0 +1,225 @@
+"""llama.cpp backend: an external llama-server (with `api_base`), or one the node runs itself.
+
+Without `api_base` the node starts llama.cpp's server from the prebuilt `xllamacpp` wheel in a child
+process on a loopback port, waits for /health, restarts it with backoff if it dies, and stops it
+with the node. Load comes from the server's Prometheus /metrics (requests_processing,
+requests_deferred) against its slot count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+import aiohttp
+import structlog
+from pydantic import Field
+
+from wwwserve_gateway.backend_api import BackendContext, BackendLoad, BackendParams, Endpoint
+from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
+from wwwserve_gateway.config import ModelEntry
+from wwwserve_gateway.model_store import ModelStoreError, find_model, models_dir, pull
+from wwwserve_gateway.prom_text import parse_samples
+
+log = structlog.get_logger(__name__)
+
+RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
+
+
+class LlamaCppParams(OpenAICompatParams):
+    api_base: str | None = Field(  # type: ignore[assignment]
+        None, description="URL of a running llama-server's /v1; unset runs an embedded server"
+    )
+    model_path: str | None = Field(
+        None, description="GGUF file for the embedded server (default: the model named after 'llamacpp/')"
+    )
+    n_ctx: int = Field(2048, gt=0, description="context length of the embedded server")
+    n_parallel: int = Field(1, gt=0, description="slots (requests decoded at once) of the embedded server")
+    n_threads: int = Field(1, gt=0, description="CPU threads of the embedded server (1 is best on 2 cores)")
+    embedding: bool = Field(False, description="run the embedded server in embedding mode (/v1/embeddings)")
+    auto_pull: bool = Field(True, description="pull a known model (e.g. smollm2) when it is not on disk")
+    startup_timeout: float = Field(180.0, gt=0, description="seconds to wait for the model to load")
+
+
+class LlamaCppBackend(OpenAICompatBackend):
+    Params = LlamaCppParams
+    params: LlamaCppParams
+
+    def __init__(self, entry: ModelEntry, params: BackendParams, ctx: BackendContext) -> None:
+        self._server: EmbeddedServer | None = None
+        super().__init__(entry, params, ctx)
+        chat = frozenset({Endpoint.CHAT, Endpoint.COMPLETION})
+        self.endpoints = frozenset({Endpoint.EMBEDDING}) if self.params.embedding else chat
+        self._slots = self.params.n_parallel
+
+    @property
+    def base_url(self) -> str:
+        if self.params.api_base:
+            return self.params.api_base
+        return f"{self._server.url}/v1" if self._server and self._server.url else "http://127.0.0.1:0/v1"
+
+    @property
+    def upstream_model(self) -> str:
+        return self.model_name if self._server else self.params.upstream_model
+
+    def _root(self) -> str:
+        return re.sub(r"/v1/?$", "", self.base_url)
+
+    async def start(self) -> None:
+        if self.params.api_base:
+            await super().start()
+            return
+        model = await asyncio.to_thread(self._model_file)
+        self._server = EmbeddedServer(self, model)
+        await self._server.start()
+
+    def _model_file(self) -> Path:
+        name = self.params.model_path or self.params.upstream_model
+        found = find_model(name, self.ctx.data_dir)
+        if found is not None:
+            return found
+        if self.params.model_path is None and self.params.auto_pull:
+            try:
+                log.info("pulling model", model=name)
+                return pull(name, models_dir(self.ctx.data_dir))
+            except ModelStoreError as exc:
+                raise ModelStoreError(f"backend {self.id}: {exc}") from None
+        raise ModelStoreError(
+            f"backend {self.id}: no GGUF file for {name!r}; run 'wwwserve models pull {name}' or set model_path"
+        )
+
+    def on_server_ready(self, url: str) -> None:
+        self._urls = {e: f"{url}/v1/{e.value}" for e in Endpoint}
+        self._ready.set()
+
+    def on_server_lost(self) -> None:
+        self._ready.clear()
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            await self._server.stop()
+        await super().aclose()
+
+    async def probe_load(self) -> BackendLoad | None:
+        async with self.session().get(f"{self._root()}/metrics") as resp:
+            if resp.status != 200:
+                return None
+            samples = parse_samples(await resp.text())
+        running = int(samples.get("llamacpp:requests_processing", 0))
+        waiting = int(samples.get("llamacpp:requests_deferred", 0))
+        return BackendLoad(running, waiting, min(1.0, running / self._slots))
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info["embedded"] = self._server is not None
+        if self._server is not None:
+            info["api_base"] = f"{self._server.url}/v1"
+            info["model_file"] = str(self._server.model)
+            info["restarts"] = self._server.restarts
+        return info
+
+
+class EmbeddedServer:
+    """Supervises the child process that runs llama-server."""
+
+    def __init__(self, backend: LlamaCppBackend, model: Path) -> None:
+        self.backend = backend
+        self.model = model
+        self.url: str | None = None
+        self.restarts = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def _command(self) -> list[str]:
+        p = self.backend.params
+        cmd = [
+            sys.executable, "-m", "wwwserve_gateway.backends.llamacpp_server",
+            "--model", str(self.model), "--alias", self.backend.model_name,
+            "--ctx", str(p.n_ctx), "--parallel", str(p.n_parallel), "--threads", str(p.n_threads),
+        ]
+        return [*cmd, "--embedding"] if p.embedding else cmd
+
+    def _log_path(self) -> Path:
+        logs = self.backend.ctx.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        return logs / (re.sub(r"[^A-Za-z0-9_.-]", "_", self.backend.id) + ".llamacpp.log")
+
+    async def start(self) -> None:
+        await self._launch()
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def _launch(self) -> None:
+        with self._log_path().open("ab") as log_file:
+            # stdin stays open: the child exits when it closes, i.e. when this node dies.
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file
+            )
+        assert self._proc.stdout is not None
+        timeout = self.backend.params.startup_timeout
+        try:
+            line = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+        except TimeoutError:
+            line = b""
+        if not line.startswith(b"listening "):
+            await self._kill()
+            raise RuntimeError(f"llama.cpp server did not start; see {self._log_path()}")
+        self.url = line.split()[1].decode().rstrip("/")
+        await self._wait_healthy(timeout)
+        self.backend.on_server_ready(self.url)
+        log.info("llama.cpp server ready", backend=self.backend.id, url=self.url, pid=self._proc.pid)
+
+    async def _wait_healthy(self, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.get(f"{self.url}/health") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if self._proc is None or self._proc.returncode is not None:
+                    raise RuntimeError(f"llama.cpp server exited while loading; see {self._log_path()}")
+                if asyncio.get_running_loop().time() > deadline:
+                    await self._kill()
+                    raise RuntimeError(f"llama.cpp server not healthy after {timeout:g} s")
+                await asyncio.sleep(0.1)
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while not self._stopping:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            self.backend.on_server_lost()
+            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+            log.warning("llama.cpp server exited; restarting", backend=self.backend.id, code=code, delay_s=delay)
+            await asyncio.sleep(delay)
+            try:
+                await self._launch()
+                self.restarts += 1
+                failures = 0
+            except (RuntimeError, OSError) as exc:
+                failures += 1
+                log.error("llama.cpp restart failed", backend=self.backend.id, error=str(exc))
+
+    async def _kill(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        await self._kill()

@@ -1,0 +1,202 @@
+"""Byte pass-through to any OpenAI-compatible server: vLLM, SGLang, llama.cpp, Ollama /v1, remote APIs.
+
+This is the gateway's hot path. The request body is forwarded with `model` rewritten; answers are
+relayed as the bytes that arrived. Only the usage is parsed: from the JSON body, or, in a stream, from
+the one event that carries it (found with a substring test, so other chunks are never decoded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from pydantic import Field
+
+from wwwserve_gateway.backend_api import (
+    Backend,
+    BackendContext,
+    BackendParams,
+    Endpoint,
+    JSONReply,
+    SSEStream,
+    Usage,
+)
+from wwwserve_gateway.config import ModelEntry
+from wwwserve_gateway.errors import BackendProtocolError, BackendTimeout, BackendUnreachable, UpstreamError
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+USAGE_MARK = b'"usage"'
+EVENT_END = b"\n\n"
+
+
+class OpenAICompatParams(BackendParams):
+    api_base: str = Field("https://api.openai.com/v1", description="base URL ending in /v1")
+    inject_stream_usage: bool = Field(
+        True, description="ask streams for a usage chunk (stream_options.include_usage) and hide it if unasked"
+    )
+    extra_headers: dict[str, str] = Field(default_factory=dict, description="headers sent on every call")
+    max_connections: int = Field(256, gt=0, description="pooled keep-alive connections to the backend")
+
+
+class OpenAICompatBackend(Backend):
+    Params = OpenAICompatParams
+    params: OpenAICompatParams
+
+    def __init__(self, entry: ModelEntry, params: BackendParams, ctx: BackendContext) -> None:
+        super().__init__(entry, params, ctx)
+        self._session: aiohttp.ClientSession | None = None
+        self._urls = {e: self.url(e.value) for e in Endpoint}
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url.rstrip('/')}/{path}"
+
+    @property
+    def base_url(self) -> str:
+        return self.params.api_base or OpenAICompatParams.model_fields["api_base"].default
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = dict(self.params.extra_headers)
+            if self.params.api_key:
+                headers["Authorization"] = f"Bearer {self.params.api_key}"
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.params.max_connections, keepalive_timeout=60),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.timeout),
+                skip_auto_headers=("User-Agent",),
+                auto_decompress=True,
+            )
+        return self._session
+
+    async def start(self) -> None:
+        self.session()
+        await super().start()
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _post(self, endpoint: Endpoint, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        body["model"] = self.upstream_model
+        try:
+            resp = await self.session().post(self._urls[endpoint], data=orjson.dumps(body), headers=JSON_HEADERS)
+        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+            raise BackendTimeout(f"backend {self.id} did not answer within {self.timeout:g} s") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise BackendUnreachable(f"backend {self.id} is unreachable: {exc.os_error or exc}") from None
+        except aiohttp.ClientError as exc:
+            raise BackendUnreachable(f"backend {self.id} failed: {exc}") from None
+        if resp.status != 200:
+            try:
+                raw = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                raw = b""
+            finally:
+                resp.release()
+            raise UpstreamError.from_response(resp.status, raw, backend=self.id)
+        return resp
+
+    async def complete(self, endpoint: Endpoint, body: dict[str, Any]) -> JSONReply:
+        resp = await self._post(endpoint, body)
+        try:
+            raw = await resp.read()
+        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+            raise BackendTimeout(f"backend {self.id} stalled for {self.timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise BackendUnreachable(f"backend {self.id} broke off its answer: {exc}") from None
+        finally:
+            resp.release()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise BackendProtocolError(f"backend {self.id} answered with invalid JSON") from None
+        if not isinstance(data, dict):
+            raise BackendProtocolError(f"backend {self.id} answered with JSON that is not an object")
+        return JSONReply(raw, data, Usage.from_dict(data.get("usage")))
+
+    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> SSEStream:
+        hide_usage = False
+        if self.params.inject_stream_usage and endpoint is not Endpoint.EMBEDDING:
+            options = body.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage")):
+                body["stream_options"] = {**(options or {}), "include_usage": True}
+                hide_usage = True
+        resp = await self._post(endpoint, body)
+        if not resp.content_type.startswith("text/event-stream"):
+            resp.close()
+            raise BackendProtocolError(
+                f"backend {self.id} answered a stream request with {resp.content_type or 'no content type'}"
+            )
+        return PassThroughSSE(resp, hide_usage=hide_usage, backend_id=self.id, timeout=self.timeout)
+
+    async def probe_load(self):
+        return None
+
+
+class PassThroughSSE(SSEStream):
+    """Relays an upstream SSE body in the pieces it arrives in, cut at event boundaries."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, *, hide_usage: bool, backend_id: str, timeout: float):
+        self._resp = resp
+        self._hide_usage = hide_usage
+        self._backend_id = backend_id
+        self._timeout = timeout
+        self.usage: Usage | None = None
+        self._finished = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._relay()
+
+    async def _relay(self) -> AsyncIterator[bytes]:
+        pending = b""
+        try:
+            async for data in self._resp.content.iter_any():
+                if pending:
+                    data = pending + data
+                cut = data.rfind(EVENT_END)
+                if cut < 0:
+                    pending = data
+                    continue
+                pending = data[cut + 2 :]
+                out = data[: cut + 2]
+                if USAGE_MARK in out:
+                    out = self._take_usage(out)
+                if out:
+                    yield out
+        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+            raise BackendTimeout(f"backend {self._backend_id} stalled for {self._timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise BackendUnreachable(f"backend {self._backend_id} broke off its stream: {exc}") from None
+        self._finished = True
+        if pending.strip():
+            # A last event without its blank line: deliver it whole rather than drop it.
+            out = self._take_usage(pending.rstrip(b"\n") + EVENT_END)
+            if out:
+                yield out
+
+    def _take_usage(self, events: bytes) -> bytes:
+        kept = []
+        for event in events.split(EVENT_END)[:-1]:
+            if USAGE_MARK in event and event.startswith(b"data:"):
+                try:
+                    data = orjson.loads(event[5:])
+                except orjson.JSONDecodeError:
+                    raise BackendProtocolError(f"backend {self._backend_id} sent a malformed event") from None
+                usage = Usage.from_dict(data.get("usage")) if isinstance(data, dict) else None
+                if usage is not None:
+                    self.usage = usage
+                    if self._hide_usage and not data.get("choices"):
+                        continue
+            kept.append(event)
+        return EVENT_END.join(kept) + EVENT_END if kept else b""
+
+    async def aclose(self) -> None:
+        if self._finished:
+            self._resp.release()  # read to its end: the connection goes back to the pool
+        elif not self._resp.closed:
+            self._resp.close()  # dropping the connection is how the backend learns to stop
+

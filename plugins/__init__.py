@@ -1,0 +1,1 @@
+"""Built-in plugins, installed as wwwserve_gateway.plugins and registered through entry points."""

@@ -1,0 +1,3 @@
+from wwwserve_gateway.cli import app
+
+app()

@@ -1,0 +1,181 @@
+"""The node's backends: loaded through entry points, chosen per request, added and removed live."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib.metadata import entry_points
+from importlib.util import find_spec
+
+import structlog
+from pydantic import ValidationError
+
+from wwwserve_gateway.backend_api import Backend, BackendContext, BackendLoad
+from wwwserve_gateway.config import ModelEntry
+from wwwserve_gateway.config_errors import ConfigProblem, problems_from_validation
+from wwwserve_gateway.errors import BackendUnavailable, ModelNotFound, RateLimited
+from wwwserve_gateway.plugin_loading import PluginLoadError, load_entry_point
+
+log = structlog.get_logger(__name__)
+
+BACKENDS_GROUP = "wwwserve.backends"
+FALLBACK_PROVIDER = "litellm"
+WINDOW_S = 60.0
+
+
+def backend_names() -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=BACKENDS_GROUP))
+
+
+def backend_class(provider: str) -> type[Backend]:
+    """The backend registered for a provider prefix; other prefixes go to the LiteLLM SDK adapter."""
+    names = backend_names()
+    if provider in names:
+        return load_entry_point(BACKENDS_GROUP, provider)
+    if find_spec("litellm") is None:
+        raise PluginLoadError(
+            f"provider prefix '{provider}/' needs the LiteLLM SDK (pip install 'wwwserve[litellm]'), "
+            f"or use one of the built-in prefixes: {', '.join(names)}"
+        )
+    return load_entry_point(BACKENDS_GROUP, FALLBACK_PROVIDER)
+
+
+def validate_backend_params(entry: ModelEntry, loc: tuple[str | int, ...]) -> list[ConfigProblem]:
+    try:
+        cls = backend_class(entry.provider)
+    except PluginLoadError as exc:
+        return [ConfigProblem((*loc, "model"), str(exc))]
+    try:
+        cls.Params.model_validate(entry.litellm_params)
+    except ValidationError as exc:
+        return problems_from_validation(exc, cls.Params, loc)
+    return []
+
+
+def build_backend(entry: ModelEntry, ctx: BackendContext) -> Backend:
+    cls = backend_class(entry.provider)
+    return cls(entry, cls.Params.model_validate(entry.litellm_params), ctx)
+
+
+class BackendRegistry:
+    """Deployments by model name. `pick` chooses the least busy ready one within its limits."""
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self._by_id: dict[str, Backend] = {}
+        self._by_model: dict[str, list[Backend]] = {}
+        self._starting: dict[str, asyncio.Task[None]] = {}
+
+    def __iter__(self):
+        return iter(list(self._by_id.values()))
+
+    def get(self, deployment_id: str) -> Backend | None:
+        return self._by_id.get(deployment_id)
+
+    def model_names(self) -> list[str]:
+        return sorted(self._by_model)
+
+    def serves(self, model: str) -> bool:
+        return model in self._by_model
+
+    async def add(self, entry: ModelEntry) -> Backend:
+        """Register a deployment and start it in the background (model loads can take a while)."""
+        if entry.deployment_id in self._by_id:
+            raise ValueError(f"deployment {entry.deployment_id!r} exists already")
+        backend = build_backend(entry, self.ctx)
+        self._by_id[backend.id] = backend
+        self._by_model.setdefault(backend.model_name, []).append(backend)
+        self._starting[backend.id] = asyncio.create_task(self._start(backend))
+        return backend
+
+    async def _start(self, backend: Backend) -> None:
+        try:
+            await backend.start()
+            log.info("backend started", backend=backend.id, model=backend.model_name)
+        except Exception:
+            log.exception("backend failed to start", backend=backend.id)
+
+    async def remove(self, deployment_id: str) -> Backend:
+        backend = self._by_id.pop(deployment_id)
+        peers = self._by_model[backend.model_name]
+        peers.remove(backend)
+        if not peers:
+            del self._by_model[backend.model_name]
+        self._starting.pop(deployment_id).cancel()
+        await backend.aclose()
+        return backend
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(self.remove(i) for i in list(self._by_id)), return_exceptions=True)
+
+    def pick(self, model: str) -> Backend:
+        candidates = self._by_model.get(model)
+        if not candidates:
+            raise ModelNotFound(f"The model '{model}' does not exist on this node", param="model")
+        now = time.monotonic()
+        best: Backend | None = None
+        best_score = 0.0
+        ready = limited = 0
+        for backend in candidates:
+            if not backend.ready:
+                continue
+            ready += 1
+            if not _within_limits(backend, now):
+                limited += 1
+                continue
+            load = backend.state.load
+            score = backend.state.in_flight + (load.waiting if load else 0)
+            if best is None or score < best_score:
+                best, best_score = backend, score
+        if best is not None:
+            return best
+        if ready and limited == ready:
+            raise RateLimited(
+                f"every deployment of '{model}' is at its rpm/tpm/parallel limit", headers={"retry-after": "1"}
+            )
+        raise BackendUnavailable(
+            f"no backend for '{model}' is ready yet; retry shortly", headers={"retry-after": "1"}
+        )
+
+    @staticmethod
+    def record_request(backend: Backend) -> None:
+        if backend.params.rpm:
+            backend.state.recent_requests.append(time.monotonic())
+
+    @staticmethod
+    def record_tokens(backend: Backend, tokens: int) -> None:
+        if backend.params.tpm and tokens:
+            backend.state.recent_tokens.append((time.monotonic(), tokens))
+
+    async def poll_loads(self, interval: float, on_load) -> None:
+        """Refresh each backend's load every `interval` seconds; `on_load(backend)` sees each result."""
+        while True:
+            backends = list(self._by_id.values())
+            results = await asyncio.gather(
+                *(asyncio.wait_for(b.probe_load(), timeout=interval) for b in backends if b.ready),
+                return_exceptions=True,
+            )
+            for backend, result in zip([b for b in backends if b.ready], results, strict=True):
+                backend.state.load = result if isinstance(result, BackendLoad) else None
+                on_load(backend)
+            await asyncio.sleep(interval)
+
+
+def _within_limits(backend: Backend, now: float) -> bool:
+    params, state = backend.params, backend.state
+    if params.max_parallel_requests and state.in_flight >= params.max_parallel_requests:
+        return False
+    if params.rpm:
+        recent = state.recent_requests
+        while recent and now - recent[0] > WINDOW_S:
+            recent.popleft()
+        if len(recent) >= params.rpm:
+            return False
+    if params.tpm:
+        tokens = state.recent_tokens
+        while tokens and now - tokens[0][0] > WINDOW_S:
+            tokens.popleft()
+        if sum(t for _, t in tokens) >= params.tpm:
+            return False
+    return True
+

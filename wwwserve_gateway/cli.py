@@ -1,0 +1,132 @@
+"""The `wwwserve` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from wwwserve_gateway.config import GatewayConfig, load_config
+from wwwserve_gateway.config_errors import ConfigError
+
+app = typer.Typer(help="WWW.Serve gateway: a node of a decentralized LLM serving network.", no_args_is_help=True)
+models_app = typer.Typer(help="Manage GGUF models for the embedded llama.cpp backend.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="the node's policy file (YAML)")]
+
+
+def _load(path: Path) -> GatewayConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        console.print(f"[red]config error[/red] {exc.render()}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def node(
+    config: ConfigOption,
+    host: Annotated[str | None, typer.Option(help="listen address (overrides node.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="listen port (overrides node.port)")] = None,
+) -> None:
+    """Run a node: the OpenAI-compatible gateway in front of this provider's backends."""
+    import uvicorn
+
+    from wwwserve_gateway.logs import configure_logging
+    from wwwserve_gateway.node import Node
+
+    cfg = _load(config)
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if overrides:
+        cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update=overrides)})
+    configure_logging(cfg.node.log_level, cfg.node.log_format)
+    gateway = Node(cfg, config_path=config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            gateway.app, host=cfg.node.host, port=cfg.node.port, loop="uvloop", http="httptools",
+            lifespan="on", access_log=False, log_config=None, timeout_graceful_shutdown=30,
+        )
+    )
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(gateway)))
+        await server.serve()
+
+    import uvloop
+
+    uvloop.run(serve())
+
+
+async def _reload(gateway) -> None:
+    import structlog
+
+    log = structlog.get_logger("wwwserve_gateway.cli")
+    try:
+        added, removed = await gateway.reload()
+        log.info("config reloaded", added=added, removed=removed)
+    except ConfigError as exc:
+        log.error("config reload refused", problems=[str(p) for p in exc.problems])
+
+
+@app.command("check-config")
+def check_config(path: Annotated[Path, typer.Argument(help="the policy file to check")]) -> None:
+    """Validate a policy file; exit 2 with one line per problem, naming the key and the fix."""
+    cfg = _load(path)
+    table = Table(title=f"{path}: OK")
+    for column in ("model_name", "provider", "backend model", "deployment id"):
+        table.add_column(column)
+    for entry in cfg.model_list:
+        table.add_row(entry.model_name, entry.provider, entry.litellm_params["model"], entry.deployment_id)
+    Console().print(table)
+    Console().print(f"listen: http://{cfg.node.host}:{cfg.node.port}  data_dir: {cfg.node.data_dir}")
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="a known model: smollm2, or tiny-random (needs gguf)")],
+    dest: Annotated[Path | None, typer.Option("--dir", help="models directory (default: WWWSERVE_HOME/models)")] = None,
+) -> None:
+    """Fetch a model into the models directory and verify its checksum."""
+    from wwwserve_gateway.model_store import ModelStoreError, models_dir, pull
+
+    target_dir = dest or models_dir()
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        console=console, transient=True,
+    ) as progress:
+        task = progress.add_task(f"{name}: downloading", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, description=f"{name}: extracting", completed=done, total=total)
+
+        try:
+            path = pull(name, target_dir, report)
+        except ModelStoreError as exc:
+            console.print(f"[red]error[/red] {exc}")
+            raise typer.Exit(1) from None
+    typer.echo(path)
+
+
+@models_app.command("list")
+def models_list(
+    dest: Annotated[Path | None, typer.Option("--dir", help="models directory")] = None,
+) -> None:
+    """Known models and whether they are on disk."""
+    from wwwserve_gateway.model_store import KNOWN_MODELS, TINY_MODEL, find_model
+
+    table = Table()
+    for column in ("name", "description", "path"):
+        table.add_column(column)
+    for name, model in KNOWN_MODELS.items():
+        table.add_row(name, model.description, str(find_model(name, dest.parent if dest else None) or "-"))
+    table.add_row(TINY_MODEL, "random-weight 570 KB llama for tests", str(find_model(TINY_MODEL) or "-"))
+    Console().print(table)

@@ -1,0 +1,110 @@
+"""HTTP routes of the OpenAI API. Each generation endpoint is a plain ASGI app: the hot path."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from wwwserve_gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_error
+from wwwserve_gateway.auth import KeyCheck
+from wwwserve_gateway.backend_api import Endpoint
+from wwwserve_gateway.backend_registry import BackendRegistry
+from wwwserve_gateway.errors import GatewayError, InvalidRequest, ModelNotFound
+from wwwserve_gateway.metrics import GatewayMetrics
+from wwwserve_gateway.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModelCard,
+    ModelList,
+    validate_request,
+)
+from wwwserve_gateway.openai.serving import OpenAIServing
+
+REQUEST_TYPES = {
+    Endpoint.CHAT: ChatCompletionRequest,
+    Endpoint.COMPLETION: CompletionRequest,
+    Endpoint.EMBEDDING: EmbeddingRequest,
+}
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+class GenerationEndpoint:
+    """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+
+    def __init__(
+        self, endpoint: Endpoint, serving: OpenAIServing, keys: KeyCheck, metrics: GatewayMetrics, limit: int
+    ) -> None:
+        self.endpoint = endpoint
+        self.request_type = REQUEST_TYPES[endpoint]
+        self.serving = serving
+        self.keys = keys
+        self.metrics = metrics
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        try:
+            self.keys.check(scope)
+            body = parse_json_object(await read_body(scope, receive, self.limit))
+            request = validate_request(self.request_type, body)
+            stream = bool(request.stream) and self.endpoint is not Endpoint.EMBEDDING
+            await self.serving.serve(self.endpoint, body, stream, receive, send, started)
+        except GatewayError as exc:
+            self.metrics.errors.labels(self.endpoint.value, exc.type).inc()
+            await send_error(send, exc)
+        except ClientDisconnected:
+            pass
+
+
+def model_routes(registry: BackendRegistry, keys: KeyCheck, started_at: int) -> list[Route]:
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=started_at)
+
+    async def list_models(request: Request) -> Response:
+        keys.check(request.scope)
+        body = ModelList(data=[card(n) for n in registry.model_names()])
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def get_model(request: Request) -> Response:
+        keys.check(request.scope)
+        name = request.path_params["model"]
+        if not registry.serves(name):
+            raise ModelNotFound(f"The model '{name}' does not exist on this node", param="model")
+        return Response(card(name).model_dump_json(), media_type="application/json")
+
+    return [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    ]
+
+
+def openai_routes(
+    serving: OpenAIServing, registry: BackendRegistry, keys: KeyCheck, metrics: GatewayMetrics, limit: int
+) -> list[Route]:
+    routes = [
+        Route(f"/v1/{e.value}", GenerationEndpoint(e, serving, keys, metrics, limit), methods=["POST"])
+        for e in Endpoint
+    ]
+    # The same routes without /v1, as the OpenAI SDK produces when base_url lacks it (LiteLLM does too).
+    routes += [
+        Route(f"/{e.value}", GenerationEndpoint(e, serving, keys, metrics, limit), methods=["POST"])
+        for e in Endpoint
+    ]
+    return routes + model_routes(registry, keys, int(time.time()))
