@@ -16,9 +16,9 @@ from pathlib import Path
 import aiohttp
 import structlog
 from pydantic import Field
+from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
 
 from wwwserve_gateway.backend_api import BackendContext, BackendLoad, BackendParams, Endpoint
-from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
 from wwwserve_gateway.config import ModelEntry
 from wwwserve_gateway.model_store import ModelStoreError, find_model, models_dir, pull
 from wwwserve_gateway.prom_text import parse_samples
@@ -136,9 +136,19 @@ class EmbeddedServer:
     def _command(self) -> list[str]:
         p = self.backend.params
         cmd = [
-            sys.executable, "-m", "wwwserve_gateway.backends.llamacpp_server",
-            "--model", str(self.model), "--alias", self.backend.model_name,
-            "--ctx", str(p.n_ctx), "--parallel", str(p.n_parallel), "--threads", str(p.n_threads),
+            sys.executable,
+            "-m",
+            "wwwserve_gateway.backends.llamacpp_server",
+            "--model",
+            str(self.model),
+            "--alias",
+            self.backend.model_name,
+            "--ctx",
+            str(p.n_ctx),
+            "--parallel",
+            str(p.n_parallel),
+            "--threads",
+            str(p.n_threads),
         ]
         return [*cmd, "--embedding"] if p.embedding else cmd
 
@@ -155,7 +165,10 @@ class EmbeddedServer:
         with self._log_path().open("ab") as log_file:
             # stdin stays open: the child exits when it closes, i.e. when this node dies.
             self._proc = await asyncio.create_subprocess_exec(
-                *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file
+                *self._command(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
             )
         assert self._proc.stdout is not None
         timeout = self.backend.params.startup_timeout
@@ -171,8 +184,8 @@ class EmbeddedServer:
         self.backend.on_server_ready(self.url)
         log.info("llama.cpp server ready", backend=self.backend.id, url=self.url, pid=self._proc.pid)
 
-    async def _wait_healthy(self, timeout: float) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
+    async def _wait_healthy(self, limit_s: float) -> None:
+        deadline = asyncio.get_running_loop().time() + limit_s
         async with aiohttp.ClientSession() as session:
             while True:
                 try:
@@ -185,7 +198,7 @@ class EmbeddedServer:
                     raise RuntimeError(f"llama.cpp server exited while loading; see {self._log_path()}")
                 if asyncio.get_running_loop().time() > deadline:
                     await self._kill()
-                    raise RuntimeError(f"llama.cpp server not healthy after {timeout:g} s")
+                    raise RuntimeError(f"llama.cpp server not healthy after {limit_s:g} s")
                 await asyncio.sleep(0.1)
 
     async def _supervise(self) -> None:
@@ -197,7 +210,9 @@ class EmbeddedServer:
                 return
             self.backend.on_server_lost()
             delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
-            log.warning("llama.cpp server exited; restarting", backend=self.backend.id, code=code, delay_s=delay)
+            log.warning(
+                "llama.cpp server exited; restarting", backend=self.backend.id, code=code, delay_s=delay
+            )
             await asyncio.sleep(delay)
             try:
                 await self._launch()

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     params.endpoint_metrics = True
     params.endpoint_slots = True
     params.embedding = args.embedding
+    if args.embedding:
+        # The OpenAI embeddings endpoint needs one vector per input, i.e. a pooled embedding.
+        params.pooling_type = xlc.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     params.verbosity = 1
     server = xlc.Server(params)
     print("listening", server.listening_address, flush=True)

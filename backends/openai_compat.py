@@ -7,7 +7,6 @@ the one event that carries it (found with a substring test, so other chunks are 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,7 +34,8 @@ EVENT_END = b"\n\n"
 class OpenAICompatParams(BackendParams):
     api_base: str = Field("https://api.openai.com/v1", description="base URL ending in /v1")
     inject_stream_usage: bool = Field(
-        True, description="ask streams for a usage chunk (stream_options.include_usage) and hide it if unasked"
+        True,
+        description="ask streams for a usage chunk (stream_options.include_usage) and hide it if unasked",
     )
     extra_headers: dict[str, str] = Field(default_factory=dict, description="headers sent on every call")
     max_connections: int = Field(256, gt=0, description="pooled keep-alive connections to the backend")
@@ -83,8 +83,10 @@ class OpenAICompatBackend(Backend):
     async def _post(self, endpoint: Endpoint, body: dict[str, Any]) -> aiohttp.ClientResponse:
         body["model"] = self.upstream_model
         try:
-            resp = await self.session().post(self._urls[endpoint], data=orjson.dumps(body), headers=JSON_HEADERS)
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+            resp = await self.session().post(
+                self._urls[endpoint], data=orjson.dumps(body), headers=JSON_HEADERS
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise BackendTimeout(f"backend {self.id} did not answer within {self.timeout:g} s") from None
         except aiohttp.ClientConnectorError as exc:
             raise BackendUnreachable(f"backend {self.id} is unreachable: {exc.os_error or exc}") from None
@@ -93,7 +95,7 @@ class OpenAICompatBackend(Backend):
         if resp.status != 200:
             try:
                 raw = await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 raw = b""
             finally:
                 resp.release()
@@ -104,7 +106,7 @@ class OpenAICompatBackend(Backend):
         resp = await self._post(endpoint, body)
         try:
             raw = await resp.read()
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise BackendTimeout(f"backend {self.id} stalled for {self.timeout:g} s") from None
         except aiohttp.ClientError as exc:
             raise BackendUnreachable(f"backend {self.id} broke off its answer: {exc}") from None
@@ -167,7 +169,7 @@ class PassThroughSSE(SSEStream):
                     out = self._take_usage(out)
                 if out:
                     yield out
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise BackendTimeout(f"backend {self._backend_id} stalled for {self._timeout:g} s") from None
         except aiohttp.ClientError as exc:
             raise BackendUnreachable(f"backend {self._backend_id} broke off its stream: {exc}") from None
@@ -199,4 +201,3 @@ class PassThroughSSE(SSEStream):
             self._resp.release()  # read to its end: the connection goes back to the pool
         elif not self._resp.closed:
             self._resp.close()  # dropping the connection is how the backend learns to stop
-

@@ -53,7 +53,10 @@ def gateway(
         "model_list": [
             {"model_name": "smollm2", "litellm_params": {"model": "llamacpp/smollm2"}},
             {"model_name": "tiny", "litellm_params": {"model": "llamacpp/tiny-random"}},
-            {"model_name": "tiny-embed", "litellm_params": {"model": "llamacpp/tiny-random", "embedding": True}},
+            {
+                "model_name": "tiny-embed",
+                "litellm_params": {"model": "llamacpp/tiny-random", "embedding": True},
+            },
             {
                 "model_name": "tiny-ext",
                 "litellm_params": {"model": "openai/tiny-ext", "api_base": llama_tiny.base_url},

@@ -57,7 +57,9 @@ class NodeProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "wwwserve_gateway", "node", "--config", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=os.environ.copy(),
             )
         wait_until(self._health_is(200, "/health"), ready_timeout, what=f"{self.url}/health")
         if wait_ready:
@@ -94,12 +96,21 @@ class LlamaServer:
 
     def __init__(self, model: Path, alias: str, *, embedding: bool = False, parallel: int = 1) -> None:
         cmd = [
-            sys.executable, "-m", "wwwserve_gateway.backends.llamacpp_server",
-            "--model", str(model), "--alias", alias, "--parallel", str(parallel),
+            sys.executable,
+            "-m",
+            "wwwserve_gateway.backends.llamacpp_server",
+            "--model",
+            str(model),
+            "--alias",
+            alias,
+            "--parallel",
+            str(parallel),
         ]
         if embedding:
             cmd.append("--embedding")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
         if not line.startswith("listening "):

@@ -54,7 +54,9 @@ def create_app(node: Node) -> Starlette:
     async def ready(request: Request) -> Response:
         backends = [{"id": b.id, "model": b.model_name, "ready": b.ready} for b in node.registry]
         ok = all(b["ready"] for b in backends)
-        return JSONResponse({"status": "ready" if ok else "starting", "backends": backends}, 200 if ok else 503)
+        return JSONResponse(
+            {"status": "ready" if ok else "starting", "backends": backends}, 200 if ok else 503
+        )
 
     async def metrics(request: Request) -> Response:
         for backend in node.registry:

@@ -11,8 +11,8 @@ the entry-point name is the provider prefix of `litellm_params.model` that selec
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum

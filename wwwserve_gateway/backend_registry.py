@@ -131,7 +131,8 @@ class BackendRegistry:
             return best
         if ready and limited == ready:
             raise RateLimited(
-                f"every deployment of '{model}' is at its rpm/tpm/parallel limit", headers={"retry-after": "1"}
+                f"every deployment of '{model}' is at its rpm/tpm/parallel limit",
+                headers={"retry-after": "1"},
             )
         raise BackendUnavailable(
             f"no backend for '{model}' is ready yet; retry shortly", headers={"retry-after": "1"}
@@ -178,4 +179,3 @@ def _within_limits(backend: Backend, now: float) -> bool:
         if sum(t for _, t in tokens) >= params.tpm:
             return False
     return True
-

@@ -15,7 +15,9 @@ from rich.table import Table
 from wwwserve_gateway.config import GatewayConfig, load_config
 from wwwserve_gateway.config_errors import ConfigError
 
-app = typer.Typer(help="WWW.Serve gateway: a node of a decentralized LLM serving network.", no_args_is_help=True)
+app = typer.Typer(
+    help="WWW.Serve gateway: a node of a decentralized LLM serving network.", no_args_is_help=True
+)
 models_app = typer.Typer(help="Manage GGUF models for the embedded llama.cpp backend.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
@@ -51,8 +53,15 @@ def node(
     gateway = Node(cfg, config_path=config)
     server = uvicorn.Server(
         uvicorn.Config(
-            gateway.app, host=cfg.node.host, port=cfg.node.port, loop="uvloop", http="httptools",
-            lifespan="on", access_log=False, log_config=None, timeout_graceful_shutdown=30,
+            gateway.app,
+            host=cfg.node.host,
+            port=cfg.node.port,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=30,
         )
     )
 
@@ -93,15 +102,21 @@ def check_config(path: Annotated[Path, typer.Argument(help="the policy file to c
 @models_app.command("pull")
 def models_pull(
     name: Annotated[str, typer.Argument(help="a known model: smollm2, or tiny-random (needs gguf)")],
-    dest: Annotated[Path | None, typer.Option("--dir", help="models directory (default: WWWSERVE_HOME/models)")] = None,
+    dest: Annotated[
+        Path | None, typer.Option("--dir", help="models directory (default: WWWSERVE_HOME/models)")
+    ] = None,
 ) -> None:
     """Fetch a model into the models directory and verify its checksum."""
     from wwwserve_gateway.model_store import ModelStoreError, models_dir, pull
 
     target_dir = dest or models_dir()
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        console=console, transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        transient=True,
     ) as progress:
         task = progress.add_task(f"{name}: downloading", total=None)
 

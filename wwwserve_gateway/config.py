@@ -48,9 +48,7 @@ class NodeSettings(StrictModel):
     request_timeout: float = Field(
         600.0, gt=0, description="seconds to wait for a backend's next byte before answering 504"
     )
-    load_poll_interval: float = Field(
-        1.0, gt=0, description="seconds between polls of each backend's load"
-    )
+    load_poll_interval: float = Field(1.0, gt=0, description="seconds between polls of each backend's load")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"
 

@@ -134,5 +134,7 @@ class UpstreamError(BackendError):
             status=status if 400 <= status <= 599 else 502,
         )
         kind = fields.get("type")
-        error.type = kind if isinstance(kind, str) else ("invalid_request_error" if status < 500 else "api_error")
+        error.type = (
+            kind if isinstance(kind, str) else ("invalid_request_error" if status < 500 else "api_error")
+        )
         return error

