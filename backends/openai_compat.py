@@ -25,10 +25,9 @@ from wwwserve_gateway.backend_api import (
 )
 from wwwserve_gateway.config import ModelEntry
 from wwwserve_gateway.errors import BackendProtocolError, BackendTimeout, BackendUnreachable, UpstreamError
+from wwwserve_gateway.sse import MalformedEvent, SSECutter
 
 JSON_HEADERS = {"Content-Type": "application/json"}
-USAGE_MARK = b'"usage"'
-EVENT_END = b"\n\n"
 
 
 class OpenAICompatParams(BackendParams):
@@ -144,57 +143,35 @@ class PassThroughSSE(SSEStream):
 
     def __init__(self, resp: aiohttp.ClientResponse, *, hide_usage: bool, backend_id: str, timeout: float):
         self._resp = resp
-        self._hide_usage = hide_usage
+        self._cutter = SSECutter(hide_usage=hide_usage)
         self._backend_id = backend_id
         self._timeout = timeout
-        self.usage: Usage | None = None
         self._finished = False
+
+    @property
+    def usage(self) -> Usage | None:  # type: ignore[override]
+        return self._cutter.usage
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._relay()
 
     async def _relay(self) -> AsyncIterator[bytes]:
-        pending = b""
+        cutter = self._cutter
         try:
             async for data in self._resp.content.iter_any():
-                if pending:
-                    data = pending + data
-                cut = data.rfind(EVENT_END)
-                if cut < 0:
-                    pending = data
-                    continue
-                pending = data[cut + 2 :]
-                out = data[: cut + 2]
-                if USAGE_MARK in out:
-                    out = self._take_usage(out)
+                out = cutter.feed(data)
                 if out:
                     yield out
+            self._finished = True
+            out = cutter.flush()
+            if out:
+                yield out
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise BackendTimeout(f"backend {self._backend_id} stalled for {self._timeout:g} s") from None
         except aiohttp.ClientError as exc:
             raise BackendUnreachable(f"backend {self._backend_id} broke off its stream: {exc}") from None
-        self._finished = True
-        if pending.strip():
-            # A last event without its blank line: deliver it whole rather than drop it.
-            out = self._take_usage(pending.rstrip(b"\n") + EVENT_END)
-            if out:
-                yield out
-
-    def _take_usage(self, events: bytes) -> bytes:
-        kept = []
-        for event in events.split(EVENT_END)[:-1]:
-            if USAGE_MARK in event and event.startswith(b"data:"):
-                try:
-                    data = orjson.loads(event[5:])
-                except orjson.JSONDecodeError:
-                    raise BackendProtocolError(f"backend {self._backend_id} sent a malformed event") from None
-                usage = Usage.from_dict(data.get("usage")) if isinstance(data, dict) else None
-                if usage is not None:
-                    self.usage = usage
-                    if self._hide_usage and not data.get("choices"):
-                        continue
-            kept.append(event)
-        return EVENT_END.join(kept) + EVENT_END if kept else b""
+        except MalformedEvent as exc:
+            raise BackendProtocolError(f"backend {self._backend_id} sent a malformed event: {exc}") from None
 
     async def aclose(self) -> None:
         if self._finished:

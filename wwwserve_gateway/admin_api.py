@@ -15,7 +15,7 @@ from starlette.routing import Route
 from wwwserve_gateway.auth import KeyCheck
 from wwwserve_gateway.config import ModelEntry
 from wwwserve_gateway.config_errors import ConfigError, problems_from_validation
-from wwwserve_gateway.errors import GatewayError, InvalidRequest, NotFound
+from wwwserve_gateway.errors import Conflict, GatewayError, InvalidRequest, NotFound
 from wwwserve_gateway.openai.api_router import parse_json_object
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def admin_routes(node: Node) -> list[Route]:
         except ConfigError as exc:
             raise InvalidRequest("; ".join(map(str, exc.problems)), param=exc.problems[0].key) from None
         except ValueError as exc:
-            raise GatewayError(str(exc), status=409, type="invalid_request_error", code="conflict") from None
+            raise Conflict(str(exc)) from None
         return JSONResponse(backend.describe(), status_code=201)
 
     async def remove_backend(request: Request) -> Response:

@@ -20,10 +20,10 @@ from wwwserve_gateway.backend_api import Backend, Endpoint, JSONReply, Usage
 from wwwserve_gateway.backend_registry import BackendRegistry
 from wwwserve_gateway.errors import BackendError, GatewayError
 from wwwserve_gateway.metrics import GatewayMetrics
+from wwwserve_gateway.sse import DONE
 
 log = structlog.get_logger(__name__)
 
-DONE = b"data: [DONE]\n\n"
 ESTIMATED_USAGE = [(b"x-wwwserve-usage", b"estimated")]
 
 

@@ -1,0 +1,1053 @@
+"""What the gateway adds on top of a backend: latency, throughput, CPU, start-up time and memory.
+
+    python benchmarks/gateway_overhead.py [--quick] [--out DIR] [--profile]
+
+Everything runs on loopback, side by side in one run, with the paths interleaved round by round
+so that load from other jobs on the machine hits them alike:
+
+  direct         aiohttp client -> instant stub (benchmarks/stub_server.py)
+  gateway        aiohttp client -> `wwwserve node` (openai/stub pass-through) -> stub
+  aiohttp-proxy  aiohttp client -> 30-line aiohttp proxy (benchmarks/aiohttp_proxy.py) -> stub
+  litellm-sdk    litellm.Router(openai/stub).acompletion in the client process -> stub
+  llama-direct   aiohttp client -> llama.cpp server (tiny random model)
+  llama-gateway  aiohttp client -> `wwwserve node` (llamacpp/tiny-random, api_base) -> llama.cpp
+
+The client is this process (uvloop, keep-alive); the gateway, the proxy, the stub and llama.cpp are
+separate processes whose CPU time is read with psutil around each measured round. Writes
+gateway_overhead.json and gateway_overhead.png to --out (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import platform
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("WWWSERVE_MODELS_DIR", str(Path.home() / ".cache" / "wwwserve" / "models"))
+
+import aiohttp  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import uvloop  # noqa: E402
+import yaml  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import (  # noqa: E402
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LOOPBACK = "127.0.0.1"
+DONE = b"data: [DONE]\n\n"
+JSON_HEADERS = {"Content-Type": "application/json"}
+MESSAGES = [{"role": "user", "content": "Say hi"}]
+STREAM_CHUNKS = 20  # content chunks of an ordinary stub stream (sent at once)
+LONG_CHUNKS = 200  # content chunks of a long stub stream (one every GAP_MS, like real generation)
+GAP_MS = 1.0
+LLAMA_MAX_TOKENS = 16
+
+console = Console(stderr=True)
+
+TARGETS = {
+    "added_p50_ms": 1.0,
+    "added_p99_ms": 5.0,
+    "rps_c32": 2000.0,
+    "cpu_ratio_vs_litellm": 10.0,
+    "cpu_ms_per_chunk": 0.05,
+    "ready_s": 2.0,
+    "idle_rss_mb": 150.0,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    c1: int
+    c32: int
+    rounds: int
+    warmup: int
+    litellm_c1: int
+    litellm_c32: int
+    llama_c1: int
+    llama_c32: int
+    long: int
+    litellm_long: int
+    long_concurrency: int
+    ready_runs: int
+    profile_requests: int
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(300, 1000, 2, 40, 40, 96, 40, 64, 24, 8, 8, 2, 1500)
+        return cls(2000, 6000, 4, 200, 200, 480, 240, 480, 96, 24, 8, 3, 6000)
+
+
+# --------------------------------------------------------------------------------------------
+# processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def read_listening(proc: subprocess.Popen[bytes], timeout: float, what: str) -> str:
+    """The URL from a child's 'listening http://HOST:PORT' line."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stdout.readline().decode(errors="replace")
+        if not line:
+            break
+        if line.startswith("listening "):
+            url = line.split()[1].rstrip("/")
+            return url if url.startswith("http") else f"http://{url}"
+    raise RuntimeError(f"{what} did not start (exit code {proc.poll()})")
+
+
+def http_status(url: str, timeout: float = 1.0) -> int | None:
+    host_port, _, path = url.removeprefix("http://").partition("/")
+    host, _, port = host_port.partition(":")
+    assert host in (LOOPBACK, "localhost"), "loopback only"
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("GET", "/" + path)
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def wait_status(url: str, timeout: float, proc: subprocess.Popen[bytes] | None, interval: float = 0.01) -> float:
+    """Poll `url` until 200; returns the monotonic time it first answered 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        if http_status(url) == 200:
+            return time.monotonic()
+        time.sleep(interval)
+    raise TimeoutError(f"{url} not 200 within {timeout:g} s")
+
+
+class Child:
+    """A child process that prints 'listening URL' and exits when its stdin closes."""
+
+    def __init__(self, name: str, cmd: list[str], timeout: float = 60) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO
+        )
+        try:
+            self.url = read_listening(self.proc, timeout, name)
+        except Exception:
+            self.stop()
+            raise
+        self.ps = psutil.Process(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+
+
+class GatewayNode:
+    """`wwwserve node --config FILE --port N` in a subprocess (output to a log file)."""
+
+    def __init__(self, workdir: Path, name: str, model_list: list[dict[str, Any]]) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.config_path = workdir / f"{name}.yaml"
+        self.log_path = workdir / f"{name}.log"
+        config = {"node": {"host": LOOPBACK, "data_dir": str(workdir / f"{name}-data")}, "model_list": model_list}
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self, timeout: float = 60) -> float:
+        """Spawn and wait for /health/ready; returns seconds from spawn to the first 200."""
+        cmd = [
+            sys.executable, "-m", "wwwserve_gateway", "node",
+            "--config", str(self.config_path), "--port", str(self.port),
+        ]
+        t0 = time.monotonic()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            ready_at = wait_status(self.url + "/health/ready", timeout, self.proc)
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"node did not get ready: {exc}\n{self.log_tail()}") from None
+        self.ps = psutil.Process(self.proc.pid)
+        return ready_at - t0
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def cpu_s(ps: psutil.Process) -> float:
+    t = ps.cpu_times()
+    return t.user + t.system
+
+
+def rss_mb(ps: psutil.Process) -> float:
+    return ps.memory_info().rss / 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# load generation
+
+
+class HttpTarget:
+    def __init__(self, session: aiohttp.ClientSession, base: str, model: str, **extra: Any) -> None:
+        self.session = session
+        self.url = f"{base}/v1/chat/completions"
+        body = {"model": model, "messages": MESSAGES, **extra}
+        self.body = json.dumps(body).encode()
+        self.stream_body = json.dumps({**body, "stream": True}).encode()
+
+    async def one(self, stream: bool) -> tuple[float | None, str | None]:
+        async with self.session.post(
+            self.url, data=self.stream_body if stream else self.body, headers=JSON_HEADERS
+        ) as resp:
+            if resp.status != 200:
+                return None, f"HTTP {resp.status}: {(await resp.read())[:200]!r}"
+            if not stream:
+                data = await resp.read()
+                return None, None if b'"usage"' in data else "answer without usage"
+            first = None
+            tail = b""
+            async for data in resp.content.iter_any():
+                if first is None:
+                    first = time.perf_counter()
+                tail = (tail + data)[-32:]
+            return first, None if tail.endswith(DONE) else "stream did not end with [DONE]"
+
+
+class LiteLLMTarget:
+    def __init__(self, router: Any, model: str, **extra: Any) -> None:
+        self.router = router
+        self.model = model
+        self.extra = extra
+
+    async def one(self, stream: bool) -> tuple[float | None, str | None]:
+        if not stream:
+            resp = await self.router.acompletion(model=self.model, messages=MESSAGES, **self.extra)
+            return None, None if getattr(resp, "usage", None) else "answer without usage"
+        resp = await self.router.acompletion(model=self.model, messages=MESSAGES, stream=True, **self.extra)
+        first = None
+        chunks = 0
+        async for _ in resp:
+            if first is None:
+                first = time.perf_counter()
+            chunks += 1
+        return first, None if chunks else "empty stream"
+
+
+@dataclass
+class Load:
+    lat: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    errors: int = 0
+    first_error: str | None = None
+    wall: float = 0.0
+
+
+async def run_load(target: Any, stream: bool, n: int, concurrency: int, tick, timeout: float) -> Load:
+    load = Load()
+    todo = iter(range(n))
+    perf = time.perf_counter
+
+    async def worker() -> None:
+        done = 0
+        for _ in todo:
+            t0 = perf()
+            try:
+                first, err = await target.one(stream)
+            except Exception as exc:
+                first, err = None, f"{type(exc).__name__}: {exc}"
+            t1 = perf()
+            if err is None:
+                load.lat.append(t1 - t0)
+                if first is not None:
+                    load.ttft.append(first - t0)
+            else:
+                load.errors += 1
+                load.first_error = load.first_error or err
+            done += 1
+            if done == 16:
+                tick(done)
+                done = 0
+        if done:
+            tick(done)
+
+    t0 = perf()
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(min(concurrency, n)))), timeout)
+    load.wall = perf() - t0
+    return load
+
+
+@dataclass
+class Acc:
+    """Everything measured for one path in one setting, summed over rounds."""
+
+    lat: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    round_p50: list[float] = field(default_factory=list)
+    n: int = 0
+    errors: int = 0
+    first_error: str | None = None
+    wall: float = 0.0
+    client_cpu: float = 0.0
+    cpu: Counter = field(default_factory=Counter)  # per server process name
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    concurrency: int
+    stream: bool
+    label: str
+
+
+SETTINGS = {
+    s.key: s
+    for s in (
+        Setting("c1", 1, False, "c=1"),
+        Setting("c1-stream", 1, True, f"c=1 stream {STREAM_CHUNKS}"),
+        Setting("c32", 32, False, "c=32"),
+        Setting("c32-stream", 32, True, f"c=32 stream {STREAM_CHUNKS}"),
+        Setting("long-stream", 8, True, f"c=8 stream {LONG_CHUNKS}x{GAP_MS:g}ms"),
+    )
+}
+
+
+class Bench:
+    def __init__(self, plan: Plan, progress: Progress, procs: dict[str, psutil.Process]) -> None:
+        self.plan = plan
+        self.progress = progress
+        self.procs = procs
+        self.acc: dict[str, dict[str, Acc]] = {}
+
+    async def compare(
+        self, setting: Setting, paths: list[tuple[str, Any, int]], rounds: int, warmup: int
+    ) -> None:
+        """Warm each path up, then run `rounds` rounds, each path in turn (order rotated per round)."""
+        total = sum(n for _, _, n in paths) + warmup * len(paths)
+        names = "/".join(p[0] for p in paths)
+        task = self.progress.add_task(f"{setting.label:<22} {names}", total=total)
+
+        def tick(k: int) -> None:
+            self.progress.advance(task, k)
+
+        timeout = 300.0
+        for name, target, n in paths:
+            w = min(warmup, n)
+            load = await run_load(target, setting.stream, w, setting.concurrency, tick, timeout)
+            if load.errors == w:
+                raise RuntimeError(f"{name} {setting.key}: every warm-up request failed: {load.first_error}")
+        for r in range(rounds):
+            order = paths[r % len(paths) :] + paths[: r % len(paths)]
+            for name, target, n in order:
+                count = n // rounds + (1 if r < n % rounds else 0)
+                before = {k: cpu_s(p) for k, p in self.procs.items()}
+                c0 = time.process_time()
+                load = await run_load(target, setting.stream, count, setting.concurrency, tick, timeout)
+                c1 = time.process_time()
+                after = {k: cpu_s(p) for k, p in self.procs.items()}
+                acc = self.acc.setdefault(name, {}).setdefault(setting.key, Acc())
+                acc.lat += load.lat
+                acc.ttft += load.ttft
+                if load.lat:
+                    acc.round_p50.append(float(np.median(load.lat)) * 1e3)
+                acc.n += count
+                acc.errors += load.errors
+                acc.first_error = acc.first_error or load.first_error
+                acc.wall += load.wall
+                acc.client_cpu += c1 - c0
+                for k in self.procs:
+                    acc.cpu[k] += after[k] - before[k]
+        self.progress.update(task, completed=total)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) * 1e3 if values else None
+
+
+def summarize(acc: Acc) -> dict[str, Any]:
+    ok = len(acc.lat)
+    per = max(acc.n, 1)
+    return {
+        "requests": acc.n,
+        "errors": acc.errors,
+        "first_error": acc.first_error,
+        "p50_ms": pct(acc.lat, 50),
+        "p90_ms": pct(acc.lat, 90),
+        "p99_ms": pct(acc.lat, 99),
+        "mean_ms": float(np.mean(acc.lat)) * 1e3 if ok else None,
+        "round_p50_ms": acc.round_p50,
+        "ttft_p50_ms": pct(acc.ttft, 50),
+        "ttft_p99_ms": pct(acc.ttft, 99),
+        "rps": ok / acc.wall if acc.wall else None,
+        "wall_s": acc.wall,
+        "client_cpu_ms_per_req": acc.client_cpu / per * 1e3,
+        "process_cpu_ms_per_req": {k: v / per * 1e3 for k, v in acc.cpu.items()},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# profiling (optional)
+
+
+def package_of(filename: str) -> str:
+    if "site-packages/" in filename:
+        return filename.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
+    if filename.startswith(str(REPO)):
+        rel = Path(filename).relative_to(REPO)
+        top = rel.parts[0]
+        if top == "backends":
+            return "wwwserve_gateway.backends." + rel.stem
+        if top == "wwwserve_gateway":
+            return ".".join(rel.with_suffix("").parts)
+        return top
+    name = Path(filename).parts
+    if "lib" in name:
+        rest = name[name.index("lib") + 2 :]  # .../lib/python3.11/<module>
+        if rest:
+            return rest[0].removesuffix(".py")
+    return Path(filename).stem
+
+
+def summarize_profile(raw: Path, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive sample shares from py-spy's raw (collapsed stack) output."""
+    self_counts: Counter = Counter()
+    incl_pkg: Counter = Counter()
+    incl_fn: Counter = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        frames = stack.split(";")[1:]  # the first entry names the process
+        if not frames:
+            continue
+        total += count
+        self_counts[frames[-1]] += count
+        seen_pkg = set()
+        seen_fn = set()
+        for frame in frames:
+            fn, _, where = frame.rpartition(" (")
+            filename = where.rsplit(":", 1)[0]
+            pkg = package_of(filename)
+            if pkg not in seen_pkg:
+                seen_pkg.add(pkg)
+                incl_pkg[pkg] += count
+            key = f"{fn} [{pkg}]"
+            if key not in seen_fn:
+                seen_fn.add(key)
+                incl_fn[key] += count
+
+    def share(counter: Counter) -> list[tuple[str, float]]:
+        return [(k, round(100 * v / total, 1)) for k, v in counter.most_common(top)] if total else []
+
+    def short(frame: str) -> str:
+        fn, _, where = frame.rpartition(" (")
+        filename, _, line = where.rstrip(")").rpartition(":")
+        return f"{fn} [{package_of(filename)}:{Path(filename).name}:{line}]"
+
+    return {
+        "samples": total,
+        "self_pct": [(short(k), v) for k, v in share(self_counts)],
+        "inclusive_pct_by_package": share(incl_pkg),
+        "inclusive_pct_by_function": share(incl_fn),
+    }
+
+
+async def profile_gateway(
+    bench: Bench, gateway_pid: int, targets: dict[str, Any], out_dir: Path, n: int
+) -> dict[str, Any]:
+    """py-spy (non-blocking) on the gateway during a c=32 non-stream load and a long-stream load."""
+    spy = REPO / ".venv" / "bin" / "py-spy"
+    if not spy.exists():
+        spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        return {"error": "py-spy is not installed (pip install py-spy)"}
+    results: dict[str, Any] = {}
+    for key, setting, count in (
+        ("c32", SETTINGS["c32"], n),
+        ("c32-stream", SETTINGS["c32-stream"], n // 2),
+        ("long-stream", SETTINGS["long-stream"], max(16, n // 100)),
+    ):
+        raw = out_dir / f"gateway_profile_{key}.txt"
+        cmd = [
+            str(spy), "record", "--pid", str(gateway_pid), "--format", "raw", "--output", str(raw),
+            "--rate", "250", "--nonblocking", "--full-filenames", "--function",
+        ]
+        spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        await asyncio.sleep(0.5)
+        task = bench.progress.add_task(f"profile {key:<16} gateway", total=count)
+        await run_load(
+            targets[key], setting.stream, count, setting.concurrency,
+            lambda k, t=task: bench.progress.advance(t, k), 300,
+        )
+        spy_proc.send_signal(signal.SIGINT)
+        try:
+            _, err = await asyncio.to_thread(spy_proc.communicate, timeout=30)
+        except subprocess.TimeoutExpired:
+            spy_proc.kill()
+            err = b"py-spy did not stop"
+        if raw.exists():
+            results[key] = {"raw": raw.name, **summarize_profile(raw)}
+        else:
+            results[key] = {"error": err.decode(errors="replace")[-500:]}
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": next(
+            (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+             if ln.startswith("model name")),
+            platform.processor(),
+        ) if Path("/proc/cpuinfo").exists() else platform.processor(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("wwwserve", "litellm", "aiohttp", "uvicorn", "uvloop", "httptools", "starlette", "xllamacpp"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "-"
+    return out
+
+
+def stub_entry(name: str, api_base: str) -> dict[str, Any]:
+    return {"model_name": name, "litellm_params": {"model": f"openai/{name}", "api_base": api_base, "api_key": "x"}}
+
+
+async def measure(
+    plan: Plan, progress: Progress, stub: Child, node: GatewayNode, proxy: Child, llama: Child | None,
+    profile: bool, out_dir: Path,
+) -> tuple[dict[str, dict[str, Acc]], dict[str, Any], dict[str, Any]]:
+    import litellm
+
+    litellm.suppress_debug_info = True
+    litellm.telemetry = False
+    stub_base = stub.url + "/v1"
+    router = litellm.Router(
+        model_list=[
+            {"model_name": "stub", "litellm_params": {"model": "openai/stub", "api_base": stub_base, "api_key": "x"}},
+            {
+                "model_name": "stub-long",
+                "litellm_params": {"model": "openai/stub-long", "api_base": stub_base, "api_key": "x"},
+            },
+        ],
+        num_retries=0,
+        timeout=60,
+    )
+    procs = {"gateway": node.ps, "aiohttp-proxy": proxy.ps, "stub": stub.ps}
+    if llama is not None:
+        procs["llama"] = llama.ps
+    bench = Bench(plan, progress, procs)
+    timeout = aiohttp.ClientTimeout(total=60)
+
+    def session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=60), timeout=timeout,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async with session() as direct_s, session() as gateway_s, session() as proxy_s, session() as llama_s:
+        direct = HttpTarget(direct_s, stub.url, "stub")
+        gateway = HttpTarget(gateway_s, node.url, "stub")
+        proxied = HttpTarget(proxy_s, proxy.url, "stub")
+        sdk = LiteLLMTarget(router, "stub")
+        p = plan
+        for key in ("c1", "c1-stream", "c32", "c32-stream"):
+            s = SETTINGS[key]
+            n = p.c1 if s.concurrency == 1 else p.c32
+            n_sdk = p.litellm_c1 if s.concurrency == 1 else p.litellm_c32
+            paths = [
+                ("direct", direct, n), ("gateway", gateway, n), ("aiohttp-proxy", proxied, n),
+                ("litellm-sdk", sdk, n_sdk),
+            ]
+            await bench.compare(s, paths, p.rounds, p.warmup)
+        long_paths = [
+            ("direct", HttpTarget(direct_s, stub.url, "stub-long"), p.long),
+            ("gateway", HttpTarget(gateway_s, node.url, "stub-long"), p.long),
+            ("aiohttp-proxy", HttpTarget(proxy_s, proxy.url, "stub-long"), p.long),
+            ("litellm-sdk", LiteLLMTarget(router, "stub-long"), p.litellm_long),
+        ]
+        await bench.compare(SETTINGS["long-stream"], long_paths, 2, 4)
+        if llama is not None:
+            llama_direct = HttpTarget(llama_s, llama.url, "tiny", max_tokens=LLAMA_MAX_TOKENS)
+            llama_gateway = HttpTarget(gateway_s, node.url, "tiny", max_tokens=LLAMA_MAX_TOKENS)
+            for key in ("c1", "c1-stream", "c32", "c32-stream"):
+                s = SETTINGS[key]
+                n = p.llama_c1 if s.concurrency == 1 else p.llama_c32
+                paths = [("llama-direct", llama_direct, n), ("llama-gateway", llama_gateway, n)]
+                await bench.compare(s, paths, p.rounds, min(p.warmup, 20))
+        profiles: dict[str, Any] = {}
+        if profile:
+            profiles = await profile_gateway(
+                bench, node.ps.pid,
+                {"c32": gateway, "c32-stream": gateway, "long-stream": long_paths[1][1]},
+                out_dir, p.profile_requests,
+            )
+    with contextlib.suppress(Exception):
+        router.retire() if hasattr(router, "retire") else None
+    info = {"litellm_version": getattr(litellm, "version", None)}
+    return bench.acc, profiles, info
+
+
+def derive(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Added latency vs the direct path, and the CPU each path costs per request and per chunk."""
+
+    def get(path: str, key: str) -> dict[str, Any] | None:
+        return results.get(path, {}).get(key)
+
+    added: dict[str, dict[str, Any]] = {}
+    for path, base in (
+        ("gateway", "direct"), ("aiohttp-proxy", "direct"), ("litellm-sdk", "direct"),
+        ("llama-gateway", "llama-direct"),
+    ):
+        for key in SETTINGS:
+            row, ref = get(path, key), get(base, key)
+            if not row or not ref or row["p50_ms"] is None or ref["p50_ms"] is None:
+                continue
+            entry = {
+                "added_p50_ms": row["p50_ms"] - ref["p50_ms"],
+                "added_p99_ms": row["p99_ms"] - ref["p99_ms"],
+                "rps_ratio": row["rps"] / ref["rps"] if ref["rps"] else None,
+            }
+            if row["ttft_p50_ms"] is not None and ref["ttft_p50_ms"] is not None:
+                entry["added_ttft_p50_ms"] = row["ttft_p50_ms"] - ref["ttft_p50_ms"]
+            added.setdefault(path, {})[key] = entry
+
+    # CPU per request of the component that each path adds.
+    cpu: dict[str, dict[str, float]] = {}
+    for key in SETTINGS:
+        d = get("direct", key)
+        client_direct = d["client_cpu_ms_per_req"] if d else None
+        for path, proc in (("gateway", "gateway"), ("aiohttp-proxy", "aiohttp-proxy"), ("llama-gateway", "gateway")):
+            row = get(path, key)
+            if row:
+                cpu.setdefault(path, {})[key] = row["process_cpu_ms_per_req"][proc]
+        row = get("litellm-sdk", key)
+        if row and client_direct is not None:
+            cpu.setdefault("litellm-sdk", {})[key] = row["client_cpu_ms_per_req"] - client_direct
+        if d:
+            cpu.setdefault("aiohttp-client", {})[key] = client_direct
+            cpu.setdefault("stub", {})[key] = d["process_cpu_ms_per_req"]["stub"]
+        row = get("llama-direct", key)
+        if row and "llama" in row["process_cpu_ms_per_req"]:
+            cpu.setdefault("llama.cpp", {})[key] = row["process_cpu_ms_per_req"]["llama"]
+
+    per_chunk: dict[str, dict[str, float]] = {}
+    for path, per_req in cpu.items():
+        if path in ("stub", "llama.cpp", "llama-gateway", "aiohttp-client"):
+            continue
+        for conc in ("c1", "c32"):
+            if f"{conc}-stream" in per_req and conc in per_req:
+                per_chunk.setdefault(path, {})[f"burst {conc}"] = (per_req[f"{conc}-stream"] - per_req[conc]) / STREAM_CHUNKS
+        if "long-stream" in per_req and "c32" in per_req:
+            per_chunk.setdefault(path, {})["spaced c8"] = (per_req["long-stream"] - per_req["c32"]) / LONG_CHUNKS
+    ratios = {}
+    for key in ("c1", "c32", "c1-stream", "c32-stream", "long-stream"):
+        g, sdk = cpu.get("gateway", {}).get(key), cpu.get("litellm-sdk", {}).get(key)
+        if g and sdk:
+            ratios[key] = sdk / g
+    return {"added": added, "cpu_ms_per_req": cpu, "cpu_ms_per_chunk": per_chunk, "litellm_over_gateway_cpu": ratios}
+
+
+def evaluate(results: dict, derived: dict, ready: list[float], rss: dict[str, float]) -> list[dict[str, Any]]:
+    targets: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float, op: str, unit: str, note: str = "") -> None:
+        ok = value is not None and (value <= limit if op == "<=" else value >= limit)
+        targets.append(
+            {"target": name, "value": value, "limit": limit, "op": op, "unit": unit,
+             "result": "PASS" if ok else "MISS", "note": note}
+        )
+
+    g = derived["added"].get("gateway", {})
+    for key, label in (("c1", "non-stream"), ("c1-stream", "stream, total")):
+        add(f"added p50 at c=1 ({label})", g.get(key, {}).get("added_p50_ms"), TARGETS["added_p50_ms"], "<=", "ms")
+        add(f"added p99 at c=1 ({label})", g.get(key, {}).get("added_p99_ms"), TARGETS["added_p99_ms"], "<=", "ms")
+    gw = results.get("gateway", {})
+    direct_rps = results.get("direct", {}).get("c32", {}).get("rps")
+    proxy_rps = results.get("aiohttp-proxy", {}).get("c32", {}).get("rps")
+    note = f"direct {direct_rps:.0f}/s, aiohttp proxy {proxy_rps:.0f}/s" if direct_rps and proxy_rps else ""
+    add("requests/s through one gateway process at c=32", gw.get("c32", {}).get("rps"), TARGETS["rps_c32"], ">=",
+        "req/s", note)
+    for key in ("c1", "c32"):
+        add(f"LiteLLM SDK CPU / gateway CPU per request ({SETTINGS[key].label})",
+            derived["litellm_over_gateway_cpu"].get(key), TARGETS["cpu_ratio_vs_litellm"], ">=", "x")
+    chunk = derived["cpu_ms_per_chunk"].get("gateway", {})
+    add("gateway CPU per streamed chunk (chunks 1 ms apart)", chunk.get("spaced c8"), TARGETS["cpu_ms_per_chunk"],
+        "<=", "ms", f"burst (20 chunks at once): {chunk.get('burst c32', float('nan')):.4f} ms")
+    add("node ready after start (median)", float(np.median(ready)) if ready else None, TARGETS["ready_s"], "<=", "s",
+        "runs: " + ", ".join(f"{r:.2f}" for r in ready))
+    add("idle RSS after start", rss.get("after_start"), TARGETS["idle_rss_mb"], "<=", "MB")
+    add("idle RSS after the run", rss.get("after_run"), TARGETS["idle_rss_mb"], "<=", "MB")
+    return targets
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def print_tables(report: dict[str, Any]) -> None:
+    out = Console()
+    results, derived = report["results"], report["derived"]
+    table = Table(title="gateway overhead: latency, throughput, CPU (ms per request)")
+    for col in ("path", "setting", "n", "err", "p50", "p99", "+p50", "+p99", "req/s", "TTFT p50", "+TTFT",
+                "added CPU/req", "client CPU/req"):
+        table.add_column(col, justify="left" if col in ("path", "setting") else "right")
+    order = ["direct", "gateway", "aiohttp-proxy", "litellm-sdk", "llama-direct", "llama-gateway"]
+    for key, setting in SETTINGS.items():
+        for path in order:
+            row = results.get(path, {}).get(key)
+            if not row:
+                continue
+            add = derived["added"].get(path, {}).get(key, {})
+            cpu = derived["cpu_ms_per_req"].get(path, {}).get(key)
+            table.add_row(
+                path, setting.label, str(row["requests"]), str(row["errors"]), fmt(row["p50_ms"]),
+                fmt(row["p99_ms"]), fmt(add.get("added_p50_ms")), fmt(add.get("added_p99_ms")),
+                fmt(row["rps"], 0), fmt(row["ttft_p50_ms"]), fmt(add.get("added_ttft_p50_ms")),
+                fmt(cpu, 3), fmt(row["client_cpu_ms_per_req"], 3),
+            )
+        table.add_section()
+    out.print(table)
+
+    chunks = Table(title="CPU per streamed chunk (ms)")
+    chunks.add_column("path")
+    for col in ("burst c1", "burst c32", "spaced c8"):
+        chunks.add_column(col, justify="right")
+    for path, vals in derived["cpu_ms_per_chunk"].items():
+        chunks.add_row(path, *(fmt(vals.get(c), 4) for c in ("burst c1", "burst c32", "spaced c8")))
+    out.print(chunks)
+
+    tt = Table(title="targets")
+    for col in ("target", "value", "limit", "result", "note"):
+        tt.add_column(col, justify="right" if col in ("value", "limit") else "left")
+    for t in report["targets"]:
+        style = "green" if t["result"] == "PASS" else "red"
+        tt.add_row(t["target"], f"{fmt(t['value'], 3)} {t['unit']}", f"{t['op']} {t['limit']:g}",
+                   f"[{style}]{t['result']}[/{style}]", t["note"])
+    out.print(tt)
+    m = report["meta"]
+    out.print(
+        f"machine: {m['machine']['cpu_count']} CPUs ({m['machine']['cpu_model']}), load average "
+        f"{m['loadavg_before']} before, {m['loadavg_after']} after; run took {m['duration_s']:.0f} s"
+    )
+    for key, prof in report.get("profile", {}).items():
+        if "error" in prof:
+            out.print(f"profile {key}: {prof['error']}")
+            continue
+        pt = Table(title=f"gateway profile, {SETTINGS[key].label} ({prof['samples']} samples): where the CPU goes")
+        pt.add_column("self %", justify="right")
+        pt.add_column("function")
+        pt.add_column("inclusive % by package", justify="left")
+        pkg = prof["inclusive_pct_by_package"]
+        for i, (fn, share) in enumerate(prof["self_pct"][:15]):
+            pt.add_row(f"{share:.1f}", fn, f"{pkg[i][0]} {pkg[i][1]:.1f}" if i < len(pkg) else "")
+        out.print(pt)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results, derived = report["results"], report["derived"]
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    colors = {"gateway": "#1f77b4", "aiohttp-proxy": "#7f7f7f", "litellm-sdk": "#d62728",
+              "llama-gateway": "#2ca02c", "direct": "#9467bd", "llama-direct": "#8c564b",
+              "aiohttp-client": "#bcbd22", "stub": "#17becf", "llama.cpp": "#e377c2"}
+
+    # 1: added latency at c=1
+    ax = axes[0][0]
+    paths = [p for p in ("gateway", "aiohttp-proxy", "litellm-sdk", "llama-gateway") if p in derived["added"]]
+    labels = ["p50 c=1", "p99 c=1", "p50 c=1 stream", "p99 c=1 stream"]
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(paths), 1)
+    for i, p in enumerate(paths):
+        a = derived["added"][p]
+        vals = [a.get("c1", {}).get("added_p50_ms"), a.get("c1", {}).get("added_p99_ms"),
+                a.get("c1-stream", {}).get("added_p50_ms"), a.get("c1-stream", {}).get("added_p99_ms")]
+        vals = [max(v, 1e-3) if v is not None else 0 for v in vals]
+        ax.bar(x + i * width, vals, width, label=p, color=colors.get(p))
+    ax.axhline(TARGETS["added_p50_ms"], ls="--", c="k", lw=0.8, label="target p50 1 ms")
+    ax.axhline(TARGETS["added_p99_ms"], ls=":", c="k", lw=0.8, label="target p99 5 ms")
+    ax.set_xticks(x + width * (len(paths) - 1) / 2, labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("added latency vs direct (ms, log)")
+    ax.set_title("Added latency at concurrency 1")
+    ax.legend(fontsize=8)
+
+    # 2: requests/s at c=32
+    ax = axes[0][1]
+    paths = [p for p in ("direct", "gateway", "aiohttp-proxy", "litellm-sdk", "llama-direct", "llama-gateway")
+             if p in results]
+    x = np.arange(len(paths))
+    for j, (key, hatch) in enumerate((("c32", None), ("c32-stream", "//"))):
+        vals = [(results[p].get(key) or {}).get("rps") or 0 for p in paths]
+        ax.bar(x + j * 0.4, vals, 0.4, hatch=hatch, color=[colors.get(p) for p in paths],
+               label="non-stream" if j == 0 else f"stream ({STREAM_CHUNKS} chunks)", edgecolor="k", lw=0.3)
+    ax.axhline(TARGETS["rps_c32"], ls="--", c="k", lw=0.8, label="target 2000/s (gateway)")
+    ax.set_xticks(x + 0.2, paths, rotation=15)
+    ax.set_yscale("log")
+    ax.set_ylabel("requests/s (log)")
+    ax.set_title("Throughput at concurrency 32 (one process each)")
+    ax.legend(fontsize=8)
+
+    # 3: CPU per request
+    ax = axes[1][0]
+    cpu = derived["cpu_ms_per_req"]
+    comps = [c for c in ("gateway", "aiohttp-proxy", "litellm-sdk", "aiohttp-client", "stub") if c in cpu]
+    keys = ["c1", "c32", "c1-stream", "c32-stream"]
+    x = np.arange(len(keys))
+    width = 0.8 / max(len(comps), 1)
+    for i, c in enumerate(comps):
+        vals = [max(cpu[c].get(k) or 0, 1e-4) for k in keys]
+        ax.bar(x + i * width, vals, width, label=c, color=colors.get(c))
+    ax.set_xticks(x + width * (len(comps) - 1) / 2, [SETTINGS[k].label for k in keys])
+    ax.set_yscale("log")
+    ax.set_ylabel("CPU ms per request (log)")
+    ax.set_title("CPU per request of each component (litellm-sdk: net of the aiohttp client)")
+    ax.legend(fontsize=8)
+
+    # 4: CPU per chunk
+    ax = axes[1][1]
+    pc = derived["cpu_ms_per_chunk"]
+    comps = [c for c in ("gateway", "aiohttp-proxy", "litellm-sdk") if c in pc]
+    kinds = ["burst c1", "burst c32", "spaced c8"]
+    x = np.arange(len(kinds))
+    width = 0.8 / max(len(comps), 1)
+    for i, c in enumerate(comps):
+        vals = [max(pc[c].get(k) or 0, 1e-4) for k in kinds]
+        ax.bar(x + i * width, vals, width, label=c, color=colors.get(c))
+    ax.axhline(TARGETS["cpu_ms_per_chunk"], ls="--", c="k", lw=0.8, label="target 0.05 ms")
+    ax.set_xticks(x + width * (len(comps) - 1) / 2,
+                  [f"burst, c=1 ({STREAM_CHUNKS} at once)", f"burst, c=32 ({STREAM_CHUNKS} at once)",
+                   f"spaced, c=8 ({LONG_CHUNKS}, {GAP_MS:g} ms apart)"])
+    ax.set_yscale("log")
+    ax.set_ylabel("CPU ms per chunk (log)")
+    ax.set_title("CPU per streamed chunk")
+    ax.legend(fontsize=8)
+
+    m = report["meta"]
+    fig.suptitle(
+        f"wwwserve gateway overhead ({'quick' if m['quick'] else 'full'} run, {m['machine']['cpu_count']} CPUs, "
+        f"load {m['loadavg_before'][0]:.2f} -> {m['loadavg_after'][0]:.2f}); "
+        f"node ready {m['ready_median_s']:.2f} s; idle RSS {m['rss_mb'].get('after_start', 0):.0f} MB",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer requests: finishes within a minute")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
+    parser.add_argument("--profile", action="store_true", help="also profile the gateway with py-spy")
+    parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp paths")
+    args = parser.parse_args(argv)
+    plan = Plan.make(args.quick)
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    t_start = time.monotonic()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    children: list[Child] = []
+    nodes: list[GatewayNode] = []
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-overhead-"))
+    report: dict[str, Any] = {}
+    try:
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, refresh_per_second=4,
+        ) as progress:
+            setup = progress.add_task("start stub", total=None)
+            stub = Child("stub", [sys.executable, str(HERE / "stub_server.py"), "--port", "0",
+                                  "--chunks", str(STREAM_CHUNKS), "--long-chunks", str(LONG_CHUNKS),
+                                  "--gap-ms", str(GAP_MS)])
+            children.append(stub)
+            stub_base = stub.url + "/v1"
+
+            # Node ready time: a node with only the stub backend, spawned afresh each time.
+            ready: list[float] = []
+            ready_rss: list[float] = []
+            for i in range(plan.ready_runs):
+                progress.update(setup, description=f"node ready time, run {i + 1}/{plan.ready_runs}")
+                probe = GatewayNode(workdir, f"ready{i}", [stub_entry("stub", stub_base)])
+                nodes.append(probe)
+                ready.append(probe.start())
+                ready_rss.append(rss_mb(probe.ps))
+                probe.stop()
+
+            llama = None
+            if not args.no_llama:
+                from wwwserve_gateway.model_store import TINY_MODEL, find_model, models_dir, pull
+
+                progress.update(setup, description="start llama.cpp (tiny model)")
+                model = find_model(TINY_MODEL) or pull(TINY_MODEL, models_dir())
+                llama = Child("llama.cpp", [sys.executable, "-m", "wwwserve_gateway.backends.llamacpp_server",
+                                            "--model", str(model), "--alias", "tiny", "--port", "0",
+                                            "--parallel", "4"], timeout=120)
+                children.append(llama)
+                wait_status(llama.url + "/health", 120, llama.proc)
+
+            progress.update(setup, description="start gateway node and aiohttp proxy")
+            model_list = [stub_entry("stub", stub_base), stub_entry("stub-long", stub_base)]
+            if llama is not None:
+                model_list.append({"model_name": "tiny", "litellm_params": {
+                    "model": "llamacpp/tiny-random", "api_base": llama.url + "/v1"}})
+            node = GatewayNode(workdir, "gateway", model_list)
+            nodes.append(node)
+            node_ready = node.start()
+            proxy = Child("aiohttp-proxy", [sys.executable, str(HERE / "aiohttp_proxy.py"),
+                                            "--upstream", stub.url, "--port", "0"])
+            children.append(proxy)
+
+            progress.update(setup, description="import litellm")
+            t0 = time.perf_counter()
+            c0 = time.process_time()
+            import litellm  # noqa: F401
+
+            litellm_import = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+            time.sleep(1.0)
+            rss = {"after_start": rss_mb(node.ps)}
+            progress.update(setup, description="setup done", total=1, completed=1)
+
+            acc, profiles, info = uvloop.run(measure(plan, progress, stub, node, proxy, llama, args.profile, out_dir))
+            time.sleep(1.0)
+            rss["after_run"] = rss_mb(node.ps)
+            rss["ready_probe_at_ready"] = float(np.median(ready_rss))
+            rss["aiohttp_proxy_after_run"] = rss_mb(proxy.ps)
+            rss["stub_after_run"] = rss_mb(stub.ps)
+
+        results = {path: {key: summarize(a) for key, a in by.items()} for path, by in acc.items()}
+        derived = derive(results)
+        targets = evaluate(results, derived, ready, rss)
+        report = {
+            "meta": {
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "quick": args.quick,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+                "duration_s": time.monotonic() - t_start,
+                "machine": machine_info(),
+                "loadavg_before": load_before,
+                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                "versions": versions() | {"litellm_runtime": info.get("litellm_version")},
+                "plan": plan.__dict__,
+                "stream_chunks": STREAM_CHUNKS,
+                "long_stream": {"chunks": LONG_CHUNKS, "gap_ms": GAP_MS, "concurrency": 8},
+                "ready_median_s": float(np.median(ready)),
+                "rss_mb": rss,
+                "litellm_import": litellm_import,
+                "main_node_ready_s": node_ready,
+                "notes": [
+                    "latencies are client-observed (aiohttp client in the benchmark process, uvloop, keep-alive)",
+                    "added = path minus direct (llama-gateway minus llama-direct), same setting, same run",
+                    "added CPU/req: user+system CPU of the gateway / proxy process per request; for "
+                    "litellm-sdk, this process's CPU per request minus the aiohttp client's per direct request",
+                    f"CPU per chunk: (CPU per stream - CPU per non-stream request at c=32) / chunks; burst = "
+                    f"{STREAM_CHUNKS} chunks written at once, spaced = {LONG_CHUNKS} chunks {GAP_MS:g} ms apart",
+                    "paths are interleaved round by round; order rotates each round",
+                ],
+            },
+            "node_ready_s": ready,
+            "results": results,
+            "derived": derived,
+            "targets": targets,
+            "profile": profiles,
+        }
+        (out_dir / "gateway_overhead.json").write_text(json.dumps(report, indent=2))
+        plot(report, out_dir / "gateway_overhead.png")
+        print_tables(report)
+        console.print(f"wrote {out_dir / 'gateway_overhead.json'} and {out_dir / 'gateway_overhead.png'}")
+        return 0
+    finally:
+        for node in nodes:
+            node.stop()
+        for child in reversed(children):
+            child.stop()
+        for f in sorted(workdir.rglob("*"), reverse=True):
+            with contextlib.suppress(OSError):
+                f.unlink() if f.is_file() or f.is_symlink() else f.rmdir()
+        with contextlib.suppress(OSError):
+            workdir.rmdir()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
