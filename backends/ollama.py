@@ -33,7 +33,8 @@ PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 class OllamaParams(OpenAICompatParams):
     api_base: str = Field(
-        DEFAULT_ROOT, description="Ollama's root URL, e.g. http://127.0.0.1:11434 (a trailing /v1 is accepted)"
+        DEFAULT_ROOT,
+        description="Ollama's root URL, e.g. http://127.0.0.1:11434 (a trailing /v1 is accepted)",
     )
 
 

@@ -46,7 +46,9 @@ class VLLMParams(MetricsProbeParams):
 
 
 class SGLangParams(MetricsProbeParams):
-    api_base: str = Field("http://127.0.0.1:30000/v1", description="the SGLang server's base URL, ending in /v1")
+    api_base: str = Field(
+        "http://127.0.0.1:30000/v1", description="the SGLang server's base URL, ending in /v1"
+    )
 
 
 class MetricsProbedBackend(OpenAICompatBackend):
