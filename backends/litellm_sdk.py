@@ -10,6 +10,7 @@ it for providers that do not speak the OpenAI API.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -69,6 +70,12 @@ def load_litellm() -> ModuleType:
         from litellm.types.utils import is_litellm_owned_kwarg
 
         litellm.suppress_debug_info = True  # it would print a "Give Feedback" banner on every error
+        for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+            logger = logging.getLogger(name)
+            # LiteLLM's own handler redacts secrets; propagating as well would print each record twice.
+            logger.propagate = False
+            if "LITELLM_LOG" not in os.environ:
+                logger.setLevel(logging.WARNING)  # it logs every call at INFO, at a CPU cost per request
         _owned_kwarg = is_litellm_owned_kwarg
         _litellm = litellm
     return _litellm

@@ -16,16 +16,18 @@ from pathlib import Path
 import aiohttp
 import structlog
 from pydantic import Field
-from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
 
 from wwwserve_gateway.backend_api import BackendContext, BackendLoad, BackendParams, Endpoint
+from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
 from wwwserve_gateway.config import ModelEntry
 from wwwserve_gateway.model_store import ModelStoreError, find_model, models_dir, pull
-from wwwserve_gateway.prom_text import parse_samples
+from wwwserve_gateway.prom_text import gauge_values
 
 log = structlog.get_logger(__name__)
 
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
+PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
+RUNNING, WAITING = "llamacpp:requests_processing", "llamacpp:requests_deferred"
 
 
 class LlamaCppParams(OpenAICompatParams):
@@ -53,6 +55,7 @@ class LlamaCppBackend(OpenAICompatBackend):
         chat = frozenset({Endpoint.CHAT, Endpoint.COMPLETION})
         self.endpoints = frozenset({Endpoint.EMBEDDING}) if self.params.embedding else chat
         self._slots = self.params.n_parallel
+        self._slots_known = False
 
     @property
     def base_url(self) -> str:
@@ -103,12 +106,21 @@ class LlamaCppBackend(OpenAICompatBackend):
         await super().aclose()
 
     async def probe_load(self) -> BackendLoad | None:
-        async with self.session().get(f"{self._root()}/metrics") as resp:
-            if resp.status != 200:
-                return None
-            samples = parse_samples(await resp.text())
-        running = int(samples.get("llamacpp:requests_processing", 0))
-        waiting = int(samples.get("llamacpp:requests_deferred", 0))
+        try:
+            if self.params.api_base and self._slots_known is False:
+                # An external server's slot count is its own setting, not ours: ask it once.
+                async with self.session().get(f"{self._root()}/props", timeout=PROBE_TIMEOUT) as resp:
+                    props = await resp.json() if resp.status == 200 else {}
+                self._slots = int(props.get("total_slots") or self._slots)
+                self._slots_known = True
+            async with self.session().get(f"{self._root()}/metrics", timeout=PROBE_TIMEOUT) as resp:
+                if resp.status != 200:  # an external server started without --metrics
+                    return None
+                gauges = gauge_values(await resp.text(), {RUNNING, WAITING})
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        running = round(sum(gauges.get(RUNNING, [])))
+        waiting = round(sum(gauges.get(WAITING, [])))
         return BackendLoad(running, waiting, min(1.0, running / self._slots))
 
     def describe(self) -> dict:

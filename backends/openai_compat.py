@@ -17,6 +17,7 @@ from pydantic import Field
 from wwwserve_gateway.backend_api import (
     Backend,
     BackendContext,
+    BackendLoad,
     BackendParams,
     Endpoint,
     JSONReply,
@@ -134,7 +135,7 @@ class OpenAICompatBackend(Backend):
             )
         return PassThroughSSE(resp, hide_usage=hide_usage, backend_id=self.id, timeout=self.timeout)
 
-    async def probe_load(self):
+    async def probe_load(self) -> BackendLoad | None:
         return None
 
 

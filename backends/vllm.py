@@ -20,16 +20,15 @@ probe reports nothing, instead of the deployment dropping out of routing until a
 
 from __future__ import annotations
 
-import math
 import re
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import Field
-from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
 
 from wwwserve_gateway.backend_api import BackendLoad
+from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
+from wwwserve_gateway.prom_text import gauge_values
 
 # The registry also bounds each probe by its poll interval; this guards direct callers.
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
@@ -77,7 +76,7 @@ class MetricsProbedBackend(OpenAICompatBackend):
             return None
         return load_from_metrics(text, self.running_metric, self.waiting_metric, self.usage_metrics)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         info = super().describe()
         info["metrics_url"] = self.metrics_url
         return info
@@ -117,18 +116,3 @@ def load_from_metrics(
         usage=min(1.0, max(0.0, usage)),
     )
 
-
-def gauge_values(text: str, names: set[str]) -> dict[str, list[float]]:
-    """The finite values of each wanted gauge, one per label set.
-
-    `prom_text.parse_samples` sums over label sets, which is right for counts but not for a fraction
-    that has to be averaged, hence the per-label-set values here.
-    """
-    out: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name not in names:
-            continue
-        for sample in family.samples:
-            if sample.name == family.name and math.isfinite(sample.value):
-                out.setdefault(sample.name, []).append(sample.value)
-    return out

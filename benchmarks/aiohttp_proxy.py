@@ -59,7 +59,9 @@ async def serve(upstream: str, port: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--upstream", required=True, help="base URL of the backend, e.g. http://127.0.0.1:8000")
+    parser.add_argument(
+        "--upstream", required=True, help="base URL of the backend, e.g. http://127.0.0.1:8000"
+    )
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     uvloop.run(serve(args.upstream.rstrip("/"), args.port))

@@ -217,12 +217,18 @@ async def serve(host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     global CANNED, TICKER
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream (written at once)")
-    parser.add_argument("--long-chunks", type=int, default=200, help="content chunks of a 'long' model stream")
-    parser.add_argument("--gap-ms", type=float, default=1.0, help="milliseconds between a long stream's events")
+    parser.add_argument(
+        "--long-chunks", type=int, default=200, help="content chunks of a 'long' model stream"
+    )
+    parser.add_argument(
+        "--gap-ms", type=float, default=1.0, help="milliseconds between a long stream's events"
+    )
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "::1", "localhost"):
         parser.error("the stub listens on loopback only")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from wwwserve_gateway.backends.vllm import SGLangBackend, VLLMBackend
 
 from tests.support import free_port
 from wwwserve_gateway.backend_api import Backend, BackendContext, BackendLoad
 from wwwserve_gateway.backend_registry import build_backend
+from wwwserve_gateway.backends.vllm import SGLangBackend, VLLMBackend
 from wwwserve_gateway.config import ModelEntry
 
 FIXTURES = Path(__file__).parent / "fixtures"

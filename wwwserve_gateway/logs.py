@@ -8,6 +8,12 @@ import sys
 import structlog
 
 
+def _drop_color_message(logger, method: str, event: dict) -> dict:
+    # uvicorn attaches an ANSI-coloured copy of each message; structured output needs only one.
+    event.pop("color_message", None)
+    return event
+
+
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
     renderer = (
         structlog.processors.JSONRenderer()
@@ -29,7 +35,7 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_color_message],
         )
     )
     root = logging.getLogger()
