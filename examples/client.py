@@ -11,8 +11,9 @@ import argparse
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 
-import httpx
 from openai import OpenAI
 
 
@@ -21,9 +22,10 @@ def wait_ready(base_url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{root}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"{root}/health/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
     sys.exit(f"node at {root} not ready after {timeout:g} s")
