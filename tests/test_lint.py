@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_ruff_check() -> None:
-    ruff = shutil.which("ruff")
+    beside_python = Path(sys.executable).parent / "ruff"
+    ruff = str(beside_python) if beside_python.exists() else shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed (it is in the test extra)")
     done = subprocess.run([ruff, "check", str(REPO)], capture_output=True, text=True)

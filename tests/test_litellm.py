@@ -1,6 +1,6 @@
 """The LiteLLM SDK adapter backend, and the LiteLLM SDK as a client, against a real node process.
 
-The node runs three entries: `via-litellm` (the adapter, in front of a real llama.cpp server),
+The node runs `via-litellm` and `embed-via-litellm` (the adapter, in front of real llama.cpp servers),
 `litellm-down` (the adapter, pointed at a port nobody listens on) and `tiny-ext` (the pass-through).
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -27,7 +28,16 @@ DEAD_BASE = "http://127.0.0.1:9/v1"
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, llama_tiny: LlamaServer) -> Iterator[NodeProcess]:
+def llama_embed(tiny_path: Path) -> Iterator[LlamaServer]:
+    server = LlamaServer(tiny_path, "tiny-embed-ext", embedding=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def node(
+    tmp_path_factory: pytest.TempPathFactory, llama_tiny: LlamaServer, llama_embed: LlamaServer
+) -> Iterator[NodeProcess]:
     workdir = tmp_path_factory.mktemp("litellm")
     config = {
         "node": {"api_keys": [API_KEY]},
@@ -37,6 +47,16 @@ def node(tmp_path_factory: pytest.TempPathFactory, llama_tiny: LlamaServer) -> I
                 "litellm_params": {
                     "model": "litellm/openai/tiny-ext",
                     "api_base": llama_tiny.base_url,
+                    "api_key": "none",
+                    # Not a gateway key: a LiteLLM argument, and a default the request may override.
+                    "max_tokens": 3,
+                },
+            },
+            {
+                "model_name": "embed-via-litellm",
+                "litellm_params": {
+                    "model": "litellm/openai/tiny-embed-ext",
+                    "api_base": llama_embed.base_url,
                     "api_key": "none",
                 },
             },
@@ -154,6 +174,20 @@ def test_text_completion(node: NodeProcess, client: openai.OpenAI) -> None:
     assert chunks[-1].usage.completion_tokens == 6
 
 
+def test_extra_litellm_params_are_defaults(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="via-litellm", messages=HELLO)
+    assert reply.usage is not None and reply.usage.completion_tokens == 3
+    reply = client.chat.completions.create(model="via-litellm", messages=HELLO, max_tokens=5)
+    assert reply.usage is not None and reply.usage.completion_tokens == 5
+
+
+def test_embeddings(client: openai.OpenAI) -> None:
+    reply = client.embeddings.create(model="embed-via-litellm", input=["hello", "world"])
+    assert [d.index for d in reply.data] == [0, 1]
+    assert len(reply.data[0].embedding) > 0
+    assert reply.usage.prompt_tokens > 0
+
+
 def test_unreachable_api_base_is_502(node: NodeProcess, client: openai.OpenAI) -> None:
     for stream in (False, True):
         resp = httpx.post(
@@ -219,4 +253,5 @@ def test_node_log_is_clean(node: NodeProcess) -> None:
 
 
 def test_models_list(client: openai.OpenAI) -> None:
-    assert {"via-litellm", "litellm-down", "tiny-ext"} <= {m.id for m in client.models.list()}
+    names = {m.id for m in client.models.list()}
+    assert {"via-litellm", "embed-via-litellm", "litellm-down", "tiny-ext"} <= names

@@ -136,7 +136,7 @@ class UpstreamError(BackendError):
         error = cls(
             message or f"backend {backend} answered HTTP {status}",
             param=fields.get("param") if isinstance(fields.get("param"), str) else None,
-            code=code if isinstance(code, str | int) else None,
+            code=code if isinstance(code, str) else None,  # OpenAI codes are strings; llama.cpp sends ints
             status=status if 400 <= status <= 599 else 502,
         )
         kind = fields.get("type")

@@ -8,9 +8,11 @@ import sys
 import structlog
 
 
-def _drop_color_message(logger, method: str, event: dict) -> dict:
-    # uvicorn attaches an ANSI-coloured copy of each message; structured output needs only one.
+def _drop_foreign_extras(logger, method: str, event: dict) -> dict:
+    # uvicorn attaches an ANSI-coloured copy of each message and litellm tags records of other
+    # libraries with a redaction marker; neither belongs in a structured event.
     event.pop("color_message", None)
+    event.pop("litellm_redacted", None)
     return event
 
 
@@ -35,7 +37,7 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_color_message],
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_foreign_extras],
         )
     )
     root = logging.getLogger()
