@@ -43,11 +43,18 @@ class LlamaCppParams(OpenAICompatParams):
     embedding: bool = Field(False, description="run the embedded server in embedding mode (/v1/embeddings)")
     auto_pull: bool = Field(True, description="pull a known model (e.g. smollm2) when it is not on disk")
     startup_timeout: float = Field(180.0, gt=0, description="seconds to wait for the model to load")
+    # llama.cpp serves each connection on one of a fixed set of HTTP threads and holds an idle
+    # keep-alive connection's thread for 5 s: a pool larger than that set stalls new connections.
+    max_connections: int = Field(
+        16, gt=0, description="connections to the server; an external server needs as many --threads-http"
+    )
 
 
 class LlamaCppBackend(OpenAICompatBackend):
     Params = LlamaCppParams
     params: LlamaCppParams
+    # llama.cpp closes the connection after each stream although its headers offer keep-alive.
+    reuse_stream_connections = False
 
     def __init__(self, entry: ModelEntry, params: BackendParams, ctx: BackendContext) -> None:
         self._server: EmbeddedServer | None = None
@@ -161,6 +168,8 @@ class EmbeddedServer:
             str(p.n_parallel),
             "--threads",
             str(p.n_threads),
+            "--http-threads",
+            str(p.max_connections + 2),
         ]
         return [*cmd, "--embedding"] if p.embedding else cmd
 

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--http-threads", type=int, default=16)
     parser.add_argument("--embedding", action="store_true")
     args = parser.parse_args(argv)
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     params.cpuparams.n_threads = args.threads
     params.cpuparams_batch.n_threads = args.threads
     params.model_alias = {args.alias}
+    params.n_threads_http = args.http_threads
     params.endpoint_metrics = True
     params.endpoint_slots = True
     params.embedding = args.embedding

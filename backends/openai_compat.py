@@ -8,7 +8,7 @@ the one event that carries it (found with a substring test, so other chunks are 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import orjson
@@ -44,10 +44,14 @@ class OpenAICompatParams(BackendParams):
 class OpenAICompatBackend(Backend):
     Params = OpenAICompatParams
     params: OpenAICompatParams
+    # False for servers that close the connection after a stream while offering keep-alive: aiohttp
+    # would pool it as soon as the body ends, and the next request on it fails.
+    reuse_stream_connections: ClassVar[bool] = True
 
     def __init__(self, entry: ModelEntry, params: BackendParams, ctx: BackendContext) -> None:
         super().__init__(entry, params, ctx)
         self._session: aiohttp.ClientSession | None = None
+        self._fresh_session: aiohttp.ClientSession | None = None
         self._urls = {e: self.url(e.value) for e in Endpoint}
 
     def url(self, path: str) -> str:
@@ -57,19 +61,28 @@ class OpenAICompatBackend(Backend):
     def base_url(self) -> str:
         return self.params.api_base or OpenAICompatParams.model_fields["api_base"].default
 
-    def session(self) -> aiohttp.ClientSession:
+    def session(self, *, fresh: bool = False) -> aiohttp.ClientSession:
+        """The pooled session, or with `fresh` one that opens a new connection per request."""
+        if fresh:
+            if self._fresh_session is None or self._fresh_session.closed:
+                self._fresh_session = self._new_session(force_close=True)
+            return self._fresh_session
         if self._session is None or self._session.closed:
-            headers = dict(self.params.extra_headers)
-            if self.params.api_key:
-                headers["Authorization"] = f"Bearer {self.params.api_key}"
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.params.max_connections, keepalive_timeout=60),
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.timeout),
-                skip_auto_headers=("User-Agent",),
-                auto_decompress=True,
-            )
+            self._session = self._new_session(force_close=False)
         return self._session
+
+    def _new_session(self, *, force_close: bool) -> aiohttp.ClientSession:
+        headers = dict(self.params.extra_headers)
+        if self.params.api_key:
+            headers["Authorization"] = f"Bearer {self.params.api_key}"
+        keepalive = {"force_close": True} if force_close else {"keepalive_timeout": 60}
+        connector = aiohttp.TCPConnector(limit=self.params.max_connections, **keepalive)
+        return aiohttp.ClientSession(
+            connector=connector,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.timeout),
+            skip_auto_headers=("User-Agent",),
+        )
 
     async def start(self) -> None:
         self.session()
@@ -77,15 +90,26 @@ class OpenAICompatBackend(Backend):
 
     async def aclose(self) -> None:
         await super().aclose()
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._fresh_session):
+            if session is not None:
+                await session.close()
 
-    async def _post(self, endpoint: Endpoint, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def _post(
+        self, endpoint: Endpoint, body: dict[str, Any], *, stream: bool = False
+    ) -> aiohttp.ClientResponse:
         body["model"] = self.upstream_model
+        data = orjson.dumps(body)
+        url = self._urls[endpoint]
         try:
-            resp = await self.session().post(
-                self._urls[endpoint], data=orjson.dumps(body), headers=JSON_HEADERS
-            )
+            try:
+                session = self.session(fresh=stream and not self.reuse_stream_connections)
+                resp = await session.post(url, data=data, headers=JSON_HEADERS)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    raise
+                # A pooled keep-alive connection that the server had closed (servers may close one at
+                # any time): the request was never answered, so send it again on a new connection.
+                resp = await self.session(fresh=True).post(url, data=data, headers=JSON_HEADERS)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise BackendTimeout(f"backend {self.id} did not answer within {self.timeout:g} s") from None
         except aiohttp.ClientConnectorError as exc:
@@ -127,7 +151,7 @@ class OpenAICompatBackend(Backend):
             if not (isinstance(options, dict) and options.get("include_usage")):
                 body["stream_options"] = {**(options or {}), "include_usage": True}
                 hide_usage = True
-        resp = await self._post(endpoint, body)
+        resp = await self._post(endpoint, body, stream=True)
         if not resp.content_type.startswith("text/event-stream"):
             resp.close()
             raise BackendProtocolError(

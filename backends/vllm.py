@@ -115,4 +115,3 @@ def load_from_metrics(
         waiting=round(sum(gauges.get(waiting, []))),
         usage=min(1.0, max(0.0, usage)),
     )
-
