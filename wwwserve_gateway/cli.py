@@ -60,6 +60,7 @@ def node(
             http="httptools",
             lifespan="on",
             access_log=False,
+            proxy_headers=False,  # the gateway never reads the client address
             log_config=None,
             timeout_graceful_shutdown=30,
         )

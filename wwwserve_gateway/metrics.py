@@ -79,6 +79,30 @@ class GatewayMetrics:
             registry=r,
         )
 
+        # Label children cached per label tuple: .labels() takes a lock and builds a key each call.
+        self._done: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._ttft: dict[str, Histogram] = {}
+
+    def request_done(self, endpoint: str, model: str, status: int, seconds: float) -> None:
+        key = (endpoint, model, status)
+        children = self._done.get(key)
+        if children is None:
+            children = self._done[key] = (
+                self.requests.labels(endpoint, model, str(status)),
+                self.latency.labels(endpoint, model),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def first_token(self, model: str, seconds: float) -> None:
+        child = self._ttft.get(model)
+        if child is None:
+            child = self._ttft[model] = self.ttft.labels(model)
+        child.observe(seconds)
+
+    def count_error(self, endpoint: str, kind: str) -> None:
+        self.errors.labels(endpoint, kind).inc()
+
     def observe_backend(self, backend: Backend) -> None:
         labels = (backend.id, backend.model_name)
         self.backend_ready.labels(*labels).set(1 if backend.ready else 0)

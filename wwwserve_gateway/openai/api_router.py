@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import orjson
+import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -25,6 +27,8 @@ from wwwserve_gateway.openai.protocol import (
     validate_request,
 )
 from wwwserve_gateway.openai.serving import OpenAIServing
+
+log = structlog.get_logger(__name__)
 
 REQUEST_TYPES = {
     Endpoint.CHAT: ChatCompletionRequest,
@@ -67,10 +71,15 @@ class GenerationEndpoint:
             stream = bool(request.stream) and self.endpoint is not Endpoint.EMBEDDING
             await self.serving.serve(self.endpoint, body, stream, receive, send, started)
         except GatewayError as exc:
-            self.metrics.errors.labels(self.endpoint.value, exc.type).inc()
+            self.metrics.count_error(self.endpoint.value, exc.type)
             await send_error(send, exc)
         except ClientDisconnected:
             pass
+        except Exception:
+            log.exception("unhandled error", endpoint=self.endpoint.value)
+            self.metrics.count_error(self.endpoint.value, "internal_error")
+            with contextlib.suppress(RuntimeError):  # the response may have started already
+                await send_error(send, GatewayError("The gateway failed unexpectedly; see its log."))
 
 
 def model_routes(registry: BackendRegistry, keys: KeyCheck, started_at: int) -> list[Route]:
@@ -95,16 +104,16 @@ def model_routes(registry: BackendRegistry, keys: KeyCheck, started_at: int) -> 
     ]
 
 
+def generation_endpoints(
+    serving: OpenAIServing, keys: KeyCheck, metrics: GatewayMetrics, limit: int
+) -> dict[str, GenerationEndpoint]:
+    """Path -> handler, with and without /v1 (the OpenAI SDK drops it when base_url lacks it)."""
+    handlers = {e: GenerationEndpoint(e, serving, keys, metrics, limit) for e in Endpoint}
+    return {f"{prefix}/{e.value}": h for e, h in handlers.items() for prefix in ("/v1", "")}
+
+
 def openai_routes(
-    serving: OpenAIServing, registry: BackendRegistry, keys: KeyCheck, metrics: GatewayMetrics, limit: int
+    endpoints: dict[str, GenerationEndpoint], registry: BackendRegistry, keys: KeyCheck
 ) -> list[Route]:
-    routes = [
-        Route(f"/v1/{e.value}", GenerationEndpoint(e, serving, keys, metrics, limit), methods=["POST"])
-        for e in Endpoint
-    ]
-    # The same routes without /v1, as the OpenAI SDK produces when base_url lacks it (LiteLLM does too).
-    routes += [
-        Route(f"/{e.value}", GenerationEndpoint(e, serving, keys, metrics, limit), methods=["POST"])
-        for e in Endpoint
-    ]
+    routes = [Route(path, handler, methods=["POST"]) for path, handler in endpoints.items()]
     return routes + model_routes(registry, keys, int(time.time()))

@@ -75,8 +75,7 @@ class OpenAIServing:
         finally:
             state.in_flight -= 1
             m.in_flight.dec()
-            m.requests.labels(endpoint.value, model, str(status)).inc()
-            m.latency.labels(endpoint.value, model).observe(time.perf_counter() - started)
+            m.request_done(endpoint.value, model, status, time.perf_counter() - started)
         self._count_tokens(backend, model, usage)
 
     async def _stream(
@@ -97,7 +96,7 @@ class OpenAIServing:
         try:
             async for piece in sse:
                 if first:
-                    self.metrics.ttft.labels(model).observe(time.perf_counter() - started)
+                    self.metrics.first_token(model, time.perf_counter() - started)
                     first = False
                 done = piece.endswith(DONE)
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
@@ -105,7 +104,7 @@ class OpenAIServing:
                 await send({"type": "http.response.body", "body": DONE, "more_body": True})
         except BackendError as exc:
             log.warning("stream broke off", model=model, error=exc.message)
-            self.metrics.errors.labels("stream", exc.type).inc()
+            self.metrics.count_error("stream", exc.type)
             await send(
                 {"type": "http.response.body", "body": b"data: " + exc.body() + b"\n\n", "more_body": True}
             )
