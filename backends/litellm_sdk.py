@@ -31,10 +31,11 @@ from wwwserve_gateway.errors import (
     InvalidRequest,
     UpstreamError,
 )
+from wwwserve_gateway.sse import DONE
 
 log = structlog.get_logger(__name__)
 
-DONE = b"data: [DONE]\n\n"
+
 # Keys of the request body this backend sets itself.
 OWN_KEYS = frozenset({"model", "stream", "stream_options"})
 # OpenAI fields LiteLLM takes as its own logging settings; OpenAI stores them with a completion, which

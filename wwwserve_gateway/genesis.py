@@ -1,0 +1,65 @@
+"""The network genesis: one YAML file of network parameters whose canonical hash is the network id.
+
+Nodes whose genesis differs in any value have different network ids and refuse each other's
+handshakes, so nodes with different rules never mix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from wwwserve_gateway.canonical import digest
+from wwwserve_gateway.config_errors import ConfigError, ConfigProblem, problems_from_validation
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GossipParams(_Strict):
+    interval_s: float = Field(1.0, gt=0, description="seconds between gossip rounds")
+    fanout: int = Field(3, ge=1, description="peers contacted per round")
+    probe_timeout_s: float = Field(0.5, gt=0, description="seconds to wait for a probe's answer")
+    indirect_probes: int = Field(3, ge=0, description="peers asked to probe a silent member on our behalf")
+    suspect_timeout_s: float = Field(
+        3.0, gt=0, description="seconds a suspect member has to refute before it is declared dead"
+    )
+    refresh_s: float = Field(
+        10.0, gt=0, description="seconds between re-publications of a node's own record (heartbeat)"
+    )
+    tombstone_ttl_s: float = Field(
+        300.0, gt=0, description="seconds a dead or departed id is remembered so it cannot come back as a ghost"
+    )
+    max_piggyback: int = Field(16, ge=1, description="record updates carried per gossip message")
+
+
+class NetworkGenesis(_Strict):
+    name: str = Field("wwwserve-local", min_length=1, description="a human-readable network name")
+    version: int = Field(1, ge=1, description="protocol version of this network")
+    gossip: GossipParams = Field(default_factory=GossipParams)
+
+    @property
+    def network_id(self) -> str:
+        return digest(self.model_dump(mode="json"))
+
+
+def load_genesis(path: str | Path) -> NetworkGenesis:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigProblem((), f"cannot read the file: {exc.strerror}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [ConfigProblem((), f"not valid YAML: {exc}")]) from None
+    try:
+        return NetworkGenesis.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(str(path), problems_from_validation(exc, NetworkGenesis)) from None
+
+
+def write_genesis(genesis: NetworkGenesis, path: Path) -> None:
+    header = f"# WWW.Serve network genesis. Network id (sha256 of the canonical form): {genesis.network_id}\n"
+    path.write_text(header + yaml.safe_dump(genesis.model_dump(mode="json"), sort_keys=True))
