@@ -20,6 +20,14 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Manage GGUF models for the embedded llama.cpp backend.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+keys_app = typer.Typer(
+    help="The node's identity key (Ed25519); its public key is the node id.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+network_app = typer.Typer(
+    help="The network genesis: parameters whose hash is the network id.", no_args_is_help=True
+)
+app.add_typer(network_app, name="network")
 console = Console(stderr=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="the node's policy file (YAML)")]
@@ -146,3 +154,89 @@ def models_list(
         table.add_row(name, model.description, str(find_model(name, dest.parent if dest else None) or "-"))
     table.add_row(TINY_MODEL, "random-weight 570 KB llama for tests", str(find_model(TINY_MODEL) or "-"))
     Console().print(table)
+
+
+def _data_dir(config: Path | None, data_dir: Path | None) -> Path:
+    if data_dir is not None:
+        return data_dir
+    if config is not None:
+        return _load(config).node.data_dir
+    from wwwserve_gateway.config import default_home
+
+    return default_home()
+
+
+DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="the node's data dir")]
+OptionalConfig = Annotated[
+    Path | None, typer.Option("--config", "-c", help="take the data dir from this config")
+]
+
+
+@keys_app.command("show")
+def keys_show(config: OptionalConfig = None, data_dir: DataDirOption = None) -> None:
+    """Print the node id, creating the key on first use."""
+    from wwwserve_gateway.identity import KEY_FILE, NodeIdentity
+
+    directory = _data_dir(config, data_dir)
+    existed = (directory / KEY_FILE).exists()
+    identity = NodeIdentity.load_or_create(directory)
+    if not existed:
+        console.print(f"created a new identity in {directory / KEY_FILE}")
+    typer.echo(identity.node_id)
+
+
+@keys_app.command("new")
+def keys_new(
+    config: OptionalConfig = None,
+    data_dir: DataDirOption = None,
+    force: Annotated[
+        bool, typer.Option(help="replace an existing key (it is kept as identity.key.old)")
+    ] = False,
+) -> None:
+    """Create a new identity: the node becomes a different, unlinkable pseudonym."""
+    from wwwserve_gateway.identity import KEY_FILE, NodeIdentity
+
+    directory = _data_dir(config, data_dir)
+    path = directory / KEY_FILE
+    if path.exists():
+        if not force:
+            console.print(f"[red]error[/red] {path} exists; pass --force to replace it")
+            raise typer.Exit(1)
+        path.replace(path.with_name(KEY_FILE + ".old"))
+    directory.mkdir(parents=True, exist_ok=True)
+    identity = NodeIdentity.generate()
+    identity.save(path)
+    typer.echo(identity.node_id)
+
+
+@network_app.command("init")
+def network_init(
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the genesis file")] = Path(
+        "network.yaml"
+    ),
+    name: Annotated[str, typer.Option(help="the network's name")] = "wwwserve-local",
+    interval: Annotated[float | None, typer.Option(help="gossip interval in seconds")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
+) -> None:
+    """Write a network genesis file and print its network id."""
+    from wwwserve_gateway.genesis import GossipParams, NetworkGenesis, write_genesis
+
+    if out.exists() and not force:
+        console.print(f"[red]error[/red] {out} exists; pass --force to overwrite it")
+        raise typer.Exit(1)
+    gossip = GossipParams(interval_s=interval) if interval else GossipParams()
+    genesis = NetworkGenesis(name=name, gossip=gossip)
+    write_genesis(genesis, out)
+    typer.echo(genesis.network_id)
+
+
+@network_app.command("id")
+def network_id(path: Annotated[Path, typer.Argument(help="a genesis file")]) -> None:
+    """Print the network id of a genesis file."""
+    from wwwserve_gateway.genesis import load_genesis
+
+    try:
+        typer.echo(load_genesis(path).network_id)
+    except ConfigError as exc:
+        console.print(f"[red]error[/red] {exc.render()}", highlight=False)
+        raise typer.Exit(2) from None

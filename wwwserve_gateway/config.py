@@ -49,6 +49,15 @@ class NodeSettings(StrictModel):
         600.0, gt=0, description="seconds to wait for a backend's next byte before answering 504"
     )
     load_poll_interval: float = Field(1.0, gt=0, description="seconds between polls of each backend's load")
+    network: Path | None = Field(
+        None, description="the network genesis file (wwwserve network init); unset uses the default parameters"
+    )
+    bootstrap: list[str] = Field(
+        default_factory=list, description="URLs of nodes to join through, e.g. http://127.0.0.1:4001"
+    )
+    public_url: str | None = Field(
+        None, description="the URL peers reach this node at (default: http://HOST:PORT)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"
 
@@ -185,8 +194,13 @@ def load_config(path: str | Path) -> GatewayConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(str(path), [ConfigProblem((), f"not valid YAML{where}: {exc}")]) from None
     config = parse_config(raw, source=str(path))
-    data_dir = config.node.data_dir.expanduser()
-    if not data_dir.is_absolute():
+
+    def beside(p: Path) -> Path:
         # Relative paths are relative to the config file, so a node starts the same from any cwd.
-        data_dir = (path.parent / data_dir).resolve()
-    return config.model_copy(update={"node": config.node.model_copy(update={"data_dir": data_dir})})
+        p = p.expanduser()
+        return p if p.is_absolute() else (path.parent / p).resolve()
+
+    paths = {"data_dir": beside(config.node.data_dir)}
+    if config.node.network is not None:
+        paths["network"] = beside(config.node.network)
+    return config.model_copy(update={"node": config.node.model_copy(update=paths)})
