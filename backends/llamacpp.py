@@ -93,7 +93,7 @@ class LlamaCppBackend(OpenAICompatBackend):
         if self.params.model_path is None and self.params.auto_pull:
             try:
                 log.info("pulling model", model=name)
-                return pull(name, models_dir(self.ctx.data_dir))
+                return pull(name, models_dir())  # shared by every node of this user
             except ModelStoreError as exc:
                 raise ModelStoreError(f"backend {self.id}: {exc}") from None
         raise ModelStoreError(

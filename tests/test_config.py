@@ -27,7 +27,9 @@ def test_minimal_config_has_defaults() -> None:
     assert config.model_list == []
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted([*EXAMPLES.glob("*.yaml"), *EXAMPLES.glob("local-network/node*.yaml")]), ids=lambda p: p.name
+)
 def test_examples_load(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-example")
     monkeypatch.setenv("WWWSERVE_API_KEY", "sk-example")
