@@ -72,6 +72,7 @@ def create_app(node: Node) -> GatewayApp:
         Route("/metrics", metrics, methods=["GET"]),
     ]
     routes += admin_routes(node)
+    routes += node.network.routes()
     app = Starlette(
         routes=routes,
         lifespan=node.lifespan,

@@ -69,6 +69,9 @@ def node(
             lifespan="on",
             access_log=False,
             proxy_headers=False,  # the gateway never reads the client address
+            ws="websockets-sansio",
+            # Above the overlay's own frame limit, so that oversized frames reach it and are counted.
+            ws_max_size=4 * 1024 * 1024,
             log_config=None,
             timeout_graceful_shutdown=30,
         )
@@ -240,3 +243,42 @@ def network_id(path: Annotated[Path, typer.Argument(help="a genesis file")]) -> 
     except ConfigError as exc:
         console.print(f"[red]error[/red] {exc.render()}", highlight=False)
         raise typer.Exit(2) from None
+
+
+@app.command()
+def peers(
+    url: Annotated[str, typer.Option(help="a node's URL")] = "http://127.0.0.1:4000",
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+) -> None:
+    """Show the nodes a node knows: state, incarnation, models, load, seconds since last heard."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/wwwserve/peers", timeout=10) as resp:
+            known = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        console.print(f"[red]error[/red] cannot read {url}/wwwserve/peers: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(known, indent=2))
+        return
+    colours = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
+    table = Table(title=f"{len(known)} nodes known to {url}")
+    for column in ("id", "state", "inc", "age s", "models", "running", "waiting", "url"):
+        table.add_column(column)
+    for peer in known:
+        load = peer.get("load") or {}
+        state = peer["state"]
+        table.add_row(
+            peer["id"][:16] + (" (self)" if peer.get("self") else ""),
+            f"[{colours.get(state, 'white')}]{state}[/]",
+            str(peer["incarnation"]),
+            f"{peer['age_s']:.1f}",
+            ", ".join(m["name"] for m in peer.get("models", [])),
+            str(load.get("running", "-")),
+            str(load.get("waiting", "-")),
+            peer["url"],
+        )
+    Console().print(table)

@@ -34,6 +34,12 @@ class GossipParams(_Strict):
         300.0, gt=0, description="seconds a dead or departed id is remembered so it cannot come back as a ghost"
     )
     max_piggyback: int = Field(16, ge=1, description="record updates carried per gossip message")
+    retransmit_mult: int = Field(
+        2, ge=1, description="each update is relayed about retransmit_mult * ceil(log2(N + 1)) times by each node"
+    )
+    sync_every_rounds: int = Field(
+        10, ge=1, description="rounds between push-pull anti-entropy syncs with one random member"
+    )
 
 
 class NetworkGenesis(_Strict):

@@ -16,6 +16,19 @@ def _drop_foreign_extras(logger, method: str, event: dict) -> dict:
     return event
 
 
+class _QuietWebSockets(logging.Filter):
+    """uvicorn logs every overlay connection's accept, open and close at info: one line per peer
+    per reconnect. The overlay logs peer connections itself, with the peer's id."""
+
+    NOISE = ('"WebSocket ', "connection open", "connection closed")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "uvicorn.error" or record.levelno > logging.INFO:
+            return True
+        message = record.getMessage()
+        return not any(part in message for part in self.NOISE)
+
+
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
     renderer = (
         structlog.processors.JSONRenderer()
@@ -34,6 +47,7 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_QuietWebSockets())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

@@ -16,6 +16,7 @@ from wwwserve_gateway.backend_registry import BackendRegistry, validate_backend_
 from wwwserve_gateway.config import GatewayConfig, ModelEntry, load_config
 from wwwserve_gateway.config_errors import ConfigError
 from wwwserve_gateway.metrics import GatewayMetrics
+from wwwserve_gateway.network import NodeNetwork
 from wwwserve_gateway.openai.serving import OpenAIServing
 
 log = structlog.get_logger(__name__)
@@ -30,6 +31,7 @@ class Node:
         self.registry = BackendRegistry(BackendContext(settings.data_dir, settings.request_timeout))
         self.keys = KeyCheck(settings.api_keys)
         self.serving = OpenAIServing(self.registry, self.metrics)
+        self.network = NodeNetwork(config, self.registry, self.metrics)
         self.app = create_app(self)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -39,9 +41,12 @@ class Node:
             await self.registry.add(entry)
         poll = self.registry.poll_loads(self.config.node.load_poll_interval, self.metrics.observe_backend)
         self._tasks.append(asyncio.create_task(poll))
+        await self.network.start()
         log.info("node started", models=self.registry.model_names())
 
     async def stop(self) -> None:
+        # uvicorn has drained the HTTP requests by now: leave the network, then stop the backends.
+        await self.network.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,155 @@
+"""Real node processes on loopback form a network by gossip: convergence, failures, leave, security."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.support import NodeProcess, wait_until
+from wwwserve_gateway.genesis import GossipParams, NetworkGenesis, write_genesis
+
+N = 11
+# Fast timings so the test runs in seconds; 11 processes share 2 cores, so not too fast.
+PARAMS = GossipParams(
+    interval_s=0.3, probe_timeout_s=0.25, suspect_timeout_s=1.2, refresh_s=2.0, tombstone_ttl_s=60.0
+)
+ROUND = PARAMS.interval_s
+
+
+def peers(node: NodeProcess) -> dict[str, dict]:
+    return {p["id"]: p for p in httpx.get(node.url + "/wwwserve/peers", timeout=5).json()}
+
+
+def node_id(node: NodeProcess) -> str:
+    return next(p["id"] for p in httpx.get(node.url + "/wwwserve/peers", timeout=5).json() if p["self"])
+
+
+def states_of(nodes: list[NodeProcess], subject: str) -> list[str | None]:
+    return [peers(n).get(subject, {}).get("state") for n in nodes]
+
+
+@pytest.fixture(scope="module")
+def genesis_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("net") / "network.yaml"
+    write_genesis(NetworkGenesis(name="test-net", gossip=PARAMS), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory, genesis_path: Path, tiny_path: Path) -> Iterator[list[NodeProcess]]:
+    workdir = tmp_path_factory.mktemp("nodes")
+    seed = NodeProcess(
+        {
+            "node": {"network": str(genesis_path)},
+            "model_list": [{"model_name": "tiny", "litellm_params": {"model": "llamacpp/tiny-random"}}],
+        },
+        workdir,
+        name="node0",
+    )
+    seed.start(wait_ready=False)
+    nodes = [seed]
+    for i in range(1, N):
+        config = {"node": {"network": str(genesis_path), "bootstrap": [seed.url]}, "model_list": []}
+        nodes.append(NodeProcess(config, workdir, name=f"node{i}").start(wait_ready=False))
+    yield nodes
+    for node in nodes:
+        node.stop(signal.SIGKILL)
+
+
+def test_all_nodes_converge_with_models_and_load(network: list[NodeProcess]) -> None:
+    started = time.monotonic()
+
+    def converged() -> bool:
+        for node in network:
+            view = peers(node)
+            if len(view) != N or any(p["state"] != "alive" for p in view.values()):
+                return False
+        return True
+
+    wait_until(converged, timeout=40 * ROUND + 10, interval=0.2, what=f"{N} nodes converged")
+    elapsed = time.monotonic() - started
+    seed_id = node_id(network[0])
+    # The seed's model and load summary reached every node.
+    wait_until(
+        lambda: all([m["name"] for m in peers(n)[seed_id]["models"]] == ["tiny"] for n in network),
+        timeout=20 * ROUND, what="models everywhere",
+    )
+    assert all(peers(n)[seed_id]["load"] is not None for n in network)
+    assert elapsed < 60
+
+
+def test_kill_9_is_detected_and_restart_rejoins(network: list[NodeProcess]) -> None:
+    victim = network[5]
+    others = [n for n in network if n is not victim]
+    victim_id = node_id(victim)
+    old_incarnation = peers(others[0])[victim_id]["incarnation"]
+    victim.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    bound = PARAMS.probe_timeout_s + PARAMS.suspect_timeout_s + 10 * ROUND
+    wait_until(lambda: all(s == "dead" for s in states_of(others, victim_id)), timeout=bound + 10,
+               interval=0.1, what="victim dead everywhere")
+    detected = time.monotonic() - killed
+    assert detected <= bound + 3, f"detected after {detected:.1f} s; bound {bound:.1f} s"
+
+    victim.start(wait_ready=False)  # same data dir: same identity, same port
+    def back() -> bool:
+        views = [peers(n).get(victim_id) for n in others]
+        return all(v is not None and v["state"] == "alive" and v["incarnation"] > old_incarnation for v in views)
+
+    wait_until(back, timeout=30 * ROUND + 10, interval=0.2, what="victim alive again with a higher incarnation")
+    # No ghost: exactly one entry per id at every node, the victim's included.
+    for node in network:
+        listing = httpx.get(node.url + "/wwwserve/peers", timeout=5).json()
+        assert len({p["id"] for p in listing}) == len(listing)
+
+
+def test_graceful_leave_removes_a_node_at_once(network: list[NodeProcess]) -> None:
+    leaver = network[7]
+    others = [n for n in network if n is not leaver]
+    leaver_id = node_id(leaver)
+    leaver.stop(signal.SIGTERM)
+    left = time.monotonic()
+    wait_until(lambda: all(s == "left" for s in states_of(others, leaver_id)), timeout=10 * ROUND + 5,
+               interval=0.1, what="leave seen everywhere")
+    # Disseminated, not timed out: well before a failure detector could have declared it dead.
+    assert time.monotonic() - left < PARAMS.suspect_timeout_s + 6 * ROUND
+
+
+def test_node_of_another_network_is_refused(network: list[NodeProcess], tmp_path: Path) -> None:
+    other_genesis = tmp_path / "other.yaml"
+    write_genesis(NetworkGenesis(name="other-net", gossip=PARAMS), other_genesis)
+    config = {"node": {"network": str(other_genesis), "bootstrap": [network[0].url]}, "model_list": []}
+    stranger = NodeProcess(config, tmp_path, name="stranger").start(wait_ready=False)
+    try:
+        stranger_id = node_id(stranger)
+        wait_until(
+            lambda: "wrong_network" in httpx.get(network[0].url + "/metrics").text, timeout=10, what="refusal counted"
+        )
+        assert stranger_id not in peers(network[0])
+        assert [p["id"] for p in httpx.get(stranger.url + "/wwwserve/peers").json()] == [stranger_id]
+        assert httpx.get(network[0].url + "/health").status_code == 200
+    finally:
+        stranger.stop(signal.SIGKILL)
+
+
+def test_peers_cli(network: list[NodeProcess]) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "wwwserve_gateway", "peers", "--url", network[1].url, "--json"],
+        capture_output=True, text=True, timeout=30,
+    )
+    listing = yaml.safe_load(done.stdout)
+    assert {p["state"] for p in listing} >= {"alive"}
+    table = subprocess.run(
+        [sys.executable, "-m", "wwwserve_gateway", "peers", "--url", network[1].url],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert "alive" in table.stdout and "tiny" in table.stdout

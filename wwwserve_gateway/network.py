@@ -1,0 +1,88 @@
+"""A node's place in the network: identity, genesis, overlay and the gossip plugin.
+
+Kept apart from the HTTP gateway so that `Node` wires it in with a few lines, and so that plugins see
+only the `NodeAPI` facade.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from wwwserve_gateway.backend_registry import BackendRegistry
+from wwwserve_gateway.config import GatewayConfig
+from wwwserve_gateway.genesis import NetworkGenesis, load_genesis
+from wwwserve_gateway.identity import NodeIdentity
+from wwwserve_gateway.metrics import GatewayMetrics
+from wwwserve_gateway.overlay.overlay import Overlay
+from wwwserve_gateway.plugin_api import GOSSIP_GROUP, GossipPlugin, NodeAPI
+from wwwserve_gateway.plugin_loading import load_entry_point
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_GOSSIP = "swim"
+
+
+class NodeNetwork:
+    def __init__(self, config: GatewayConfig, backends: BackendRegistry, metrics: GatewayMetrics) -> None:
+        settings = config.node
+        self.identity = NodeIdentity.load_or_create(settings.data_dir)
+        self.genesis = load_genesis(settings.network) if settings.network else NetworkGenesis()
+        self.overlay = Overlay(self.identity, self.genesis.network_id, registry=metrics.registry)
+        public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
+        self.api = NodeAPI(
+            identity=self.identity,
+            genesis=self.genesis,
+            overlay=self.overlay,
+            backends=backends,
+            metrics=metrics.registry,
+            public_url=public_url,
+            bootstrap=tuple(settings.bootstrap),
+        )
+        slot = config.gossip
+        gossip_cls = load_entry_point(GOSSIP_GROUP, slot.plugin or DEFAULT_GOSSIP)
+        self.gossip: GossipPlugin = gossip_cls(self.api, slot.settings)
+
+    async def start(self) -> None:
+        await self.gossip.start()
+        log.info(
+            "joined the network",
+            node_id=self.identity.node_id,
+            network=self.genesis.network_id[:16],
+            bootstrap=list(self.api.bootstrap),
+        )
+
+    async def stop(self) -> None:
+        await self.gossip.stop()
+        await self.overlay.aclose()
+
+    def routes(self) -> list[Route | WebSocketRoute]:
+        return [
+            WebSocketRoute("/overlay", self.overlay.websocket_endpoint),
+            Route("/wwwserve/peers", self.peers_view, methods=["GET"]),
+        ]
+
+    async def peers_view(self, request: Request) -> Response:
+        peers: list[dict[str, Any]] = []
+        for peer in self.gossip.peers():
+            record = peer.record
+            peers.append(
+                {
+                    "id": peer.id,
+                    "url": peer.url,
+                    "state": peer.state,
+                    "incarnation": peer.incarnation,
+                    "heartbeat": peer.heartbeat,
+                    "age_s": round(peer.age_s, 3),
+                    "models": record.get("models", []),
+                    "load": record.get("load"),
+                    "stake": record.get("stake"),
+                    "self": peer.id == self.identity.node_id,
+                }
+            )
+        peers.sort(key=lambda p: (not p["self"], p["id"]))
+        return JSONResponse(peers)
