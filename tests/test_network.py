@@ -42,7 +42,9 @@ def genesis_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def network(tmp_path_factory: pytest.TempPathFactory, genesis_path: Path, tiny_path: Path) -> Iterator[list[NodeProcess]]:
+def network(
+    tmp_path_factory: pytest.TempPathFactory, genesis_path: Path, tiny_path: Path
+) -> Iterator[list[NodeProcess]]:
     workdir = tmp_path_factory.mktemp("nodes")
     seed = NodeProcess(
         {
@@ -78,7 +80,8 @@ def test_all_nodes_converge_with_models_and_load(network: list[NodeProcess]) -> 
     # The seed's model and load summary reached every node.
     wait_until(
         lambda: all([m["name"] for m in peers(n)[seed_id]["models"]] == ["tiny"] for n in network),
-        timeout=20 * ROUND, what="models everywhere",
+        timeout=20 * ROUND,
+        what="models everywhere",
     )
     assert all(peers(n)[seed_id]["load"] is not None for n in network)
     assert elapsed < 60
@@ -92,17 +95,26 @@ def test_kill_9_is_detected_and_restart_rejoins(network: list[NodeProcess]) -> N
     victim.stop(signal.SIGKILL)
     killed = time.monotonic()
     bound = PARAMS.probe_timeout_s + PARAMS.suspect_timeout_s + 10 * ROUND
-    wait_until(lambda: all(s == "dead" for s in states_of(others, victim_id)), timeout=bound + 10,
-               interval=0.1, what="victim dead everywhere")
+    wait_until(
+        lambda: all(s == "dead" for s in states_of(others, victim_id)),
+        timeout=bound + 10,
+        interval=0.1,
+        what="victim dead everywhere",
+    )
     detected = time.monotonic() - killed
     assert detected <= bound + 3, f"detected after {detected:.1f} s; bound {bound:.1f} s"
 
     victim.start(wait_ready=False)  # same data dir: same identity, same port
+
     def back() -> bool:
         views = [peers(n).get(victim_id) for n in others]
-        return all(v is not None and v["state"] == "alive" and v["incarnation"] > old_incarnation for v in views)
+        return all(
+            v is not None and v["state"] == "alive" and v["incarnation"] > old_incarnation for v in views
+        )
 
-    wait_until(back, timeout=30 * ROUND + 10, interval=0.2, what="victim alive again with a higher incarnation")
+    wait_until(
+        back, timeout=30 * ROUND + 10, interval=0.2, what="victim alive again with a higher incarnation"
+    )
     # No ghost: exactly one entry per id at every node, the victim's included.
     for node in network:
         listing = httpx.get(node.url + "/wwwserve/peers", timeout=5).json()
@@ -115,8 +127,12 @@ def test_graceful_leave_removes_a_node_at_once(network: list[NodeProcess]) -> No
     leaver_id = node_id(leaver)
     leaver.stop(signal.SIGTERM)
     left = time.monotonic()
-    wait_until(lambda: all(s == "left" for s in states_of(others, leaver_id)), timeout=10 * ROUND + 5,
-               interval=0.1, what="leave seen everywhere")
+    wait_until(
+        lambda: all(s == "left" for s in states_of(others, leaver_id)),
+        timeout=10 * ROUND + 5,
+        interval=0.1,
+        what="leave seen everywhere",
+    )
     # Disseminated, not timed out: well before a failure detector could have declared it dead.
     assert time.monotonic() - left < PARAMS.suspect_timeout_s + 6 * ROUND
 
@@ -129,7 +145,9 @@ def test_node_of_another_network_is_refused(network: list[NodeProcess], tmp_path
     try:
         stranger_id = node_id(stranger)
         wait_until(
-            lambda: "wrong_network" in httpx.get(network[0].url + "/metrics").text, timeout=10, what="refusal counted"
+            lambda: "wrong_network" in httpx.get(network[0].url + "/metrics").text,
+            timeout=10,
+            what="refusal counted",
         )
         assert stranger_id not in peers(network[0])
         assert [p["id"] for p in httpx.get(stranger.url + "/wwwserve/peers").json()] == [stranger_id]
@@ -144,12 +162,50 @@ def test_peers_cli(network: list[NodeProcess]) -> None:
 
     done = subprocess.run(
         [sys.executable, "-m", "wwwserve_gateway", "peers", "--url", network[1].url, "--json"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     listing = yaml.safe_load(done.stdout)
     assert {p["state"] for p in listing} >= {"alive"}
     table = subprocess.run(
         [sys.executable, "-m", "wwwserve_gateway", "peers", "--url", network[1].url],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert "alive" in table.stdout and "tiny" in table.stdout
+
+
+def test_a_cut_off_node_heals_when_it_returns(network: list[NodeProcess]) -> None:
+    """SIGSTOP cuts a node off (its sockets stay open but it answers nothing): the others declare it
+    dead. On SIGCONT it learns it was declared dead, refutes with a higher incarnation, and is back."""
+    paused = network[3]
+    others = [n for n in network if n is not paused and n.proc is not None and n.proc.poll() is None]
+    paused_id = node_id(paused)
+    before = peers(others[0])[paused_id]["incarnation"]
+    assert paused.proc is not None
+    paused.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: all(s == "dead" for s in states_of(others, paused_id)),
+            timeout=20,
+            interval=0.1,
+            what="paused node declared dead",
+        )
+    finally:
+        paused.proc.send_signal(signal.SIGCONT)
+
+    def healed() -> bool:
+        views = [peers(n).get(paused_id) for n in others]
+        return all(v and v["state"] == "alive" and v["incarnation"] > before for v in views)
+
+    wait_until(healed, timeout=30 * ROUND + 10, interval=0.2, what="partition healed")
+    assert len(peers(paused)) >= len(others)
+
+
+def test_membership_metrics(network: list[NodeProcess]) -> None:
+    text = httpx.get(network[0].url + "/metrics").text
+    alive = [line for line in text.splitlines() if line.startswith('wwwserve_gossip_members{state="alive"}')]
+    assert alive and float(alive[0].split()[-1]) >= 5
+    assert "wwwserve_overlay_connections" in text

@@ -535,7 +535,9 @@ class Overlay:
             task.cancel()
         await asyncio.gather(*self._dials.values(), return_exceptions=True)
         conns = list(self._all)
-        await asyncio.gather(*(c.aclose(CLOSE_GOING_AWAY, "shutting down") for c in conns), return_exceptions=True)
+        await asyncio.gather(
+            *(c.aclose(CLOSE_GOING_AWAY, "shutting down") for c in conns), return_exceptions=True
+        )
         for conn in conns:
             conn.cancel_messages()
         if self._readers:
