@@ -42,6 +42,18 @@ class Entry(NamedTuple):
         return [self.accusation] if self.accusation is not None else []
 
 
+_PRIORITY = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 2}
+STATE_CODES = {ALIVE: "a", SUSPECT: "s", DEAD: "d", LEFT: "l"}
+CODE_STATES = {code: state for state, code in STATE_CODES.items()}
+
+
+def rank(state: str, incarnation: int, heartbeat: int) -> tuple[int, int, int]:
+    """SWIM's precedence as one order: a higher incarnation wins; within one, alive < suspect <
+    dead/left; within alive (or suspect), the higher heartbeat. Anti-entropy uses it to decide what
+    to send and ask for; what arrives is still checked against the exact rules."""
+    return (incarnation, _PRIORITY[state], heartbeat)
+
+
 def bucket_of(node_id: str) -> int:
     return int(node_id[:4], 16) % BUCKETS
 
@@ -132,21 +144,22 @@ class MemberTable:
     def bucket_hashes(self) -> list[int]:
         return list(self._hashes)
 
-    def records_in(self, buckets: Iterable[int]) -> list[dict[str, Any]]:
-        """Every signed record of the entries in `buckets` (one pass, so a plain table costs O(N))."""
+    def entries_in(self, buckets: Iterable[int]) -> list[tuple[str, Entry]]:
+        """Every (id, entry) in `buckets` (one pass, so a plain table costs O(N) however many)."""
         wanted = set(buckets)
         if not wanted:
             return []
-        out: list[dict[str, Any]] = []
+        out: list[tuple[str, Entry]] = []
         if self._base is not None:
             by_bucket = self._base._bucket_index()
+            base_own = self._base._own
             for b in sorted(wanted):
                 for node_id in by_bucket[b]:
                     if node_id not in self._own:  # overridden ids are read from _own below
-                        out.extend(self._base._own[node_id].records())  # type: ignore[union-attr]
+                        out.append((node_id, base_own[node_id]))  # type: ignore[arg-type]
         for node_id, entry in self._own.items():
             if entry is not None and bucket_of(node_id) in wanted:
-                out.extend(entry.records())
+                out.append((node_id, entry))
         return out
 
     # -- positions, for random choice and the probe order -----------------------------------------

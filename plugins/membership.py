@@ -44,11 +44,14 @@ from wwwserve_gateway.identity import InvalidSignature, NodeIdentity, verify
 from wwwserve_gateway.plugins.member_table import (
     ALIVE,
     BUCKETS,
+    CODE_STATES,
     DEAD,
     LEFT,
+    STATE_CODES,
     SUSPECT,
     Entry,
     MemberTable,
+    rank,
 )
 
 __all__ = [
@@ -729,40 +732,87 @@ class Membership:
         pass  # its updates were merged already
 
     def _on_sync(self, sender: str, message: dict[str, Any], out: list[Outgoing]) -> None:
+        """A peer's bucket hashes: answer with which buckets differ and our versions in them."""
         differing = self._differing_buckets(message.get("h"))
         if differing is None:
             self.stats["rejected.malformed-message"] += 1
             return
         self._merge_digests(sender, message.get("d"))
         reply: dict[str, Any] = {"type": "sync-reply", "b": differing}
-        records = self._table.records_in(differing)
-        if records:
-            reply["r"] = records
+        # Versions, not records: in a differing bucket of a large table most entries are the same
+        # on both sides, and a version costs a fifth of a signed record.
+        versions = [
+            [node_id, STATE_CODES[e.state], e.incarnation, e.heartbeat]
+            for node_id, e in self._table.entries_in(differing)
+        ]
+        if versions:
+            reply["v"] = versions
         digests = self._local_digests()
         if digests:
             reply["d"] = digests
         out.append(self._out(sender, reply))
 
     def _on_sync_reply(self, sender: str, message: dict[str, Any], out: list[Outgoing]) -> None:
-        buckets = message.get("b")
-        if type(buckets) is not list or not all(type(b) is int and 0 <= b < BUCKETS for b in buckets):
+        """Their versions in the differing buckets: push what is newer here, ask for what is newer there."""
+        buckets, versions = message.get("b"), message.get("v", [])
+        theirs = self._parse_versions(versions)
+        if (
+            type(buckets) is not list
+            or not all(type(b) is int and 0 <= b < BUCKETS for b in buckets)
+            or theirs is None
+        ):
             self.stats["rejected.malformed-message"] += 1
             return
-        theirs = message.get("r", [])
-        self._merge_all(theirs, via_sync=True)
         self._merge_digests(sender, message.get("d"))
-        # Push back what they lack: our records in those buckets, less the copies they just sent.
-        sent = (
-            {r.get("sig") for r in theirs if type(r) is dict and type(r.get("sig")) is str}
-            if type(theirs) is list
-            else set()
-        )
-        records = [r for r in self._table.records_in(buckets) if r["sig"] not in sent]
-        if records:
-            out.append(self._out(sender, {"type": "sync-push", "r": records}))
+        push: list[dict[str, Any]] = []
+        for node_id, e in self._table.entries_in(buckets):
+            their_rank = theirs.pop(node_id, None)
+            if their_rank is None or rank(e.state, e.incarnation, e.heartbeat) > their_rank:
+                push.extend(e.records())
+        want = []
+        for node_id, their_rank in theirs.items():  # what is left: entries we hold older or not at all
+            e = self._table.get(node_id)
+            if e is None or rank(e.state, e.incarnation, e.heartbeat) < their_rank:
+                want.append(node_id)
+        reply: dict[str, Any] = {"type": "sync-push"}
+        if push:
+            reply["r"] = push
+        if want:
+            reply["w"] = want
+        if push or want:
+            out.append(self._out(sender, reply))
+
+    def _parse_versions(self, versions: Any) -> dict[str, tuple[int, int, int]] | None:
+        if type(versions) is not list or len(versions) > MAX_RECORDS_PER_MESSAGE:
+            return None
+        parsed: dict[str, tuple[int, int, int]] = {}
+        for v in versions:
+            if type(v) is not list or len(v) != 4:
+                return None
+            node_id, code, inc, heartbeat = v
+            state = CODE_STATES.get(code) if type(code) is str else None
+            if not _is_id(node_id) or state is None or not _is_count(inc) or not _is_count(heartbeat):
+                return None
+            parsed[node_id] = rank(state, inc, heartbeat)
+        return parsed
 
     def _on_sync_push(self, sender: str, message: dict[str, Any], out: list[Outgoing]) -> None:
-        self._merge_all(message.get("r"), via_sync=True)
+        """Records a sync partner sends; and, from the initiator, the ids it asks us for."""
+        if "r" in message:
+            self._merge_all(message["r"], via_sync=True)
+        want = message.get("w")
+        if want is None:
+            return
+        if type(want) is not list or len(want) > MAX_RECORDS_PER_MESSAGE:
+            self.stats["rejected.malformed-message"] += 1
+            return
+        records: list[dict[str, Any]] = []
+        for node_id in dict.fromkeys(w for w in want if type(w) is str):
+            entry = self._table.get(node_id)
+            if entry is not None:
+                records.extend(entry.records())
+        if records:  # no "w" in the answer: the exchange ends here
+            out.append(self._out(sender, {"type": "sync-push", "r": records}))
 
     # -- merging updates ------------------------------------------------------------------------------
     def _merge_all(self, records: Any, *, via_sync: bool) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from wwwserve_gateway.canonical import canonical
 from wwwserve_gateway.genesis import GossipParams, NetworkGenesis, load_genesis, write_genesis
 from wwwserve_gateway.identity import KEY_FILE, InvalidSignature, NodeIdentity, verify_record
 
@@ -57,6 +58,15 @@ def test_signed_record_round_trip_and_tampering() -> None:
 def test_malformed_records_are_rejected(bad) -> None:
     with pytest.raises(InvalidSignature):
         verify_record(bad)
+
+
+def test_one_key_has_one_id_string() -> None:
+    me = NodeIdentity.generate()
+    record = me.sign_record({"id": me.node_id, "n": 1})
+    for variant in (me.node_id.upper(), " " + me.node_id, me.node_id[:2] + " " + me.node_id[2:]):
+        body = {**record["body"], "id": variant}
+        with pytest.raises(InvalidSignature):
+            verify_record({"body": body, "sig": me.sign(canonical(body)).hex()})
 
 
 def test_network_id_changes_with_any_parameter(tmp_path: Path) -> None:

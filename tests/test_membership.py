@@ -94,6 +94,20 @@ def test_changed_record_reaches_everyone() -> None:
         assert n.stats["updates.applied"] == before[i].get("updates.applied", 0)
 
 
+def test_anti_entropy_alone_repairs_a_missed_update() -> None:
+    net = converged(params=PARAMS.model_copy(update={"refresh_s": 1e6}))
+    node = net.nodes[net.live()[0]]
+    node.set_own_fields({"stake": 42})
+    node.drop_pending()  # as if every piggybacked copy had been lost: only syncs can carry it
+    own = node.member(node.id)
+    assert own is not None
+    knows = net.knows(node.id, own.incarnation, own.heartbeat)
+    rounds = net.run_until(lambda: net.fraction(knows) == 1.0, 12 * PARAMS.sync_every_rounds)
+    assert rounds is not None
+    pushes = sum(n.stats["recv.sync-push"] for n in net.nodes.values())
+    assert pushes > 0 and all(n.stats["sent.gossip"] == 0 for n in net.nodes.values())
+
+
 def test_killed_node_becomes_suspect_then_dead() -> None:
     net = converged()
     victim = net.live()[5]
@@ -331,6 +345,12 @@ messages = st.fixed_dictionaries(
         "u": st.lists(record_like | json_values, max_size=4) | json_values,
         "r": st.lists(record_like | json_values, max_size=4) | json_values,
         "b": st.lists(st.integers(), max_size=4) | json_values,
+        "v": st.lists(
+            st.tuples(hexid, st.sampled_from("asdlx"), st.integers(), st.integers()).map(list) | json_values,
+            max_size=4,
+        )
+        | json_values,
+        "w": st.lists(hexid | json_values, max_size=4) | json_values,
         "h": json_values,
         "d": json_values,
     },

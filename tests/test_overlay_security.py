@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -217,6 +218,20 @@ async def test_connection_from_our_own_id_is_refused(target: tuple[OverlayNode, 
 
     assert await refused(node, friend, attack) == CLOSE_HANDSHAKE_FAILED
     assert node.rejected("self") == 1
+
+
+async def test_too_many_handshakes_at_once_are_refused(target: tuple[OverlayNode, OverlayNode]) -> None:
+    node, friend = target
+    node.overlay.max_handshakes = 2
+    async with RawPeer(node.url), RawPeer(node.url):  # two silent handshakes in progress
+        await until(lambda: node.overlay._handshaking == 2, what="two handshakes pending")
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            async with RawPeer(node.url):
+                pass
+        assert node.rejected("overloaded") == 1
+    node.overlay.max_handshakes = 64
+    await until(lambda: node.overlay._handshaking == 0, what="pending handshakes gone")
+    await assert_still_serving(node, friend)
 
 
 # -- attacks on sealed frames ----------------------------------------------------------------------

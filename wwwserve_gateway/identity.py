@@ -7,6 +7,7 @@ against the id alone, with no directory. Providers are known to the network only
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import nacl.signing
 from wwwserve_gateway.canonical import canonical
 
 KEY_FILE = "identity.key"
+# bytes.fromhex also takes upper case and spaces: one key must have exactly one id string.
+NODE_ID = re.compile(r"[0-9a-f]{64}")
 
 
 class InvalidSignature(Exception):
@@ -72,6 +75,8 @@ class NodeIdentity:
 
 def verify(node_id: str, data: bytes, signature: bytes) -> None:
     """Raise InvalidSignature unless `signature` is `node_id`'s signature of `data`."""
+    if not isinstance(node_id, str) or not NODE_ID.fullmatch(node_id):
+        raise InvalidSignature("a node id is 64 lowercase hex characters")
     try:
         key = nacl.signing.VerifyKey(bytes.fromhex(node_id))
         key.verify(data, signature)

@@ -44,6 +44,7 @@ MessageHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
 # Websocket close codes the overlay uses (4000-4999 are private to applications).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_INTERNAL_ERROR = 1011
 CLOSE_HANDSHAKE_FAILED = 4000
 CLOSE_HANDSHAKE_TIMEOUT = 4001
 CLOSE_FRAME_ERROR = 4002
@@ -303,6 +304,10 @@ class PeerConnection:
             self._shutdown("reader cancelled")
             await self._close_socket(CLOSE_GOING_AWAY, "")
             raise
+        except Exception:  # a bug here must cost this connection only
+            log.exception("overlay connection failed", peer=self.peer_id[:16])
+            self._shutdown("internal error")
+            await self._close_socket(CLOSE_INTERNAL_ERROR, "")
 
     async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Flush what is queued, end our direction (secretstream FINAL) and close the socket."""
@@ -313,11 +318,11 @@ class PeerConnection:
         with contextlib.suppress(_QueueClosed):
             self._outq.put_nowait(_FINAL, force=True)
         writer = self._writer
-        if writer is not None and writer is not asyncio.current_task():
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await asyncio.shield(writer)
-        self._shutdown(reason or "closed")
+        try:
+            if writer is not None and writer is not asyncio.current_task():
+                await asyncio.wait({writer}, timeout=CLOSE_TIMEOUT_S)
+        finally:
+            self._shutdown(reason or "closed")
         await self._close_socket(code, reason)
 
     def retire(self, grace: float) -> None:

@@ -36,6 +36,7 @@ from wwwserve_gateway.overlay.connection import (
     StreamHandler,
 )
 from wwwserve_gateway.overlay.errors import (
+    REJECT_REASONS,
     ChannelError,
     FrameError,
     HandshakeError,
@@ -295,7 +296,9 @@ class Overlay:
 
     def _refuse(self, reason: str, message: str) -> None:
         self.metrics.reject(reason)
-        log.warning("overlay handshake refused", reason=reason, error=message)
+        # Losing a simultaneous-dial race is routine; everything else deserves attention.
+        level = log.info if reason == "duplicate" else log.warning
+        level("overlay handshake refused", reason=reason, error=message)
 
     def _admit(self, peer_id: str) -> None:
         """Refuse a second connection from a peer, except the loser of a simultaneous-dial race.
@@ -417,10 +420,8 @@ class Overlay:
                 winner = await self._refused(exc, initiator.peer_id, deadline)
                 if winner is not None:
                     return winner
-                reason = exc.reason if exc.code in (CLOSE_HANDSHAKE_FAILED, CLOSE_DUPLICATE) else "refused"
-                raise HandshakeError(
-                    reason or "refused", f"{url} closed the handshake ({exc.code})"
-                ) from None
+                reason = exc.reason if exc.reason in REJECT_REASONS else "refused"
+                raise HandshakeError(reason, f"{url} closed the handshake ({exc.code})") from None
         except BaseException:
             if sock is not None:
                 await _close(sock, CLOSE_HANDSHAKE_FAILED, "")
