@@ -85,7 +85,7 @@ class OverlayNode:
             app,
             host="127.0.0.1",
             port=self.port,
-            ws="websockets",
+            ws="websockets-sansio",
             # Above the overlay's own limit, so an oversized frame reaches (and is counted by) it.
             ws_max_size=4 * self.overlay.limits.max_frame_bytes,
             lifespan="off",
