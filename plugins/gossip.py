@@ -24,6 +24,10 @@ log = structlog.get_logger(__name__)
 
 KIND = "gossip"
 REJOIN_AFTER_ROUNDS = 5
+# Every re-published record must reach every node, so N nodes re-publishing each round would cost
+# O(N) bytes per node per round. Load therefore goes out only when its coarse state changes, at most
+# this often; delegation asks executors directly and does not rely on fresh gossiped load.
+LOAD_PUBLISH_ROUNDS = 5
 LEAVE_FLUSH_S = 1.0
 
 
@@ -44,6 +48,7 @@ class SwimGossip:
             node.identity, self.params, node.public_url, clock=time.monotonic, rng=random.Random()
         )
         self._published: dict[str, Any] | None = None
+        self._rounds_since_load = 0
         self._sending: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
         node.overlay.on_message(KIND, self._on_message)
@@ -73,17 +78,23 @@ class SwimGossip:
         ]
 
     async def _run(self) -> None:
+        interval = self.params.interval_s
+        next_round = time.monotonic() + interval
         rounds_alone = 0
         while True:
-            await asyncio.sleep(self.params.interval_s)
+            # Wake for each round, and between rounds when an indirect probe or a suspicion is due.
+            wake = min(self.membership.next_deadline(), next_round)
+            await asyncio.sleep(max(0.0, wake - time.monotonic()))
             try:
-                self._publish_own()
+                if time.monotonic() >= next_round:
+                    next_round += interval
+                    self._publish_own()
+                    rounds_alone = 0 if self.membership.alive_ids() else rounds_alone + 1
+                    if self.node.bootstrap and rounds_alone >= REJOIN_AFTER_ROUNDS:
+                        # No peer known (every bootstrap was unreachable, or all left): keep trying.
+                        rounds_alone = 0
+                        self._deliver(self.membership.join(list(self.node.bootstrap)))
                 self._deliver(self.membership.tick())
-                rounds_alone = 0 if self.membership.alive_ids() else rounds_alone + 1
-                if self.node.bootstrap and rounds_alone >= REJOIN_AFTER_ROUNDS:
-                    # No peer known (every bootstrap was unreachable, or all left): keep trying.
-                    rounds_alone = 0
-                    self._deliver(self.membership.join(list(self.node.bootstrap)))
             except Exception:
                 log.exception("gossip round failed")
 
@@ -113,11 +124,19 @@ class SwimGossip:
         }
 
     def _publish_own(self) -> None:
-        """Re-sign the own record only when it changed: every change is disseminated to all."""
+        """Re-sign the own record when models or stake change, or when the load's coarse state
+        (idle, busy, queueing) changes and LOAD_PUBLISH_ROUNDS have passed since the last time."""
         fields = self._own_fields()
-        if fields != self._published:
-            self._published = fields
-            self.membership.set_own_fields(fields)
+        last = self._published
+        self._rounds_since_load += 1
+        if last is not None:
+            same_offer = all(fields[k] == last[k] for k in fields if k != "load")
+            load_moved = _coarse(fields["load"]) != _coarse(last["load"])
+            if same_offer and not (load_moved and self._rounds_since_load >= LOAD_PUBLISH_ROUNDS):
+                return
+        self._published = fields
+        self._rounds_since_load = 0
+        self.membership.set_own_fields(fields)
 
     async def _on_message(self, peer_id: str, body: dict) -> None:
         self._deliver(self.membership.receive(peer_id, body))
@@ -140,6 +159,12 @@ class SwimGossip:
                 await overlay.send(peer, KIND, out.message)
         except Exception as exc:  # the membership core treats silence as failure; nothing to do here
             log.debug("gossip send failed", to=out.to[:16] or out.url, error=str(exc))
+
+
+def _coarse(load: dict[str, Any]) -> str:
+    if load["waiting"]:
+        return "queueing"
+    return "busy" if load["running"] else "idle"
 
 
 class _MembershipCollector:

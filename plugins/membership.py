@@ -282,9 +282,8 @@ class Membership:
         self._order = 0
         self._queue: dict[str, _Pending] = {}  # subject -> its newest pending update
         self._probes: list[_Probe] = []
-        self._relays: dict[
-            int, tuple[str, int, str, float]
-        ] = {}  # our seq -> (requester, its seq, target, when)
+        # Pings we send for others (ping-req): our seq -> (requester, its seq, target, when).
+        self._relays: dict[int, tuple[str, int, str, float]] = {}
         self._suspects: dict[str, tuple[float, int]] = {}  # subject -> (deadline, incarnation)
         self._tombstones: list[tuple[float, str, int]] = []  # heap of (expiry, subject, incarnation)
         self._probe_cycle = (0, 1, 0, 0)  # n, a, b, k: target k of this cycle is position (a*k+b) % n

@@ -28,14 +28,16 @@ class GossipParams(_Strict):
         3.0, gt=0, description="seconds a suspect member has to refute before it is declared dead"
     )
     refresh_s: float = Field(
-        10.0, gt=0, description="seconds between re-publications of a node's own record (heartbeat)"
+        30.0, gt=0, description="seconds between re-publications of a node's own record (heartbeat)"
     )
     tombstone_ttl_s: float = Field(
-        300.0, gt=0, description="seconds a dead or departed id is remembered so it cannot come back as a ghost"
+        300.0,
+        gt=0,
+        description="seconds a dead or departed id is remembered so it cannot come back as a ghost",
     )
     max_piggyback: int = Field(16, ge=1, description="record updates carried per gossip message")
     retransmit_mult: int = Field(
-        2, ge=1, description="each update is relayed about retransmit_mult * ceil(log2(N + 1)) times by each node"
+        2, ge=1, description="a node relays each update retransmit_mult * ceil(log2(N + 1)) times"
     )
     sync_every_rounds: int = Field(
         10, ge=1, description="rounds between push-pull anti-entropy syncs with one random member"
