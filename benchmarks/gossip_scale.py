@@ -44,6 +44,9 @@ from wwwserve_gateway.genesis import GossipParams
 from wwwserve_gateway.plugins.gossip_sim import FullListNetwork, SimNetwork, sample_fields
 from wwwserve_gateway.plugins.member_table import DEAD, SUSPECT
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gossip_real import run_real
+
 HERE = Path(__file__).resolve().parent
 SEED = 2024
 FULL_SIZES = [10, 100, 1000, 10_000]
@@ -313,6 +316,13 @@ def print_tables(report: dict[str, Any]) -> None:
         f"steady bytes/node/round, N={flat['to_n']} vs N={flat['from_n']}: x{flat['ratio']:.3f} "
         f"(all ratios {flat['ratios_to_n100']}; tolerance ±{flat['tolerance']:.0%}) {verdict(flat['pass'])}"
     )
+    real = report["real_sockets"]
+    console.print(
+        f"real sockets, {real['n']} nodes, interval {real['interval_s']:g} s: converged "
+        f"{real['converge_s_after_all_up']} s ({real['converge_intervals']} intervals) after all were up "
+        f"{verdict(real['pass_converge_within_5_intervals'])}; steady {human_bytes(real['steady_bytes_per_node_round'])}"
+        f"/node/round; kill -9 marked dead everywhere after {real['detect_dead_all_s']} s"
+    )
     if report["refresh"]:
         t = Table(title="SWIM with every record republished every refresh_s (outside the flat target)")
         for col in ("N", "B/node/round", "lower bound, any protocol", "max age s"):
@@ -485,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 refresh[n] = run_refresh(n, rounds=10)
             progress.advance(task)
+    console.print("real sockets: 20 wwwserve node processes on loopback ...")
+    real = run_real(20)
     if not args.quick:  # the refresh cost at 10,000 only as its lower bound: simulating it takes hours
         per_record = refresh[max(refresh)]["signed_record_bytes"]
         refresh[10_000] = {
@@ -521,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         "swim": {str(n): v for n, v in swim.items()},
         "reference": {str(n): v for n, v in reference.items()},
         "refresh": {str(n): v for n, v in refresh.items()},
-        "targets": evaluate(swim, sizes),
+        "real_sockets": real,
+        "targets": evaluate(swim, sizes)
+        | {"real_20_converge_within_5_intervals": real["pass_converge_within_5_intervals"]},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gossip_scale.json").write_text(json.dumps(report, indent=2))

@@ -23,7 +23,7 @@ from wwwserve_gateway.plugins.membership import Membership, Outgoing
 log = structlog.get_logger(__name__)
 
 KIND = "gossip"
-REJOIN_AFTER_ROUNDS = 5
+REJOIN_AFTER_ROUNDS = 1  # a lone node retries its bootstrap every round (one message)
 # Every re-published record must reach every node, so N nodes re-publishing each round would cost
 # O(N) bytes per node per round. Load therefore goes out only when its coarse state changes, at most
 # this often; delegation asks executors directly and does not rely on fresh gossiped load.

@@ -209,3 +209,37 @@ def test_membership_metrics(network: list[NodeProcess]) -> None:
     alive = [line for line in text.splitlines() if line.startswith('wwwserve_gossip_members{state="alive"}')]
     assert alive and float(alive[0].split()[-1]) >= 5
     assert "wwwserve_overlay_connections" in text
+
+
+def test_unreachable_bootstrap_keeps_serving_and_retries(
+    genesis_path: Path, tmp_path: Path, llama_tiny
+) -> None:
+    from tests.support import free_port
+
+    seed_port = free_port()
+    config = {
+        "node": {"network": str(genesis_path), "bootstrap": [f"http://127.0.0.1:{seed_port}"]},
+        "model_list": [
+            {"model_name": "t", "litellm_params": {"model": "llamacpp/t", "api_base": llama_tiny.base_url}}
+        ],
+    }
+    lonely = NodeProcess(config, tmp_path, name="lonely").start()
+    seed = None
+    try:
+        body = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(lonely.url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+        assert len(peers(lonely)) == 1
+        seed = NodeProcess(
+            {"node": {"network": str(genesis_path), "port": seed_port}, "model_list": []},
+            tmp_path,
+            name="late-seed",
+        ).start()
+        wait_until(
+            lambda: len(peers(lonely)) == 2 and len(peers(seed)) == 2,
+            timeout=20 * ROUND + 5,
+            what="joined once the bootstrap appeared",
+        )
+    finally:
+        lonely.stop(signal.SIGKILL)
+        if seed is not None:
+            seed.stop(signal.SIGKILL)

@@ -39,8 +39,10 @@ class GossipParams(_Strict):
     retransmit_mult: int = Field(
         2, ge=1, description="a node relays each update retransmit_mult * ceil(log2(N + 1)) times"
     )
+    # Anti-entropy repairs what piggybacking missed (records whose retransmit budget ran out while the
+    # network was still small); its digest is constant-size, so syncing often stays flat in N.
     sync_every_rounds: int = Field(
-        10, ge=1, description="rounds between push-pull anti-entropy syncs with one random member"
+        3, ge=1, description="rounds between push-pull anti-entropy syncs with one random member"
     )
 
 
