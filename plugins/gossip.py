@@ -72,10 +72,7 @@ class SwimGossip:
         self.membership.add_delegate(name, delegate)
 
     def peers(self) -> list[PeerView]:
-        return [
-            PeerView(m.id, m.url, m.state, m.incarnation, m.heartbeat, m.age_s, m.record)
-            for m in self.membership.members()
-        ]
+        return self.membership.members()
 
     async def _run(self) -> None:
         interval = self.params.interval_s

@@ -36,11 +36,12 @@ import types
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 from wwwserve_gateway.canonical import canonical
 from wwwserve_gateway.genesis import GossipParams
 from wwwserve_gateway.identity import InvalidSignature, NodeIdentity, verify
+from wwwserve_gateway.plugin_api import GossipDelegate, PeerView
 from wwwserve_gateway.plugins.member_table import (
     ALIVE,
     BUCKETS,
@@ -91,23 +92,8 @@ class Outgoing:
     size: int = 0  # bytes of its canonical encoding (what the stats and the simulator count)
 
 
-@dataclass(frozen=True)
-class MemberView:
-    id: str
-    url: str
-    state: str  # alive, suspect, dead or left
-    incarnation: int
-    heartbeat: int
-    record: Mapping[str, Any]  # the member's signed alive body (read-only); {} for an unknown tombstone
-    age_s: float  # seconds since its (incarnation, heartbeat) last advanced at this node
-
-
-class GossipDelegate(Protocol):
-    """memberlist's Delegate, narrowed: another plugin's small digest rides on sync messages."""
-
-    def local_digest(self) -> dict[str, Any]: ...
-
-    def merge_remote_digest(self, peer_id: str, digest: dict[str, Any]) -> None: ...
+# The views and the delegate interface are the plugin API's own: this core is written against it.
+MemberView = PeerView
 
 
 class Update(NamedTuple):
@@ -425,13 +411,13 @@ class Membership:
     def _view(self, node_id: str, e: Entry, now: float) -> MemberView:
         body = e.alive["body"] if e.alive is not None else {}
         return MemberView(
-            node_id,
-            body.get("url", ""),
-            e.state,
-            e.incarnation,
-            e.heartbeat,
-            types.MappingProxyType(body),
-            max(0.0, now - e.advanced),
+            id=node_id,
+            url=body.get("url", ""),
+            state=e.state,
+            incarnation=e.incarnation,
+            heartbeat=e.heartbeat,
+            age_s=max(0.0, now - e.advanced),
+            record=types.MappingProxyType(body),
         )
 
     # -- sending ------------------------------------------------------------------------------------
