@@ -46,10 +46,39 @@ class GossipParams(_Strict):
     )
 
 
+class LedgerParams(_Strict):
+    initial_grant: int = Field(1000, ge=0, description="credits a node receives with its join operation")
+    price_per_request: float = Field(
+        1.0, ge=0, description="credits an entry node pays per delegated request"
+    )
+    price_per_1k_tokens: float = Field(
+        0.0, ge=0, description="credits paid per 1,000 tokens (prompt + completion)"
+    )
+    unbonding_delay_s: float = Field(
+        3600.0,
+        ge=0,
+        description="seconds before unbonded stake is liquid again (penalties still apply meanwhile)",
+    )
+    fraud_slash_fraction: float = Field(
+        1.0, ge=0, le=1, description="fraction of an equivocating node's bonded and unbonding stake destroyed"
+    )
+    duel_gamma: float = Field(
+        1.0, ge=0, le=1, description="fraction of a duel loser's bonded stake transferred to the winner"
+    )
+    judge_minority_slash: float = Field(
+        0.2, ge=0, le=1, description="fraction of a minority judge's bonded stake taken in a duel settlement"
+    )
+    payment_batch_window_s: float = Field(
+        5.0, gt=0, description="seconds an entry node gathers receipts before paying them in one operation"
+    )
+    payment_batch_max: int = Field(100, ge=1, description="receipts paid at most by one pay operation")
+
+
 class NetworkGenesis(_Strict):
     name: str = Field("wwwserve-local", min_length=1, description="a human-readable network name")
     version: int = Field(1, ge=1, description="protocol version of this network")
     gossip: GossipParams = Field(default_factory=GossipParams)
+    ledger: LedgerParams = Field(default_factory=LedgerParams)
 
     @property
     def network_id(self) -> str:
