@@ -15,16 +15,18 @@ from starlette.routing import Route, WebSocketRoute
 
 from wwwserve_gateway.backend_registry import BackendRegistry
 from wwwserve_gateway.config import GatewayConfig
+from wwwserve_gateway.errors import InvalidRequest
 from wwwserve_gateway.genesis import NetworkGenesis, load_genesis
 from wwwserve_gateway.identity import NodeIdentity
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.overlay.overlay import Overlay
-from wwwserve_gateway.plugin_api import GOSSIP_GROUP, GossipPlugin, NodeAPI
+from wwwserve_gateway.plugin_api import GOSSIP_GROUP, LEDGER_GROUP, GossipPlugin, LedgerPlugin, NodeAPI
 from wwwserve_gateway.plugin_loading import load_entry_point
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_GOSSIP = "swim"
+DEFAULT_LEDGER = "chains"
 
 
 class NodeNetwork:
@@ -42,12 +44,18 @@ class NodeNetwork:
             metrics=metrics.registry,
             public_url=public_url,
             bootstrap=tuple(settings.bootstrap),
+            data_dir=settings.data_dir,
         )
         slot = config.gossip
         gossip_cls = load_entry_point(GOSSIP_GROUP, slot.plugin or DEFAULT_GOSSIP)
         self.gossip: GossipPlugin = gossip_cls(self.api, slot.settings)
+        self.api.gossip = self.gossip
+        slot = config.ledger
+        ledger_cls = load_entry_point(LEDGER_GROUP, slot.plugin or DEFAULT_LEDGER)
+        self.ledger: LedgerPlugin = ledger_cls(self.api, slot.settings)
 
     async def start(self) -> None:
+        await self.ledger.start()
         await self.gossip.start()
         log.info(
             "joined the network",
@@ -59,12 +67,28 @@ class NodeNetwork:
     async def stop(self) -> None:
         await self.gossip.stop()
         await self.overlay.aclose()
+        await self.ledger.stop()
 
     def routes(self) -> list[Route | WebSocketRoute]:
         return [
             WebSocketRoute("/overlay", self.overlay.websocket_endpoint),
             Route("/wwwserve/peers", self.peers_view, methods=["GET"]),
+            Route("/wwwserve/ledger/balances", self.balances_view, methods=["GET"]),
+            Route("/wwwserve/ledger/ops", self.ops_view, methods=["GET"]),
         ]
+
+    async def balances_view(self, request: Request) -> Response:
+        return JSONResponse(self.ledger.balances_view())
+
+    async def ops_view(self, request: Request) -> Response:
+        params = request.query_params
+        author = params.get("author") or self.identity.node_id
+        try:
+            start = int(params.get("from", "1"))
+            limit = min(int(params.get("limit", "100")), 1000)
+        except ValueError:
+            raise InvalidRequest("'from' and 'limit' must be integers", param="from") from None
+        return JSONResponse(self.ledger.ops_view(author, start, limit))
 
     async def peers_view(self, request: Request) -> Response:
         peers: list[dict[str, Any]] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -20,11 +21,13 @@ if TYPE_CHECKING:
     from wwwserve_gateway.overlay.overlay import Overlay
 
 GOSSIP_GROUP = "wwwserve.gossip"
+LEDGER_GROUP = "wwwserve.ledgers"
 
 
-@dataclass(frozen=True)
+@dataclass
 class NodeAPI:
-    """What a node gives its plugins. Plugins talk to each other only through it."""
+    """What a node gives its plugins. Plugins talk to each other only through it: the ledger, for
+    instance, reaches gossip as `node.gossip`, never through the gossip plugin's internals."""
 
     identity: NodeIdentity
     genesis: NetworkGenesis
@@ -33,6 +36,8 @@ class NodeAPI:
     metrics: CollectorRegistry
     public_url: str
     bootstrap: tuple[str, ...]
+    data_dir: Path
+    gossip: GossipPlugin | None = None  # set once the gossip plugin is built
 
 
 @dataclass(frozen=True)
@@ -70,3 +75,21 @@ class GossipPlugin(Protocol):
     def peers(self) -> list[PeerView]: ...
 
     def add_delegate(self, name: str, delegate: GossipDelegate) -> None: ...
+
+
+@runtime_checkable
+class LedgerPlugin(Protocol):
+    """The replicated credit ledger: operations, balances, replication."""
+
+    def __init__(self, node: NodeAPI, settings: Mapping[str, Any]) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def append_own(self, kind: str, body: dict[str, Any]) -> Any:
+        """Sign and durably store an operation of this node's own chain; return it."""
+
+    def balances_view(self) -> dict[str, dict[str, Any]]: ...
+
+    def ops_view(self, author: str, start: int, limit: int) -> list[dict[str, Any]]: ...

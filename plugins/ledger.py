@@ -1,0 +1,168 @@
+"""The built-in ledger plugin: per-author signed chains, replicated by gossip, folded into balances.
+
+- Own operations are signed, stored durably, then folded (an acknowledged operation is on disk).
+- Replication: a gossip delegate carries `{author: [seq, head hash]}`; when a peer is ahead on an
+  author's chain, the missing range is pulled over the overlay ("ledger.range"), every operation is
+  verified (signature, chain links, kind rules) and stored in one transaction.
+- A peer whose head differs from ours at the same seq has seen an equivocation: both operations are
+  fetched and a `fraud` operation carrying them is appended to our own chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from wwwserve_gateway.plugin_api import NodeAPI
+from wwwserve_gateway.plugins.ledger_fold import Balances
+from wwwserve_gateway.plugins.ledger_ops import InvalidOperation, Operation, parse_op, sign_op
+from wwwserve_gateway.plugins.ledger_rules import check_op
+from wwwserve_gateway.plugins.ledger_store import ChainError, Conflict, LedgerStore, default_url
+
+log = structlog.get_logger(__name__)
+
+RANGE_KIND = "ledger.range"
+RANGE_LIMIT = 1000
+PULL_TIMEOUT_S = 30.0
+
+
+class ChainLedger:
+    def __init__(self, node: NodeAPI, settings: Mapping[str, Any]) -> None:
+        unknown = set(settings) - {"database_url"}
+        if unknown:
+            raise ValueError(f"unknown ledger settings {sorted(unknown)}; known: database_url")
+        self.node = node
+        self.params = node.genesis.ledger
+        # Opening re-verifies each chain's latest operations: a tampered database stops the node
+        # here, with the offending rows named.
+        self.store = LedgerStore(
+            settings.get("database_url") or default_url(node.data_dir), node.genesis.network_id
+        )
+        self.balances = Balances(self.params)
+        self._lock = asyncio.Lock()
+        self._pulling: set[str] = set()
+        node.overlay.on_request(RANGE_KIND, self._serve_range)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        ops = await asyncio.to_thread(lambda: list(self.store.all_ops()))
+        self.balances = Balances.fold(ops, self.params)
+        if self.store.head(self.node.identity.node_id) is None:
+            await self.append_own("join", {"grant": self.params.initial_grant})
+        self.node.gossip.add_delegate("ledger", self)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.store.close)
+
+    # -- own chain -----------------------------------------------------------------------------------
+    async def append_own(self, kind: str, body: dict[str, Any]) -> Operation:
+        """Sign, store durably, then fold an operation of this node's own chain."""
+        me = self.node.identity
+        async with self._lock:
+            head = self.store.head(me.node_id)
+            seq, prev = (head[0] + 1, head[1]) if head else (1, "")
+            op = sign_op(me, seq, prev, kind, body, round(time.time(), 3))
+            check_op(op, self.params)
+            await asyncio.to_thread(self.store.append, [op])
+            self.balances.add(op)
+        return op
+
+    # -- gossip delegate -----------------------------------------------------------------------------
+    def local_digest(self) -> dict[str, Any]:
+        return {author: [seq, head] for author, (seq, head) in self.store.heads().items()}
+
+    def merge_remote_digest(self, peer_id: str, digest: dict[str, Any]) -> None:
+        if not isinstance(digest, dict):
+            return
+        mine = self.store.heads()
+        for author, entry in digest.items():
+            if not (isinstance(author, str) and isinstance(entry, list) and len(entry) == 2):
+                continue
+            seq, head = entry
+            if not isinstance(seq, int) or not isinstance(head, str):
+                continue
+            local = mine.get(author)
+            if local is None or seq > local[0] or (seq == local[0] and head != local[1]):
+                self._schedule_pull(peer_id, author)
+
+    def _schedule_pull(self, peer_id: str, author: str) -> None:
+        key = f"{peer_id}:{author}"
+        if key in self._pulling:
+            return
+        self._pulling.add(key)
+        task = asyncio.get_running_loop().create_task(self._pull(peer_id, author))
+        task.add_done_callback(lambda _: self._pulling.discard(key))
+
+    async def _pull(self, peer_id: str, author: str) -> None:
+        """Fetch and store what the peer holds beyond our head of `author`'s chain."""
+        while True:
+            head = self.store.head(author)
+            start = head[0] + 1 if head else 1
+            # Ask from one before our head: a different op there means an equivocation.
+            ask_from = max(1, start - 1)
+            try:
+                reply = await self.node.overlay.request(
+                    peer_id,
+                    RANGE_KIND,
+                    {"author": author, "from": ask_from, "limit": RANGE_LIMIT},
+                    timeout=PULL_TIMEOUT_S,
+                )
+                raw_ops = reply.get("ops")
+                if not isinstance(raw_ops, list):
+                    raise InvalidOperation("ledger.range answer without an ops list")
+                ops = [parse_op(signed) for signed in raw_ops]
+            except InvalidOperation as exc:
+                log.warning("peer sent invalid ledger operations", peer=peer_id[:16], error=str(exc))
+                return
+            except Exception as exc:
+                log.debug("ledger pull failed", peer=peer_id[:16], error=str(exc))
+                return
+            new = [op for op in ops if op.author == author and op.seq >= start]
+            overlap = [op for op in ops if op.author == author and op.seq < start]
+            for op in overlap:
+                stored = self.store.ops(author, op.seq, op.seq)
+                if stored and stored[0].hash != op.hash:
+                    await self._report_fraud(stored[0], op)
+                    return
+            if not new:
+                return
+            try:
+                for op in new:
+                    check_op(op, self.params)
+                async with self._lock:
+                    await asyncio.to_thread(self.store.append, new)
+                    self.balances.add_many(new)
+            except Conflict as exc:
+                await self._report_fraud(exc.stored, exc.offered)
+                return
+            except (ChainError, InvalidOperation) as exc:
+                log.warning(
+                    "refused ledger operations", peer=peer_id[:16], author=author[:16], error=str(exc)
+                )
+                return
+            if len(ops) < RANGE_LIMIT:
+                return
+
+    async def _report_fraud(self, a: Operation, b: Operation) -> None:
+        if self.balances.is_barred(a.author):
+            return
+        log.warning("equivocation detected", author=a.author[:16], seq=a.seq)
+        await self.append_own("fraud", {"a": a.signed, "b": b.signed})
+
+    async def _serve_range(self, peer_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        author, start, limit = body.get("author"), body.get("from", 1), body.get("limit", RANGE_LIMIT)
+        if not isinstance(author, str) or not isinstance(start, int) or not isinstance(limit, int):
+            raise ValueError("ledger.range takes {author: str, from: int, limit: int}")
+        ops = await asyncio.to_thread(self.store.ops, author, max(1, start), None, min(limit, RANGE_LIMIT))
+        return {"ops": [op.signed for op in ops]}
+
+    # -- views ---------------------------------------------------------------------------------------
+    def balances_view(self) -> dict[str, dict[str, Any]]:
+        return self.balances.view(time.time())
+
+    def ops_view(self, author: str, start: int, limit: int) -> list[dict[str, Any]]:
+        return [dict(op.op, hash=op.hash, sig=op.sig) for op in self.store.ops(author, start, None, limit)]
