@@ -24,6 +24,10 @@ keys_app = typer.Typer(
     help="The node's identity key (Ed25519); its public key is the node id.", no_args_is_help=True
 )
 app.add_typer(keys_app, name="keys")
+ledger_app = typer.Typer(
+    help="The replicated credit ledger: balances, operations, verification.", no_args_is_help=True
+)
+app.add_typer(ledger_app, name="ledger")
 network_app = typer.Typer(
     help="The network genesis: parameters whose hash is the network id.", no_args_is_help=True
 )
@@ -58,7 +62,11 @@ def node(
     if overrides:
         cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update=overrides)})
     configure_logging(cfg.node.log_level, cfg.node.log_format)
-    gateway = Node(cfg, config_path=config)
+    try:
+        gateway = Node(cfg, config_path=config)
+    except Exception as exc:  # a refused identity key, a tampered ledger, a broken plugin: say which
+        console.print(f"[red]cannot start the node:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
     server = uvicorn.Server(
         uvicorn.Config(
             gateway.app,
@@ -282,3 +290,83 @@ def peers(
             peer["url"],
         )
     Console().print(table)
+
+
+def _get_json(url: str):
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        console.print(f"[red]error[/red] cannot read {url}: {exc}")
+        raise typer.Exit(1) from None
+
+
+UrlOption = Annotated[str, typer.Option(help="a node's URL")]
+
+
+@ledger_app.command("balances")
+def ledger_balances(url: UrlOption = "http://127.0.0.1:4000") -> None:
+    """Balances as a node folds them: liquid, bonded, unbonding, barred."""
+    balances = _get_json(url.rstrip("/") + "/wwwserve/ledger/balances")
+    table = Table(title=f"{len(balances)} accounts at {url}")
+    for column in ("node", "liquid", "bonded", "unbonding", "barred"):
+        table.add_column(column, justify="right")
+    for node_id, account in sorted(balances.items()):
+        table.add_row(
+            node_id[:16],
+            *(f"{account[k]:g}" for k in ("liquid", "bonded", "unbonding")),
+            "yes" if account["barred"] else "",
+        )
+    Console().print(table)
+
+
+@ledger_app.command("ops")
+def ledger_ops(
+    url: UrlOption = "http://127.0.0.1:4000",
+    author: Annotated[str | None, typer.Option(help="whose chain (default: the node's own)")] = None,
+    start: Annotated[int, typer.Option("--from", help="first seq")] = 1,
+    limit: Annotated[int, typer.Option(help="operations at most")] = 50,
+) -> None:
+    """One author's chain of operations."""
+    query = f"from={start}&limit={limit}" + (f"&author={author}" if author else "")
+    ops = _get_json(url.rstrip("/") + "/wwwserve/ledger/ops?" + query)
+    table = Table(title=f"{len(ops)} operations")
+    for column in ("seq", "kind", "ts", "hash", "body"):
+        table.add_column(column)
+    for op in ops:
+        table.add_row(str(op["seq"]), op["kind"], f"{op['ts']:.3f}", op["hash"][:16], str(op["body"])[:60])
+    Console().print(table)
+
+
+@ledger_app.command("verify")
+def ledger_verify(
+    config: OptionalConfig = None,
+    db: Annotated[str | None, typer.Option(help="a database URL (default: the config's node ledger)")] = None,
+) -> None:
+    """Re-check a whole ledger database offline: signatures, hashes, chain links, heads."""
+    from wwwserve_gateway.genesis import NetworkGenesis, load_genesis
+    from wwwserve_gateway.plugins.ledger_store import LedgerStore, LedgerStoreError, default_url
+
+    cfg = _load(config) if config else None
+    if db is None and cfg is None:
+        console.print("[red]error[/red] give --config FILE or --db URL")
+        raise typer.Exit(2)
+    url = db or cfg.ledger.settings.get("database_url") or default_url(cfg.node.data_dir)
+    genesis = load_genesis(cfg.node.network) if cfg and cfg.node.network else NetworkGenesis()
+    try:
+        store = LedgerStore(url, genesis.network_id, check_on_open=False)
+    except LedgerStoreError as exc:
+        console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(1) from None
+    with console.status(f"verifying {store.count():,} operations"):
+        problems = store.verify()
+    store.close()
+    for problem in problems:
+        console.print(f"[red]✗[/red] {problem}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"OK: {url}")

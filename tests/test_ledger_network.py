@@ -1,0 +1,131 @@
+"""The ledger between real node processes: catch-up, agreement, equivocation, tampering."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import NodeProcess, wait_until
+from wwwserve_gateway.genesis import GossipParams, NetworkGenesis, write_genesis
+from wwwserve_gateway.identity import NodeIdentity
+from wwwserve_gateway.plugins.ledger_ops import Operation, sign_op
+from wwwserve_gateway.plugins.ledger_store import LedgerStore, default_url
+
+GENESIS = NetworkGenesis(name="ledger-test", gossip=GossipParams(interval_s=0.3, probe_timeout_s=0.25))
+
+
+@pytest.fixture(scope="module")
+def genesis_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ledger-net") / "network.yaml"
+    write_genesis(GENESIS, path)
+    return path
+
+
+def chain(identity: NodeIdentity, length: int, start_ts: float | None = None) -> list[Operation]:
+    # Recent timestamps: no unbond matures during the test, so every prefix folds differently.
+    start_ts = time.time() - 600 if start_ts is None else start_ts
+    ops = [sign_op(identity, 1, "", "join", {"grant": GENESIS.ledger.initial_grant}, start_ts)]
+    for seq in range(2, length + 1):
+        kind = "bond" if seq % 2 == 0 else "unbond"
+        ops.append(sign_op(identity, seq, ops[-1].hash, kind, {"amount": 1}, start_ts + seq / 1000))
+    return ops
+
+
+def store_in(data_dir: Path, ops: list[Operation]) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = LedgerStore(default_url(data_dir), GENESIS.network_id)
+    for i in range(0, len(ops), 1000):
+        store.append(ops[i : i + 1000])
+    store.close()
+
+
+def node(tmp: Path, name: str, genesis_path: Path, bootstrap: list[str] | None = None) -> NodeProcess:
+    config = {
+        "node": {"network": str(genesis_path), "bootstrap": bootstrap or [], "data_dir": str(tmp / name)},
+        "model_list": [],
+    }
+    return NodeProcess(config, tmp, name=name)
+
+
+def balances(n: NodeProcess) -> dict:
+    return httpx.get(n.url + "/wwwserve/ledger/balances", timeout=10).json()
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[NodeProcess]]:
+    started: list[NodeProcess] = []
+    yield started
+    for n in started:
+        n.stop(signal.SIGKILL)
+
+
+def test_offline_node_catches_up_10000_operations(tmp_path: Path, genesis_path: Path, nodes) -> None:
+    a_dir = tmp_path / "a"
+    a_id = NodeIdentity.load_or_create(a_dir)
+    store_in(a_dir, chain(a_id, 10_000))
+    a = node(tmp_path, "a", genesis_path)
+    nodes.append(a.start())
+    b = node(tmp_path, "b", genesis_path, [a.url])
+    started = time.monotonic()
+    nodes.append(b.start())
+
+    def holds_the_last() -> bool:
+        last = httpx.get(b.url + f"/wwwserve/ledger/ops?author={a_id.node_id}&from=10000").json()
+        return [op["seq"] for op in last] == [10_000]
+
+    wait_until(holds_the_last, timeout=90, interval=0.5, what="b holds a's 10,000th operation")
+    elapsed = time.monotonic() - started
+    wait_until(lambda: balances(b) == balances(a), timeout=10, what="b agrees with a")
+    # 5,000 bonds of 1 and 4,999 unbonds of 1, none matured: overspent, which the fold allows.
+    assert balances(b)[a_id.node_id] == {
+        "liquid": -4000.0,
+        "bonded": 1.0,
+        "unbonding": 4999.0,
+        "barred": False,
+    }
+    assert elapsed < 90
+
+
+def test_tampered_database_is_refused_naming_the_row(tmp_path: Path, genesis_path: Path) -> None:
+    me_dir = tmp_path / "t"
+    me = NodeIdentity.load_or_create(me_dir)
+    store_in(me_dir, chain(me, 20))
+    with sqlite3.connect(me_dir / "ledger.db") as db:
+        db.execute("UPDATE ledger_ops SET raw = replace(raw, '\"amount\":1', '\"amount\":9') WHERE seq = 20")
+    victim = node(tmp_path, "t", genesis_path)
+    with pytest.raises(RuntimeError) as failure:
+        victim.start(ready_timeout=30)
+    assert "cannot start the node" in str(failure.value)
+    assert "seq=20" in str(failure.value)
+
+
+def test_equivocation_becomes_a_fraud_proof_everywhere(tmp_path: Path, genesis_path: Path, nodes) -> None:
+    cheat = NodeIdentity.generate()
+    join = chain(cheat, 1)[0]
+    left = sign_op(cheat, 2, join.hash, "bond", {"amount": 5}, 1.0e9 + 1)
+    right = sign_op(cheat, 2, join.hash, "bond", {"amount": 7}, 1.0e9 + 1)
+    store_in(tmp_path / "b", [join, left])
+    store_in(tmp_path / "c", [join, right])
+    b = node(tmp_path, "b", genesis_path)
+    nodes.append(b.start())
+    c = node(tmp_path, "c", genesis_path, [b.url])
+    nodes.append(c.start())
+
+    def barred_everywhere() -> bool:
+        return all(balances(n).get(cheat.node_id, {}).get("barred") for n in (b, c))
+
+    wait_until(barred_everywhere, timeout=30, interval=0.3, what="the cheat barred on both nodes")
+    wait_until(lambda: balances(b) == balances(c), timeout=30, interval=0.3, what="agreement after the fraud")
+    frauds = [
+        op
+        for n in (b, c)
+        for op in httpx.get(n.url + "/wwwserve/ledger/ops?limit=100").json()
+        if op["kind"] == "fraud"
+    ]
+    assert frauds, "no fraud operation was appended"
