@@ -17,6 +17,8 @@ from wwwserve_gateway.identity import NodeIdentity
 from wwwserve_gateway.plugins.ledger_ops import Operation, sign_op
 from wwwserve_gateway.plugins.ledger_store import LedgerStore, default_url
 
+pytest_plugins = ("tests.postgres",)
+
 GENESIS = NetworkGenesis(name="ledger-test", gossip=GossipParams(interval_s=0.3, probe_timeout_s=0.25))
 
 
@@ -129,3 +131,43 @@ def test_equivocation_becomes_a_fraud_proof_everywhere(tmp_path: Path, genesis_p
         if op["kind"] == "fraud"
     ]
     assert frauds, "no fraud operation was appended"
+
+
+def test_cli_verify_offline(tmp_path: Path, genesis_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = tmp_path / "v"
+    store_in(data, chain(NodeIdentity.generate(), 50))
+    config = tmp_path / "v.yaml"
+    config.write_text(f"node:\n  data_dir: {data}\n  network: {genesis_path}\n")
+    run = [sys.executable, "-m", "wwwserve_gateway", "ledger", "verify", "--config", str(config)]
+    ok = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout
+    with sqlite3.connect(data / "ledger.db") as db:
+        db.execute("DELETE FROM ledger_ops WHERE seq = 25")
+    bad = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "seq=26" in bad.stderr or "seq=25" in bad.stderr
+
+
+def test_node_with_its_ledger_in_postgresql(
+    tmp_path: Path, genesis_path: Path, postgres_server, nodes
+) -> None:
+    url = postgres_server.create_database()
+    config = {
+        "node": {"network": str(genesis_path), "data_dir": str(tmp_path / "pg")},
+        "model_list": [],
+        "ledger": {"settings": {"database_url": url}},
+    }
+    n = NodeProcess(config, tmp_path, name="pg")
+    nodes.append(n.start())
+    me = next(p["id"] for p in httpx.get(n.url + "/wwwserve/peers").json() if p["self"])
+    assert balances(n)[me]["liquid"] == GENESIS.ledger.initial_grant
+    n.stop()
+    store = LedgerStore(url, GENESIS.network_id)
+    try:
+        assert store.head(me)[0] == 1  # the join is in PostgreSQL, durable after the node is gone
+    finally:
+        store.close()
