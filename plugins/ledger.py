@@ -27,7 +27,12 @@ log = structlog.get_logger(__name__)
 
 RANGE_KIND = "ledger.range"
 RANGE_LIMIT = 1000
+# A range answer must fit one overlay frame (1 MiB); receipt-laden pay operations run to a few KB.
+RANGE_MAX_BYTES = 512 * 1024
 PULL_TIMEOUT_S = 30.0
+# Pulled ranges usually sort before operations already folded, and each would force a full refold:
+# they are stored at once and folded together once the pulls go quiet for this long.
+REFOLD_AFTER_S = 0.2
 
 
 class ChainLedger:
@@ -45,6 +50,8 @@ class ChainLedger:
         self.balances = Balances(self.params)
         self._lock = asyncio.Lock()
         self._pulling: set[str] = set()
+        self._refold: asyncio.TimerHandle | None = None
+        self._refolding: asyncio.Task[None] | None = None
         node.overlay.on_request(RANGE_KIND, self._serve_range)
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -56,6 +63,10 @@ class ChainLedger:
         self.node.gossip.add_delegate("ledger", self)
 
     async def stop(self) -> None:
+        if self._refold is not None:
+            self._refold.cancel()
+        if self._refolding is not None:
+            self._refolding.cancel()
         await asyncio.to_thread(self.store.close)
 
     # -- own chain -----------------------------------------------------------------------------------
@@ -114,12 +125,13 @@ class ChainLedger:
                 raw_ops = reply.get("ops")
                 if not isinstance(raw_ops, list):
                     raise InvalidOperation("ledger.range answer without an ops list")
-                ops = [parse_op(signed) for signed in raw_ops]
+                # Signature checks cost ~100 us each: off the event loop.
+                ops = await asyncio.to_thread(self._verified, raw_ops)
             except InvalidOperation as exc:
                 log.warning("peer sent invalid ledger operations", peer=peer_id[:16], error=str(exc))
                 return
             except Exception as exc:
-                log.debug("ledger pull failed", peer=peer_id[:16], error=str(exc))
+                log.info("ledger pull failed", peer=peer_id[:16], author=author[:16], error=str(exc))
                 return
             new = [op for op in ops if op.author == author and op.seq >= start]
             overlap = [op for op in ops if op.author == author and op.seq < start]
@@ -131,11 +143,9 @@ class ChainLedger:
             if not new:
                 return
             try:
-                for op in new:
-                    check_op(op, self.params)
                 async with self._lock:
                     await asyncio.to_thread(self.store.append, new)
-                    self.balances.add_many(new)
+                self._schedule_refold()
             except Conflict as exc:
                 await self._report_fraud(exc.stored, exc.offered)
                 return
@@ -144,8 +154,27 @@ class ChainLedger:
                     "refused ledger operations", peer=peer_id[:16], author=author[:16], error=str(exc)
                 )
                 return
-            if len(ops) < RANGE_LIMIT:
-                return
+
+    def _verified(self, raw_ops: list[Any]) -> list[Operation]:
+        ops = [parse_op(signed) for signed in raw_ops]
+        for op in ops:
+            check_op(op, self.params)
+        return ops
+
+    def _schedule_refold(self) -> None:
+        if self._refold is not None:
+            self._refold.cancel()
+        loop = asyncio.get_running_loop()
+        self._refold = loop.call_later(REFOLD_AFTER_S, self._start_refold)
+
+    def _start_refold(self) -> None:
+        self._refolding = asyncio.get_running_loop().create_task(self._refold_now())
+
+    async def _refold_now(self) -> None:
+        """Fold everything stored, off the event loop, and swap the result in."""
+        async with self._lock:
+            ops = await asyncio.to_thread(lambda: list(self.store.all_ops()))
+            self.balances = await asyncio.to_thread(Balances.fold, ops, self.params)
 
     async def _report_fraud(self, a: Operation, b: Operation) -> None:
         if self.balances.is_barred(a.author):
@@ -158,7 +187,13 @@ class ChainLedger:
         if not isinstance(author, str) or not isinstance(start, int) or not isinstance(limit, int):
             raise ValueError("ledger.range takes {author: str, from: int, limit: int}")
         ops = await asyncio.to_thread(self.store.ops, author, max(1, start), None, min(limit, RANGE_LIMIT))
-        return {"ops": [op.signed for op in ops]}
+        answer, size = [], 0
+        for op in ops:
+            size += len(op.raw)
+            if answer and size > RANGE_MAX_BYTES:
+                break
+            answer.append(op.signed)
+        return {"ops": answer}
 
     # -- views ---------------------------------------------------------------------------------------
     def balances_view(self) -> dict[str, dict[str, Any]]:

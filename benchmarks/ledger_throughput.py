@@ -1,0 +1,719 @@
+"""Ledger throughput: verified appends per second, sync time of a new node, and bytes per request.
+
+    python benchmarks/ledger_throughput.py [--quick] [--out DIR] [--no-profile]
+
+1. Verified appends/s (parse_op signature check + check_op kind rules + LedgerStore.append), on
+   SQLite (WAL, synchronous=FULL) and on a real PostgreSQL server on loopback, at batch sizes 1, 10,
+   100 and 1000. This process is pinned to core 0 (os.sched_setaffinity); the PostgreSQL server is a
+   separate process and is not pinned. Target: >= 5,000 verified appends/s on SQLite on one core.
+2. Sync time of a new node: node A (a real `wwwserve node`) starts with a ledger of 100,000 valid
+   operations (quick: 10,000) from 100 identities (join, bond/unbond, pay with real signed receipts);
+   node B bootstraps from A; measured from B's start until B's /wwwserve/ledger/balances equals A's
+   (and, once both are stopped, their chain heads match). Node B is sampled with py-spy meanwhile.
+   Target: <= 30 s for 100,000 operations.
+3. Ledger bytes per delegated request when an entry node pays 1, 10 or 100 requests per `pay`
+   operation (canonical signed op, receipts included, divided by requests), plus the receipt alone.
+   Target: <= 200 bytes per request at a batch of 10.
+
+Writes ledger_throughput.json and ledger_throughput.png to --out (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nacl.signing
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from wwwserve_gateway.canonical import canonical
+from wwwserve_gateway.genesis import LedgerParams, NetworkGenesis, write_genesis
+from wwwserve_gateway.identity import NodeIdentity
+from wwwserve_gateway.plugins.ledger_ops import Operation, parse_op, sign_op
+from wwwserve_gateway.plugins.ledger_rules import check_op, payment_amount
+from wwwserve_gateway.plugins.ledger_store import LedgerStore, default_url
+
+console = Console()
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def _repo_on_path() -> None:
+    """tests.postgres / tests.support live at the repository root, which a script run is not on."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
+TARGET_APPENDS_PER_S = 5000
+TARGET_SYNC_S = 30.0
+TARGET_SYNC_OPS = 100_000
+TARGET_BYTES_PER_REQUEST = 200
+BATCHES = (1, 10, 100, 1000)
+PAY_BATCHES = (1, 10, 100)
+IDENTITIES = 100
+BASE_TS = 1_700_000_000.0  # far enough in the past that every unbonding has matured
+MODEL = "qwen2.5-7b-instruct-q4_k_m"
+
+
+# -- workload ------------------------------------------------------------------------------------
+
+
+def identity(i: int) -> NodeIdentity:
+    """Deterministic identities, so that worker processes sign receipts for each other."""
+    seed = hashlib.sha256(f"ledger-bench-{i}".encode()).digest()
+    return NodeIdentity(nacl.signing.SigningKey(seed))
+
+
+def make_receipt(executor: NodeIdentity, entry: str, tag: str, started: float) -> dict[str, Any]:
+    body = {
+        "id": executor.node_id,
+        "kind": "receipt",
+        "entry": entry,
+        "request": hashlib.sha256(f"request {tag}".encode()).hexdigest(),
+        "response": hashlib.sha256(f"response {tag}".encode()).hexdigest(),
+        "model": MODEL,
+        "prompt_tokens": 180 + len(tag) % 50,
+        "completion_tokens": 250 + len(tag) % 97,
+        "started": round(started, 3),
+        "finished": round(started + 1.234, 3),
+    }
+    return executor.sign_record(body)
+
+
+def pay_body(
+    me: NodeIdentity, payee: NodeIdentity, n: int, tag: str, ts: float, params: LedgerParams
+) -> dict[str, Any]:
+    receipts = [make_receipt(payee, me.node_id, f"{tag}/{k}", ts - 5 + k * 0.01) for k in range(n)]
+    return {
+        "payments": [{"to": payee.node_id, "amount": payment_amount(receipts, params), "receipts": receipts}]
+    }
+
+
+def gen_chain(index: int, n_ops: int, n_ids: int) -> list[Operation]:
+    """One author's chain: join, bond 100, then (per 10 ops) 8 pays of 1-3 receipts, a bond, an unbond."""
+    params = LedgerParams()
+    me = identity(index)
+    ops: list[Operation] = []
+    prev = ""
+    for seq in range(1, n_ops + 1):
+        ts = round(BASE_TS + seq * 1.0 + index * 0.001, 3)
+        if seq == 1:
+            kind, body = "join", {"grant": params.initial_grant}
+        elif seq == 2:
+            kind, body = "bond", {"amount": 100}
+        elif seq % 10 == 0:
+            kind, body = "unbond", {"amount": 1}
+        elif seq % 10 == 5:
+            kind, body = "bond", {"amount": 1}
+        else:
+            payee = identity((index + 1 + seq % (n_ids - 1)) % n_ids)
+            kind, body = "pay", pay_body(me, payee, 1 + seq % 3, f"{index}/{seq}", ts, params)
+        op = sign_op(me, seq, prev, kind, body, ts)
+        prev = op.hash
+        ops.append(op)
+    return ops
+
+
+def gen_ledger(n_ops: int, n_ids: int, progress: Progress | None = None, workers: int = 2) -> list[Operation]:
+    """n_ops operations from n_ids authors, in timestamp order (chains interleaved)."""
+    per = [n_ops // n_ids + (1 if i < n_ops % n_ids else 0) for i in range(n_ids)]
+    task = progress.add_task("signing operations", total=n_ids) if progress else None
+    chains: list[list[Operation]] = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for chain in pool.map(gen_chain, range(n_ids), per, [n_ids] * n_ids, chunksize=2):
+            chains.append(chain)
+            if progress is not None and task is not None:
+                progress.advance(task)
+    ops = [op for chain in chains for op in chain]
+    ops.sort(key=lambda op: (op.ts, op.author, op.seq))
+    return ops
+
+
+# -- 1. verified appends per second --------------------------------------------------------------
+
+
+def bench_appends(
+    url: str, signed: list[dict[str, Any]], batch: int, budget_s: float, params: LedgerParams
+) -> dict[str, Any]:
+    """Feed `signed` (chain order) through parse_op + check_op + append, `batch` ops per append."""
+    store = LedgerStore(url, "b" * 64)
+    t_parse = t_check = t_append = 0.0
+    done = 0
+    started = time.perf_counter()
+    try:
+        for i in range(0, len(signed), batch):
+            chunk = signed[i : i + batch]
+            t0 = time.perf_counter()
+            ops = [parse_op(s) for s in chunk]
+            t1 = time.perf_counter()
+            for op in ops:
+                check_op(op, params)
+            t2 = time.perf_counter()
+            store.append(ops)
+            t3 = time.perf_counter()
+            t_parse += t1 - t0
+            t_check += t2 - t1
+            t_append += t3 - t2
+            done += len(ops)
+            if t3 - started > budget_s and done >= min(batch, len(signed)):
+                break
+    finally:
+        store.close()
+    total = t_parse + t_check + t_append
+    return {
+        "batch": batch,
+        "ops": done,
+        "seconds": round(total, 4),
+        "appends_per_s": round(done / total, 1),
+        "parse_us_per_op": round(t_parse / done * 1e6, 1),
+        "check_us_per_op": round(t_check / done * 1e6, 1),
+        "append_us_per_op": round(t_append / done * 1e6, 1),
+    }
+
+
+def part_appends(ops: list[Operation], quick: bool, workdir: Path, progress: Progress) -> dict[str, Any]:
+    params = LedgerParams()
+    signed = [orjson.loads(op.raw) for op in ops]
+    budget = 1.0 if quick else 3.0
+    results: dict[str, Any] = {"sqlite": [], "postgresql": [], "postgresql_error": None}
+    pg = None
+    try:
+        _repo_on_path()
+        from tests.postgres import PostgresServer, find_bindir
+
+        bindir = find_bindir()
+        if bindir is None:
+            raise RuntimeError("PostgreSQL binaries not found")
+        pg = PostgresServer(bindir)  # started before pinning: the server is not pinned to core 0
+    except Exception as exc:  # reported; SQLite still runs
+        results["postgresql_error"] = str(exc)
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {0})
+    task = progress.add_task("verified appends (pinned to core 0)", total=2 * len(BATCHES))
+    try:
+        for i, batch in enumerate(BATCHES):
+            path = workdir / f"appends-{batch}"
+            results["sqlite"].append(bench_appends(default_url(path), signed, batch, budget, params))
+            progress.advance(task)
+            if pg is not None:
+                results["postgresql"].append(
+                    bench_appends(pg.create_database(), signed, batch, budget, params)
+                )
+            progress.advance(task)
+            shutil.rmtree(path, ignore_errors=True)
+            del i
+    finally:
+        os.sched_setaffinity(0, before)
+        if pg is not None:
+            pg.close()
+    mix = Counter(op.kind for op in ops)
+    receipts = sum(len(op.body["payments"][0]["receipts"]) for op in ops if op.kind == "pay")
+    results["workload"] = {
+        "ops_available": len(ops),
+        "kinds": dict(mix),
+        "receipts_per_pay": round(receipts / max(1, mix["pay"]), 2),
+        "signatures_per_op": round((len(ops) + receipts) / len(ops), 2),
+        "mean_op_bytes": round(sum(len(op.raw) for op in ops) / len(ops), 1),
+        "pinned_cpu": 0,
+        "postgres_server_pinned": False,
+        "sqlite_synchronous": "FULL (fsync of the WAL at every commit)",
+    }
+    ok = [r for r in results["sqlite"] if r["appends_per_s"] >= TARGET_APPENDS_PER_S]
+    results["target_met_at_batch"] = ok[0]["batch"] if ok else None
+    results["best_sqlite_appends_per_s"] = max(r["appends_per_s"] for r in results["sqlite"])
+    return results
+
+
+# -- 2. sync time of a new node ------------------------------------------------------------------
+
+
+def build_db(ops: list[Operation], data_dir: Path, network_id: str) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = LedgerStore(default_url(data_dir), network_id)
+    try:
+        by_author: dict[str, list[Operation]] = {}
+        for op in ops:
+            by_author.setdefault(op.author, []).append(op)
+        pending = [op for chain in by_author.values() for op in chain]
+        for i in range(0, len(pending), 5000):
+            store.append(pending[i : i + 5000])
+    finally:
+        store.close()
+
+
+def get_json(url: str) -> Any:
+    return httpx.get(url, timeout=60).json()
+
+
+def db_count(path: Path) -> int:
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            return int(conn.execute("SELECT count(*) FROM ledger_ops").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return -1
+
+
+CATEGORIES = [  # leaf-most frame that matches decides the sample's category
+    ("signature verification (nacl)", ("nacl", "identity.py:verify", "verify (wwwserve_gateway/identity")),
+    ("canonical JSON / orjson", ("canonical", "orjson", "loads", "dumps")),
+    ("SQL (SQLAlchemy / sqlite3)", ("sqlalchemy", "sqlite3", "ledger_store")),
+    ("balance fold (ledger_fold)", ("ledger_fold",)),
+    ("kind rules (ledger_rules)", ("ledger_rules",)),
+    ("op parsing (ledger_ops)", ("ledger_ops",)),
+    ("overlay / websocket / asyncio", ("overlay", "websocket", "asyncio", "uvloop", "msgpack", "json")),
+    ("gossip", ("gossip",)),
+]
+INCLUSIVE = [
+    ("Balances.add_many", "add_many"),
+    ("Balances._fold_all (full refold)", "_fold_all"),
+    ("parse_op", "parse_op"),
+    ("check_op", "check_op"),
+    ("LedgerStore.append", "append (wwwserve_gateway/plugins/ledger_store"),
+    ("LedgerStore.heads / head", "head"),
+    ("_serve_range", "_serve_range"),
+    ("signature verify", "verify ("),
+]
+
+
+def summarize_profile(raw: Path) -> dict[str, Any]:
+    if not raw.exists():
+        return {"error": "py-spy wrote nothing"}
+    leaf: Counter[str] = Counter()
+    cats: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaf[frames[-1]] += n
+        for frame in reversed(frames):
+            hit = next((name for name, keys in CATEGORIES if any(k in frame for k in keys)), None)
+            if hit:
+                cats[hit] += n
+                break
+        else:
+            cats["other"] += n
+        for name, key in INCLUSIVE:
+            if any(key in f for f in frames):
+                incl[name] += n
+    pct = lambda n: round(100 * n / max(1, total), 1)  # noqa: E731
+    return {
+        "samples": total,
+        "by_category_pct": {k: pct(v) for k, v in cats.most_common()},
+        "inclusive_pct": {k: pct(v) for k, v in incl.most_common()},
+        "top_leaf_frames_pct": {k: pct(v) for k, v in leaf.most_common(12)},
+    }
+
+
+def part_sync(ops: list[Operation], n_ids: int, quick: bool, workdir: Path, profile: bool) -> dict[str, Any]:
+    _repo_on_path()
+    from tests.support import NodeProcess, wait_until
+
+    genesis = NetworkGenesis(name="ledger-throughput-bench")
+    genesis_path = workdir / "genesis.yaml"
+    write_genesis(genesis, genesis_path)
+    a_data = workdir / "a-data"
+    t0 = time.perf_counter()
+    build_db(ops, a_data, genesis.network_id)
+    build_s = time.perf_counter() - t0
+    a = NodeProcess({"node": {"network": str(genesis_path), "data_dir": str(a_data)}}, workdir, name="a")
+    b = NodeProcess({"node": {"network": str(genesis_path), "bootstrap": [a.url]}}, workdir, name="b")
+    b_db = Path(b.config["node"]["data_dir"]) / "ledger.db"
+    timeout = float(os.environ.get("LEDGER_BENCH_SYNC_TIMEOUT", 90.0 if quick else 120.0))
+    result: dict[str, Any] = {
+        "ops": len(ops),
+        "identities": n_ids,
+        "db_bytes": (a_data / "ledger.db").stat().st_size,
+        "db_build_s": round(build_s, 2),
+    }
+    spy = None
+    try:
+        t0 = time.perf_counter()
+        a.start(wait_ready=False)
+        wait_until(lambda: len(get_json(a.url + "/wwwserve/ledger/balances")) >= n_ids + 1, 120, 0.2)
+        result["node_a_start_s"] = round(time.perf_counter() - t0, 2)
+        with console.status(f"node B syncing {len(ops):,} operations from node A") as status:
+            started = time.perf_counter()
+            b.start(wait_ready=False)
+            b_up = time.perf_counter() - started
+            raw = workdir / "b-profile.txt"
+            venv_spy = Path(sys.executable).parent / "py-spy"
+            exe = shutil.which("py-spy") or (str(venv_spy) if venv_spy.exists() else None)
+            if profile and exe and b.proc is not None:
+                spy = subprocess.Popen(
+                    [exe, "record", "--pid", str(b.proc.pid), "--format", "raw", "--rate", "50",
+                     "--nonblocking", "-o", str(raw), "--duration", str(int(timeout) + 10)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+            curve: list[tuple[float, int]] = []
+            converged_at = None
+            while time.perf_counter() - started < timeout:
+                n = db_count(b_db)
+                elapsed = time.perf_counter() - started
+                curve.append((round(elapsed, 2), n))
+                status.update(
+                    f"node B syncing: {max(n, 0):,} / {len(ops):,} operations after {elapsed:.1f} s"
+                )
+                if n >= len(ops):
+                    try:
+                        va = get_json(a.url + "/wwwserve/ledger/balances")
+                        vb = get_json(b.url + "/wwwserve/ledger/balances")
+                    except httpx.HTTPError:
+                        va, vb = {}, None
+                    if va == vb and len(va) >= n_ids + 2:
+                        converged_at = time.perf_counter() - started
+                        break
+                time.sleep(0.25)
+            result["b_http_up_s"] = round(b_up, 2)
+            result["sync_s"] = round(converged_at, 2) if converged_at is not None else None
+            result["timed_out_after_s"] = None if converged_at is not None else timeout
+            result["ops_on_b_at_end"] = db_count(b_db)
+            result["curve"] = curve
+            if converged_at is None:
+                result["log_tail_b"] = b.log()[-3000:]
+                result["log_tail_a"] = a.log()[-3000:]
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                try:
+                    spy.wait(30)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                result["profile_b"] = summarize_profile(raw)
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+        a.stop()
+        b.stop()
+    # Heads: both stopped, compare the chains' heads as stored on disk.
+    sa = LedgerStore(default_url(a_data), genesis.network_id, check_on_open=False)
+    sb = LedgerStore(default_url(b_db.parent), genesis.network_id, check_on_open=False)
+    try:
+        ha, hb = sa.heads(), sb.heads()
+        result["heads_match"] = ha == hb
+        result["heads"] = len(ha)
+        result["count_a"], result["count_b"] = sa.count(), sb.count()
+    finally:
+        sa.close()
+        sb.close()
+    if result["sync_s"] is not None:
+        result["projected_s_for_100k"] = round(result["sync_s"] * TARGET_SYNC_OPS / len(ops), 1)
+    elif result["ops_on_b_at_end"] > 1000:  # linear projection from the rate reached before the timeout
+        rate = result["ops_on_b_at_end"] / result["timed_out_after_s"]
+        result["projected_s_for_100k"] = round(TARGET_SYNC_OPS / rate, 1)
+    return result
+
+
+# -- 3. ledger bytes per delegated request -------------------------------------------------------
+
+
+def compact_receipt_bytes(record: dict[str, Any]) -> dict[str, int]:
+    """What a receipt costs in a few compact encodings (sizes computed by packing it)."""
+    b = record["body"]
+    sig = bytes.fromhex(record["sig"])
+    req, resp = bytes.fromhex(b["request"]), bytes.fromhex(b["response"])
+    # binary: id and entry dropped (implied by payment.to and the op author), model as a 2-byte index
+    # into the genesis/model list, tokens as uint32, times as uint32 ms offsets from the op's ts.
+    binary = req + resp + struct.pack("<HIIII", 1, b["prompt_tokens"], b["completion_tokens"], 0, 1234) + sig
+    # batch-signed: the executor signs once per payment over the list; per receipt only the fields.
+    fields = req + resp + struct.pack("<HIIII", 1, b["prompt_tokens"], b["completion_tokens"], 0, 1234)
+    return {
+        "binary_with_sig": len(binary),
+        "binary_fields_only_sig_per_payment": len(fields),
+        "binary_16B_response_hash_fields_only": len(fields) - 16,
+    }
+
+
+def part_bytes() -> dict[str, Any]:
+    params = LedgerParams()
+    entry, executors = identity(1000), [identity(1001 + i) for i in range(100)]
+    receipt = make_receipt(executors[0], entry.node_id, "size", BASE_TS)
+    out: dict[str, Any] = {
+        "receipt_bytes": len(canonical(receipt)),
+        "receipt_body_bytes": len(canonical(receipt["body"])),
+        "receipt_sig_hex_bytes": len(receipt["sig"]),
+        "receipt_fields": {k: len(canonical({k: v})) - 2 for k, v in receipt["body"].items()},
+        "compact_receipt_bytes": compact_receipt_bytes(receipt),
+        "batches": [],
+    }
+    for n in PAY_BATCHES:
+        for payees in ("one", "distinct"):
+            if payees == "distinct" and n == 1:
+                continue
+            k = 1 if payees == "one" else min(n, 10)  # entry spreads the batch over up to 10 executors
+            payments = []
+            for j in range(k):
+                receipts = [
+                    make_receipt(executors[j], entry.node_id, f"{n}/{payees}/{j}/{i}", BASE_TS + i)
+                    for i in range(j, n, k)
+                ]
+                amount = payment_amount(receipts, params)
+                payments.append({"to": executors[j].node_id, "amount": amount, "receipts": receipts})
+            op = sign_op(entry, 2, "0" * 64, "pay", {"payments": payments}, BASE_TS + 100)
+            check_op(op, params)
+            out["batches"].append(
+                {
+                    "requests": n,
+                    "payees": k,
+                    "op_bytes": len(op.raw),
+                    "bytes_per_request": round(len(op.raw) / n, 1),
+                    "overhead_bytes_per_request": round((len(op.raw) - n * out["receipt_bytes"]) / n, 1),
+                }
+            )
+    at10 = next(b for b in out["batches"] if b["requests"] == 10 and b["payees"] == 1)
+    out["bytes_per_request_at_10"] = at10["bytes_per_request"]
+    return out
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_avg": os.getloadavg(),
+        "sqlite": sqlite3.sqlite_version,
+    }
+
+
+def verdict(ok: bool | None) -> str:
+    return "[green]PASS[/]" if ok else "[red]MISS[/]"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    ap, sync, by = report["appends"], report["sync"], report["bytes"]
+    t = Table(title="Verified appends/s (parse_op + check_op + append), pinned to core 0")
+    for col in ("backend", "batch", "ops", "appends/s", "parse µs/op", "check µs/op", "append µs/op"):
+        t.add_column(col, justify="right")
+    for backend in ("sqlite", "postgresql"):
+        for r in ap[backend]:
+            t.add_row(
+                backend,
+                str(r["batch"]),
+                f"{r['ops']:,}",
+                f"{r['appends_per_s']:,.0f}",
+                f"{r['parse_us_per_op']:.0f}",
+                f"{r['check_us_per_op']:.0f}",
+                f"{r['append_us_per_op']:.0f}",
+            )
+    console.print(t)
+    w = ap["workload"]
+    console.print(
+        f"workload: {w['kinds']}, {w['receipts_per_pay']} receipts/pay, {w['signatures_per_op']} signatures/op, "
+        f"{w['mean_op_bytes']:.0f} B/op; PostgreSQL server not pinned"
+        + (f"; PostgreSQL error: {ap['postgresql_error']}" if ap["postgresql_error"] else "")
+    )
+    t = Table(title="Ledger bytes per delegated request")
+    for col in ("requests/pay", "payees", "op bytes", "bytes/request", "non-receipt bytes/request"):
+        t.add_column(col, justify="right")
+    for r in by["batches"]:
+        t.add_row(
+            str(r["requests"]),
+            str(r["payees"]),
+            f"{r['op_bytes']:,}",
+            f"{r['bytes_per_request']:.0f}",
+            f"{r['overhead_bytes_per_request']:.0f}",
+        )
+    console.print(t)
+    console.print(
+        f"receipt alone: {by['receipt_bytes']} B (body {by['receipt_body_bytes']} B + sig {by['receipt_sig_hex_bytes']} B hex); "
+        f"fields: {by['receipt_fields']}; compact encodings: {by['compact_receipt_bytes']}"
+    )
+    if sync.get("profile_b"):
+        p = sync["profile_b"]
+        console.print(
+            f"node B profile ({p.get('samples', 0)} samples): by category {p.get('by_category_pct')}"
+        )
+        console.print(f"  inclusive: {p.get('inclusive_pct')}")
+    t = Table(title="Targets")
+    for col in ("target", "measured", "result"):
+        t.add_column(col)
+    for row in report["targets"]:
+        t.add_row(row["target"], row["measured"], verdict(row["pass"]))
+    console.print(t)
+
+
+def targets(report: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
+    ap, sync, by = report["appends"], report["sync"], report["bytes"]
+    met = ap["target_met_at_batch"]
+    sqlite_best = ap["best_sqlite_appends_per_s"]
+    pg = ap["postgresql"]
+    pg_best = max((r["appends_per_s"] for r in pg), default=0)
+    s = sync.get("sync_s")
+    limit = TARGET_SYNC_S * sync["ops"] / TARGET_SYNC_OPS
+    sync_text = (
+        f"{s:.1f} s for {sync['ops']:,} ops (heads match: {sync.get('heads_match')})"
+        if s is not None
+        else f"not synced after {sync['timed_out_after_s']:.0f} s ({sync['ops_on_b_at_end']:,}/{sync['ops']:,} ops)"
+    )
+    return [
+        {
+            "target": f">= {TARGET_APPENDS_PER_S:,} verified appends/s, SQLite, one core",
+            "measured": f"best {sqlite_best:,.0f}/s"
+            + (f", met from batch {met}" if met else ", at no batch size")
+            + f" (PostgreSQL best {pg_best:,.0f}/s)",
+            "pass": met is not None,
+        },
+        {
+            "target": f"new node syncs {sync['ops']:,} ops in <= {limit:g} s"
+            + ("" if sync["ops"] == TARGET_SYNC_OPS else f" (quick: scaled from {TARGET_SYNC_S:g} s / 100k)"),
+            "measured": sync_text,
+            "pass": s is not None and s <= limit and bool(sync.get("heads_match")),
+        },
+        {
+            "target": f"<= {TARGET_BYTES_PER_REQUEST} ledger bytes per delegated request at 10/pay",
+            "measured": f"{by['bytes_per_request_at_10']:.0f} B/request (receipt alone {by['receipt_bytes']} B)",
+            "pass": by["bytes_per_request_at_10"] <= TARGET_BYTES_PER_REQUEST,
+        },
+    ]
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    ax = axes[0]
+    for backend in ("sqlite", "postgresql"):
+        rows = report["appends"][backend]
+        if rows:
+            ax.plot([r["batch"] for r in rows], [r["appends_per_s"] for r in rows], "o-", label=backend)
+    ax.axhline(TARGET_APPENDS_PER_S, color="red", ls="--", label=f"target {TARGET_APPENDS_PER_S:,}/s")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("operations per append (batch)")
+    ax.set_ylabel("verified appends / s (one core)")
+    ax.set_title("1. verified appends/s")
+    ax.legend()
+    ax = axes[1]
+    sync = report["sync"]
+    curve = [(t, n) for t, n in sync.get("curve", []) if n >= 0]
+    if curve:
+        ax.plot([t for t, _ in curve], [n for _, n in curve], "-", label="ops on node B")
+    ax.axhline(sync["ops"], color="gray", ls=":", label=f"{sync['ops']:,} ops on node A")
+    limit = TARGET_SYNC_S * sync["ops"] / TARGET_SYNC_OPS
+    ax.axvline(limit, color="red", ls="--", label=f"target {limit:g} s")
+    if sync.get("sync_s") is not None:
+        ax.axvline(sync["sync_s"], color="green", ls="-.", label=f"balances equal at {sync['sync_s']:.1f} s")
+    ax.set_xlabel("seconds since node B started")
+    ax.set_ylabel("operations stored on node B")
+    ax.set_title("2. new-node sync")
+    ax.legend()
+    ax = axes[2]
+    by = report["bytes"]
+    rows = [r for r in by["batches"] if r["payees"] == 1]
+    ax.bar([str(r["requests"]) for r in rows], [r["bytes_per_request"] for r in rows], label="one payee")
+    ax.axhline(TARGET_BYTES_PER_REQUEST, color="red", ls="--", label=f"target {TARGET_BYTES_PER_REQUEST} B")
+    ax.axhline(by["receipt_bytes"], color="gray", ls=":", label=f"receipt alone {by['receipt_bytes']} B")
+    ax.set_xlabel("delegated requests per pay operation")
+    ax.set_ylabel("ledger bytes per request")
+    ax.set_title("3. ledger bytes per delegated request")
+    ax.legend()
+    m = report["machine"]
+    fig.suptitle(
+        f"wwwserve ledger throughput ({'quick' if report['quick'] else 'full'} run, "
+        f"{m['cpu_count']} CPUs, {m['cpu_model']})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="10,000-op sync and shorter runs: under a minute"
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
+    parser.add_argument("--no-profile", action="store_true", help="do not sample node B with py-spy")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    n_sync = 10_000 if args.quick else TARGET_SYNC_OPS
+    n_append = 3_000 if args.quick else 20_000
+    workdir = Path(tempfile.mkdtemp(prefix="wwwserve-ledger-bench-"))
+    started = time.perf_counter()
+    try:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            workers = max(1, len(os.sched_getaffinity(0)))
+            sync_ops = gen_ledger(n_sync, IDENTITIES, progress, workers)
+            append_ops = (
+                sync_ops[:n_append] if n_append <= n_sync else gen_ledger(n_append, IDENTITIES, None, workers)
+            )
+            # chain order for appends: a prefix in ts order keeps every chain contiguous
+            appends = part_appends(append_ops, args.quick, workdir, progress)
+            bytes_ = part_bytes()
+        sync = part_sync(sync_ops, IDENTITIES, args.quick, workdir, not args.no_profile)
+        report: dict[str, Any] = {
+            "benchmark": "ledger_throughput",
+            "quick": args.quick,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": machine_info(),
+            "appends": appends,
+            "sync": sync,
+            "bytes": bytes_,
+            "targets_spec": {
+                "appends_per_s_sqlite_one_core": TARGET_APPENDS_PER_S,
+                "sync_s_for_100k_ops": TARGET_SYNC_S,
+                "bytes_per_request_at_batch_10": TARGET_BYTES_PER_REQUEST,
+            },
+        }
+        report["targets"] = targets(report, args.quick)
+        report["wall_s"] = round(time.perf_counter() - started, 1)
+        (args.out / "ledger_throughput.json").write_text(json.dumps(report, indent=2))
+        plot(report, args.out / "ledger_throughput.png")
+        print_report(report)
+        console.print(f"wrote {args.out / 'ledger_throughput.json'} and .png in {report['wall_s']:.0f} s")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
