@@ -1,4 +1,4 @@
-"""A node's place in the network: identity, genesis, overlay and the gossip plugin.
+"""A node's place in the network: identity, genesis, overlay, and the gossip and ledger plugins.
 
 Kept apart from the HTTP gateway so that `Node` wires it in with a few lines, and so that plugins see
 only the `NodeAPI` facade.
