@@ -30,8 +30,9 @@ RANGE_LIMIT = 1000
 # A range answer must fit one overlay frame (1 MiB); receipt-laden pay operations run to a few KB.
 RANGE_MAX_BYTES = 512 * 1024
 PULL_TIMEOUT_S = 30.0
-# Pulled ranges usually sort before operations already folded, and each would force a full refold:
-# they are stored at once and folded together once the pulls go quiet for this long.
+# Pulled ranges usually sort before operations already folded, and each would force a full refold
+# (seconds at 100,000 operations): they are stored at once and folded together when no pull is left
+# running, and at least this long after the last append.
 REFOLD_AFTER_S = 0.2
 
 
@@ -51,6 +52,7 @@ class ChainLedger:
         self._lock = asyncio.Lock()
         self._pulling: set[str] = set()
         self._refold: asyncio.TimerHandle | None = None
+        self._stale = False  # operations stored but not yet folded
         self._refolding: asyncio.Task[None] | None = None
         node.overlay.on_request(RANGE_KIND, self._serve_range)
 
@@ -106,7 +108,12 @@ class ChainLedger:
             return
         self._pulling.add(key)
         task = asyncio.get_running_loop().create_task(self._pull(peer_id, author))
-        task.add_done_callback(lambda _: self._pulling.discard(key))
+        task.add_done_callback(lambda _: self._pull_done(key))
+
+    def _pull_done(self, key: str) -> None:
+        self._pulling.discard(key)
+        if not self._pulling and self._stale:
+            self._schedule_refold()
 
     async def _pull(self, peer_id: str, author: str) -> None:
         """Fetch and store what the peer holds beyond our head of `author`'s chain."""
@@ -145,7 +152,7 @@ class ChainLedger:
             try:
                 async with self._lock:
                     await asyncio.to_thread(self.store.append, new)
-                self._schedule_refold()
+                self._stale = True
             except Conflict as exc:
                 await self._report_fraud(exc.stored, exc.offered)
                 return
@@ -168,10 +175,13 @@ class ChainLedger:
         self._refold = loop.call_later(REFOLD_AFTER_S, self._start_refold)
 
     def _start_refold(self) -> None:
+        if self._pulling:  # more ranges are arriving: their last pull schedules the refold
+            return
         self._refolding = asyncio.get_running_loop().create_task(self._refold_now())
 
     async def _refold_now(self) -> None:
         """Fold everything stored, off the event loop, and swap the result in."""
+        self._stale = False
         async with self._lock:
             ops = await asyncio.to_thread(lambda: list(self.store.all_ops()))
             self.balances = await asyncio.to_thread(Balances.fold, ops, self.params)
