@@ -99,11 +99,16 @@ def test_metrics(gateway: NodeProcess) -> None:
     assert metric(text, "wwwserve_tokens_total", model="tiny", kind="completion") >= 5
     assert metric(text, "wwwserve_requests_in_flight") == 0
     assert metric(text, "wwwserve_backend_ready", model="tiny") == 1
+
     # llama.cpp's own load report, polled from its /metrics.
-    wait_until(
-        lambda: "wwwserve_backend_running{" in httpx.get(gateway.url + "/metrics").text, 5, what="load gauges"
-    )
-    assert metric(httpx.get(gateway.url + "/metrics").text, "wwwserve_backend_usage", model="smollm2") == 0
+    def smollm2_usage() -> float | None:
+        try:
+            return metric(httpx.get(gateway.url + "/metrics").text, "wwwserve_backend_usage", model="smollm2")
+        except AssertionError:
+            return None
+
+    assert wait_until(lambda: smollm2_usage() is not None, 15, what="smollm2 load gauges") is not None
+    assert smollm2_usage() == 0
 
 
 def test_error_counter(gateway: NodeProcess) -> None:

@@ -152,8 +152,9 @@ class BackendRegistry:
         """Refresh each backend's load every `interval` seconds; `on_load(backend)` sees each result."""
         while True:
             backends = list(self._by_id.values())
+            # A busy single-threaded server may take a while to answer: allow more than one interval.
             results = await asyncio.gather(
-                *(asyncio.wait_for(b.probe_load(), timeout=interval) for b in backends if b.ready),
+                *(asyncio.wait_for(b.probe_load(), timeout=max(interval, 5.0)) for b in backends if b.ready),
                 return_exceptions=True,
             )
             for backend, result in zip([b for b in backends if b.ready], results, strict=True):
