@@ -1,8 +1,9 @@
 """The built-in ledger plugin: per-author signed chains, replicated by gossip, folded into balances.
 
 - Own operations are signed, stored durably, then folded (an acknowledged operation is on disk).
-- Replication: a gossip delegate carries `{author: [seq, head hash]}`; when a peer is ahead on an
-  author's chain, the missing range is pulled over the overlay ("ledger.range"), every operation is
+- Replication: a gossip delegate carries a constant-size digest, 64 hashes over buckets of authors'
+  `(seq, head hash)`. For the buckets that differ, the peer's heads are fetched ("ledger.heads");
+  where it is ahead on a chain, the missing range is pulled ("ledger.range"), and every operation is
   verified (signature, chain links, kind rules) and stored in one transaction.
 - A peer whose head differs from ours at the same seq has seen an equivocation: both operations are
   fetched and a `fraud` operation carrying them is appended to our own chain.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +28,8 @@ from wwwserve_gateway.plugins.ledger_store import ChainError, Conflict, LedgerSt
 log = structlog.get_logger(__name__)
 
 RANGE_KIND = "ledger.range"
+HEADS_KIND = "ledger.heads"
+BUCKETS = 64
 RANGE_LIMIT = 1000
 # A range answer must fit one overlay frame (1 MiB); receipt-laden pay operations run to a few KB.
 RANGE_MAX_BYTES = 512 * 1024
@@ -55,6 +59,7 @@ class ChainLedger:
         self._stale = False  # operations stored but not yet folded
         self._refolding: asyncio.Task[None] | None = None
         node.overlay.on_request(RANGE_KIND, self._serve_range)
+        node.overlay.on_request(HEADS_KIND, self._serve_heads)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -86,13 +91,35 @@ class ChainLedger:
 
     # -- gossip delegate -----------------------------------------------------------------------------
     def local_digest(self) -> dict[str, Any]:
-        return {author: [seq, head] for author, (seq, head) in self.store.heads().items()}
+        """Constant-size: one hash per bucket of authors' heads, whatever the number of authors."""
+        return {"buckets": bucket_hashes(self.store.heads())}
 
     def merge_remote_digest(self, peer_id: str, digest: dict[str, Any]) -> None:
-        if not isinstance(digest, dict):
+        theirs = digest.get("buckets") if isinstance(digest, dict) else None
+        if not isinstance(theirs, list) or len(theirs) != BUCKETS:
+            return
+        differing = [
+            i
+            for i, (a, b) in enumerate(zip(bucket_hashes(self.store.heads()), theirs, strict=True))
+            if a != b
+        ]
+        if differing:
+            asyncio.get_running_loop().create_task(self._compare_heads(peer_id, differing))
+
+    async def _compare_heads(self, peer_id: str, buckets: list[int]) -> None:
+        """Fetch the peer's heads in the buckets that differ and pull each chain it is ahead on."""
+        try:
+            reply = await self.node.overlay.request(
+                peer_id, HEADS_KIND, {"buckets": buckets}, timeout=PULL_TIMEOUT_S
+            )
+        except Exception as exc:
+            log.info("ledger heads request failed", peer=peer_id[:16], error=str(exc))
+            return
+        heads = reply.get("heads") if isinstance(reply, dict) else None
+        if not isinstance(heads, dict):
             return
         mine = self.store.heads()
-        for author, entry in digest.items():
+        for author, entry in heads.items():
             if not (isinstance(author, str) and isinstance(entry, list) and len(entry) == 2):
                 continue
             seq, head = entry
@@ -101,6 +128,14 @@ class ChainLedger:
             local = mine.get(author)
             if local is None or seq > local[0] or (seq == local[0] and head != local[1]):
                 self._schedule_pull(peer_id, author)
+
+    async def _serve_heads(self, peer_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        wanted = body.get("buckets")
+        if not isinstance(wanted, list) or not all(isinstance(i, int) for i in wanted):
+            raise ValueError("ledger.heads takes {buckets: [int]}")
+        wanted_set = set(wanted)
+        heads = self.store.heads()
+        return {"heads": {a: [seq, h] for a, (seq, h) in heads.items() if bucket_of(a) in wanted_set}}
 
     def _schedule_pull(self, peer_id: str, author: str) -> None:
         key = f"{peer_id}:{author}"
@@ -211,3 +246,15 @@ class ChainLedger:
 
     def ops_view(self, author: str, start: int, limit: int) -> list[dict[str, Any]]:
         return [dict(op.op, hash=op.hash, sig=op.sig) for op in self.store.ops(author, start, None, limit)]
+
+
+def bucket_of(author: str) -> int:
+    return int(author[:4], 16) % BUCKETS
+
+
+def bucket_hashes(heads: Mapping[str, tuple[int, str]]) -> list[str]:
+    """A short hash per bucket over its authors' (author, seq, head): equal buckets need no exchange."""
+    entries: list[list[str]] = [[] for _ in range(BUCKETS)]
+    for author, (seq, head) in heads.items():
+        entries[bucket_of(author)].append(f"{author}:{seq}:{head}")
+    return [hashlib.sha256("\n".join(sorted(e)).encode()).hexdigest()[:16] for e in entries]
