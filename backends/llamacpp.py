@@ -100,8 +100,8 @@ class LlamaCppBackend(OpenAICompatBackend):
             f"backend {self.id}: no GGUF file for {name!r}; run 'wwwserve models pull {name}' or set model_path"
         )
 
-    def on_server_ready(self, url: str) -> None:
-        self._urls = {e: f"{url}/v1/{e.value}" for e in Endpoint}
+    def on_server_ready(self) -> None:
+        self._urls = {e: self.url(e.value) for e in Endpoint}  # base_url now points at the server
         self._ready.set()
 
     def on_server_lost(self) -> None:
@@ -202,7 +202,7 @@ class EmbeddedServer:
             raise RuntimeError(f"llama.cpp server did not start; see {self._log_path()}")
         self.url = line.split()[1].decode().rstrip("/")
         await self._wait_healthy(timeout)
-        self.backend.on_server_ready(self.url)
+        self.backend.on_server_ready()
         log.info("llama.cpp server ready", backend=self.backend.id, url=self.url, pid=self._proc.pid)
 
     async def _wait_healthy(self, limit_s: float) -> None:

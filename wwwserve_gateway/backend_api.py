@@ -146,9 +146,6 @@ class Backend(ABC):
     def ready(self) -> bool:
         return self._ready.is_set()
 
-    async def wait_ready(self) -> None:
-        await self._ready.wait()
-
     async def start(self) -> None:
         """Open connections (and start servers the backend owns). Set ready when it can serve."""
         self._ready.set()

@@ -151,13 +151,14 @@ class BackendRegistry:
     async def poll_loads(self, interval: float, on_load) -> None:
         """Refresh each backend's load every `interval` seconds; `on_load(backend)` sees each result."""
         while True:
-            backends = list(self._by_id.values())
+            # Taken once: readiness can change while the probes run.
+            ready = [b for b in self._by_id.values() if b.ready]
             # A busy single-threaded server may take a while to answer: allow more than one interval.
             results = await asyncio.gather(
-                *(asyncio.wait_for(b.probe_load(), timeout=max(interval, 5.0)) for b in backends if b.ready),
+                *(asyncio.wait_for(b.probe_load(), timeout=max(interval, 5.0)) for b in ready),
                 return_exceptions=True,
             )
-            for backend, result in zip([b for b in backends if b.ready], results, strict=True):
+            for backend, result in zip(ready, results, strict=True):
                 backend.state.load = result if isinstance(result, BackendLoad) else None
                 on_load(backend)
             await asyncio.sleep(interval)

@@ -50,7 +50,8 @@ class NodeSettings(StrictModel):
     )
     load_poll_interval: float = Field(1.0, gt=0, description="seconds between polls of each backend's load")
     network: Path | None = Field(
-        None, description="the network genesis file (wwwserve network init); unset uses the default parameters"
+        None,
+        description="the network genesis file (wwwserve network init); unset uses the default parameters",
     )
     bootstrap: list[str] = Field(
         default_factory=list, description="URLs of nodes to join through, e.g. http://127.0.0.1:4001"

@@ -82,6 +82,7 @@ class GatewayMetrics:
         # Label children cached per label tuple: .labels() takes a lock and builds a key each call.
         self._done: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._ttft: dict[str, Histogram] = {}
+        self._tokens: dict[str, tuple[Counter, Counter]] = {}
 
     def request_done(self, endpoint: str, model: str, status: int, seconds: float) -> None:
         key = (endpoint, model, status)
@@ -99,6 +100,16 @@ class GatewayMetrics:
         if child is None:
             child = self._ttft[model] = self.ttft.labels(model)
         child.observe(seconds)
+
+    def count_tokens(self, model: str, prompt: int, completion: int) -> None:
+        children = self._tokens.get(model)
+        if children is None:
+            children = self._tokens[model] = (
+                self.tokens.labels(model, "prompt"),
+                self.tokens.labels(model, "completion"),
+            )
+        children[0].inc(prompt)
+        children[1].inc(completion)
 
     def count_error(self, endpoint: str, kind: str) -> None:
         self.errors.labels(endpoint, kind).inc()

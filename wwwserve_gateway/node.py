@@ -14,7 +14,7 @@ from wwwserve_gateway.auth import KeyCheck
 from wwwserve_gateway.backend_api import Backend, BackendContext
 from wwwserve_gateway.backend_registry import BackendRegistry, validate_backend_params
 from wwwserve_gateway.config import GatewayConfig, ModelEntry, load_config
-from wwwserve_gateway.config_errors import ConfigError
+from wwwserve_gateway.config_errors import ConfigError, ConfigProblem
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.network import NodeNetwork
 from wwwserve_gateway.openai.serving import OpenAIServing
@@ -81,7 +81,7 @@ class Node:
         A deployment whose entry changed is replaced. Other sections take effect on restart only.
         """
         if self.config_path is None:
-            raise ConfigError("reload", [])
+            raise ConfigError("reload", [ConfigProblem((), "the node was started without a config file")])
         fresh = load_config(self.config_path)
         wanted = {e.deployment_id: e for e in fresh.model_list}
         running = {b.id: b.entry for b in self.registry}

@@ -18,7 +18,7 @@ from wwwserve_gateway.asgi import (
 )
 from wwwserve_gateway.backend_api import Backend, Endpoint, JSONReply, Usage
 from wwwserve_gateway.backend_registry import BackendRegistry
-from wwwserve_gateway.errors import BackendError, GatewayError
+from wwwserve_gateway.errors import BackendError, GatewayError, InvalidRequest
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.sse import DONE
 
@@ -44,9 +44,8 @@ class OpenAIServing:
         model = body["model"]
         backend = self.registry.pick(model)
         if endpoint not in backend.endpoints:
-            raise GatewayError(
+            raise InvalidRequest(
                 f"The model '{model}' does not support /v1/{endpoint}",
-                status=400,
                 param="model",
                 code="unsupported_endpoint",
             )
@@ -132,6 +131,5 @@ class OpenAIServing:
     def _count_tokens(self, backend: Backend, model: str, usage: Usage | None) -> None:
         if usage is None:
             return
-        self.metrics.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
-        self.metrics.tokens.labels(model, "completion").inc(usage.completion_tokens)
+        self.metrics.count_tokens(model, usage.prompt_tokens, usage.completion_tokens)
         self.registry.record_tokens(backend, usage.total_tokens)
