@@ -13,31 +13,16 @@ a whole micro-credit (`price_micro`). `payment_amount` gives writers the amount 
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from wwwserve_gateway import receipts
 from wwwserve_gateway.genesis import LedgerParams
 from wwwserve_gateway.identity import NODE_ID, InvalidSignature, verify_record
 from wwwserve_gateway.plugins.ledger_ops import InvalidOperation, Operation, parse_op
 
 MICRO = 1_000_000  # micro-credits per credit
-HASH = re.compile(r"[0-9a-f]{64}")
-RECEIPT_KEYS = frozenset(
-    {
-        "id",
-        "kind",
-        "entry",
-        "request",
-        "response",
-        "model",
-        "prompt_tokens",
-        "completion_tokens",
-        "started",
-        "finished",
-    }
-)
 VOTE_KEYS = frozenset({"id", "kind", "duel", "choice"})
 CHOICES = ("A", "B", "tie")
 
@@ -83,24 +68,9 @@ def receipt_key(receipt: dict[str, Any]) -> tuple[str, str, str]:
 def check_receipt(record: Any) -> dict[str, Any]:
     """The body of a signed receipt, after checking its signature and fields."""
     try:
-        body = verify_record(record)
-    except InvalidSignature as exc:
-        raise InvalidOperation(f"receipt: {exc}") from None
-    if set(body) != RECEIPT_KEYS or body["kind"] != "receipt":
-        raise InvalidOperation(f"a receipt has exactly the keys {sorted(RECEIPT_KEYS)} and kind 'receipt'")
-    if not isinstance(body["entry"], str) or not NODE_ID.fullmatch(body["entry"]):
-        raise InvalidOperation("receipt entry must be a node id")
-    for field in ("request", "response"):
-        if not isinstance(body[field], str) or not HASH.fullmatch(body[field]):
-            raise InvalidOperation(f"receipt {field} must be a sha256 hex digest")
-    if not isinstance(body["model"], str):
-        raise InvalidOperation("receipt model must be a string")
-    for field in ("prompt_tokens", "completion_tokens"):
-        if not _is_int(body[field]) or body[field] < 0:
-            raise InvalidOperation(f"receipt {field} must be an integer >= 0")
-    if not _is_number(body["started"]) or not _is_number(body["finished"]):
-        raise InvalidOperation("receipt started/finished must be numbers")
-    return body
+        return receipts.check_receipt(record)
+    except receipts.InvalidReceipt as exc:
+        raise InvalidOperation(str(exc)) from None
 
 
 def check_vote(record: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 GOSSIP_GROUP = "wwwserve.gossip"
 LEDGER_GROUP = "wwwserve.ledgers"
+POLICY_GROUP = "wwwserve.policies"
+ROUTER_GROUP = "wwwserve.routers"
 
 
 @dataclass
@@ -37,7 +40,11 @@ class NodeAPI:
     public_url: str
     bootstrap: tuple[str, ...]
     data_dir: Path
-    gossip: GossipPlugin | None = None  # set once the gossip plugin is built
+    # Set as the plugins are built (gossip, ledger, policy, router, in that order).
+    gossip: GossipPlugin | None = None
+    ledger: LedgerPlugin | None = None
+    policy: PolicyPlugin | None = None
+    router: RouterPlugin | None = None
 
 
 @dataclass(frozen=True)
@@ -93,3 +100,97 @@ class LedgerPlugin(Protocol):
     def balances_view(self) -> dict[str, dict[str, Any]]: ...
 
     def ops_view(self, author: str, start: int, limit: int) -> list[dict[str, Any]]: ...
+
+    def account(self, node_id: str) -> dict[str, Any]:
+        """{"liquid", "bonded", "unbonding" (credits), "barred"} of one node; zeros if unknown."""
+
+    def can_delegate(self, node_id: str) -> bool:
+        """Whether a node may delegate and be drawn: balance >= 0 (own debts not yet settled
+        included, for this node) and not barred."""
+
+    async def settle(self, receipt: dict[str, Any]) -> None:
+        """Owe an executor for a verified signed receipt; the ledger pays in batches."""
+
+
+# -- delegation ----------------------------------------------------------------------------------
+
+
+class Decision(StrEnum):
+    LOCAL = "local"  # serve on a local backend now (the engine may queue it)
+    DELEGATE = "delegate"  # hand it to a peer the router draws
+    RETRY = "retry"  # wait the policy's retry_after_s, then decide again
+    REJECT = "reject"  # refuse: 429 to an app, a decline to a peer
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What policies and routers see of a request (never its content)."""
+
+    id: str  # 32 hex characters, the same on every hop
+    model: str
+    endpoint: str  # "chat/completions", "completions" or "embeddings"
+    stream: bool
+    route: tuple[str, ...]  # node ids it went through, entry first; () for an app's request
+    prompt_chars: int = 0
+    max_tokens: int | None = None
+    attempt: int = 0  # how many times the policy has been asked about it already (RETRY)
+
+    @property
+    def from_peer(self) -> bool:
+        return bool(self.route)
+
+
+class Policy:
+    """A provider's decisions. Subclass it and override what you need; register the class under the
+    `wwwserve.policies` entry-point group (or name it as 'module:Class' in the config).
+
+    Decisions are synchronous and must be quick: they run on the request path.
+    """
+
+    retry_after_s: float = 0.5
+
+    def __init__(self, node: NodeAPI, settings: Mapping[str, Any]) -> None:
+        self.node = node
+        self.settings = settings
+
+    async def start(self) -> None:
+        """Called once the ledger and gossip run (e.g. to bond stake)."""
+
+    async def stop(self) -> None: ...
+
+    def decide(self, request: RequestInfo) -> Decision:
+        """An app's request: serve locally, delegate, retry shortly or reject."""
+        return Decision.LOCAL
+
+    def accept(self, request: RequestInfo) -> Decision:
+        """A peer's request: LOCAL runs it here, DELEGATE relays it onward (multi-hop), anything
+        else declines it."""
+        return Decision.REJECT
+
+    def advertised_stake(self) -> float:
+        """The stake this node offers to proof-of-stake draws now (capped by its bonded stake)."""
+        return 0.0
+
+    def shares(self, model: str) -> bool:
+        """Whether peers may send this node requests for `model`."""
+        return True
+
+    def buys(self, model: str) -> bool:
+        """Whether this node may delegate requests for `model` to peers."""
+        return True
+
+    def on_request_done(self, request: RequestInfo, where: str, seconds: float, ok: bool) -> None:
+        """Told after every request: `where` is "local" or the executor's node id."""
+
+
+PolicyPlugin = Policy
+
+
+@runtime_checkable
+class RouterPlugin(Protocol):
+    """Executor choice: which peers to try for a request, best first. The node tries them in order
+    (a decline, timeout or dead connection moves to the next)."""
+
+    def __init__(self, node: NodeAPI, settings: Mapping[str, Any]) -> None: ...
+
+    def candidates(self, request: RequestInfo) -> list[str]: ...
