@@ -55,6 +55,10 @@ class MetricsProbedBackend(OpenAICompatBackend):
 
     Params = MetricsProbeParams
     params: MetricsProbeParams
+    continuation_params: ClassVar[dict[str, Any]] = {
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+    }
 
     running_metric: ClassVar[str]
     waiting_metric: ClassVar[str]

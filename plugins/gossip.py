@@ -96,9 +96,12 @@ class SwimGossip:
                 log.exception("gossip round failed")
 
     def _own_fields(self) -> dict[str, Any]:
+        policy = self.node.policy
         backends = list(self.node.backends)
         models = {}
         for backend in backends:
+            if policy is not None and not policy.shares(backend.model_name):
+                continue
             context = getattr(backend.params, "n_ctx", None) or backend.entry.model_info.model_extra.get(
                 "max_input_tokens"
             )
@@ -114,10 +117,11 @@ class SwimGossip:
             running += load.running if load else backend.state.in_flight
             waiting += load.waiting if load else 0
             usage = max(usage, load.usage if load else 0.0)
+        stake = policy.advertised_stake() if policy is not None else 0.0
         return {
             "models": sorted(models.values(), key=lambda m: m["name"]),
             "load": {"running": running, "waiting": waiting, "usage": round(usage, 2)},
-            "stake": 0,
+            "stake": round(stake, 3),
         }
 
     def _publish_own(self) -> None:

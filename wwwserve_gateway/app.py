@@ -64,7 +64,7 @@ def create_app(node: Node) -> GatewayApp:
             node.metrics.observe_backend(backend)
         return Response(node.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    fast = generation_endpoints(node.serving, node.keys, node.metrics, settings.max_body_bytes)
+    fast = generation_endpoints(node.dispatcher, node.keys, node.metrics, settings.max_body_bytes)
     routes = openai_routes(fast, node.registry, node.keys)
     routes += [
         Route("/health", health, methods=["GET"]),

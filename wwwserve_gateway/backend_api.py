@@ -127,6 +127,9 @@ class Backend(ABC):
 
     Params: ClassVar[type[BackendParams]] = BackendParams
     endpoints: ClassVar[frozenset[Endpoint]] = frozenset(Endpoint)
+    # Added to a chat request whose last message is an assistant prefix to be continued (failover
+    # mid-stream). llama.cpp continues such a message by itself; vLLM and SGLang need to be told.
+    continuation_params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, entry: ModelEntry, params: BackendParams, ctx: BackendContext) -> None:
         self.entry = entry

@@ -20,13 +20,25 @@ from wwwserve_gateway.genesis import NetworkGenesis, load_genesis
 from wwwserve_gateway.identity import NodeIdentity
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.overlay.overlay import Overlay
-from wwwserve_gateway.plugin_api import GOSSIP_GROUP, LEDGER_GROUP, GossipPlugin, LedgerPlugin, NodeAPI
+from wwwserve_gateway.plugin_api import (
+    GOSSIP_GROUP,
+    LEDGER_GROUP,
+    POLICY_GROUP,
+    ROUTER_GROUP,
+    GossipPlugin,
+    LedgerPlugin,
+    NodeAPI,
+    Policy,
+    RouterPlugin,
+)
 from wwwserve_gateway.plugin_loading import load_entry_point
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_GOSSIP = "swim"
 DEFAULT_LEDGER = "chains"
+DEFAULT_POLICY = "frequency"
+DEFAULT_ROUTER = "pos"
 
 
 class NodeNetwork:
@@ -53,10 +65,20 @@ class NodeNetwork:
         slot = config.ledger
         ledger_cls = load_entry_point(LEDGER_GROUP, slot.plugin or DEFAULT_LEDGER)
         self.ledger: LedgerPlugin = ledger_cls(self.api, slot.settings)
+        self.api.ledger = self.ledger
+        slot = config.policy
+        policy_cls = load_entry_point(POLICY_GROUP, slot.plugin or DEFAULT_POLICY)
+        self.policy: Policy = policy_cls(self.api, slot.settings)
+        self.api.policy = self.policy
+        slot = config.router
+        router_cls = load_entry_point(ROUTER_GROUP, slot.plugin or DEFAULT_ROUTER)
+        self.router: RouterPlugin = router_cls(self.api, slot.settings)
+        self.api.router = self.router
 
     async def start(self) -> None:
         await self.ledger.start()
         await self.gossip.start()
+        await self.policy.start()
         log.info(
             "joined the network",
             node_id=self.identity.node_id,
@@ -65,6 +87,7 @@ class NodeNetwork:
         )
 
     async def stop(self) -> None:
+        await self.policy.stop()
         await self.gossip.stop()
         await self.overlay.aclose()
         await self.ledger.stop()

@@ -15,6 +15,10 @@ from wwwserve_gateway.backend_api import Backend, BackendContext
 from wwwserve_gateway.backend_registry import BackendRegistry, validate_backend_params
 from wwwserve_gateway.config import GatewayConfig, ModelEntry, load_config
 from wwwserve_gateway.config_errors import ConfigError, ConfigProblem
+from wwwserve_gateway.delegation.dispatch import Dispatcher
+from wwwserve_gateway.delegation.entry import Delegator
+from wwwserve_gateway.delegation.executor import PeerExecutor
+from wwwserve_gateway.delegation.metrics import DelegationMetrics
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.network import NodeNetwork
 from wwwserve_gateway.openai.serving import OpenAIServing
@@ -32,6 +36,13 @@ class Node:
         self.keys = KeyCheck(settings.api_keys)
         self.serving = OpenAIServing(self.registry, self.metrics)
         self.network = NodeNetwork(config, self.registry, self.metrics)
+        api = self.network.api
+        delegation_metrics = DelegationMetrics(self.metrics.registry)
+        delegator = Delegator(api, delegation_metrics, settings.request_timeout)
+        self.executor = PeerExecutor(api, self.registry, delegator, delegation_metrics)
+        self.dispatcher = Dispatcher(
+            api, self.serving, delegator, self.metrics, delegation_metrics, settings.request_timeout
+        )
         self.app = create_app(self)
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -134,6 +134,7 @@ class RequestInfo:
     prompt_chars: int = 0
     max_tokens: int | None = None
     attempt: int = 0  # how many times the policy has been asked about it already (RETRY)
+    avoid: tuple[str, ...] = ()  # nodes that already failed this request: routers skip them
 
     @property
     def from_peer(self) -> bool:
@@ -180,7 +181,8 @@ class Policy:
         return True
 
     def on_request_done(self, request: RequestInfo, where: str, seconds: float, ok: bool) -> None:
-        """Told after every request: `where` is "local" or the executor's node id."""
+        """Told after every app request and every peer request served here: `where` is "local"
+        or "peer" (delegated)."""
 
 
 PolicyPlugin = Policy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import structlog
@@ -19,22 +19,27 @@ from wwwserve_gateway.backend_registry import BackendRegistry
 from wwwserve_gateway.errors import GatewayError, InvalidRequest, ModelNotFound
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.openai.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
+    REQUEST_TYPES,
     ModelCard,
     ModelList,
     validate_request,
 )
-from wwwserve_gateway.openai.serving import OpenAIServing
 
 log = structlog.get_logger(__name__)
 
-REQUEST_TYPES = {
-    Endpoint.CHAT: ChatCompletionRequest,
-    Endpoint.COMPLETION: CompletionRequest,
-    Endpoint.EMBEDDING: EmbeddingRequest,
-}
+
+class Serving(Protocol):
+    """What answers a generation request: the node's dispatcher (local or delegated)."""
+
+    async def serve(
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        stream: bool,
+        receive: Receive,
+        send: Send,
+        started: float,
+    ) -> None: ...
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -53,7 +58,7 @@ class GenerationEndpoint:
     """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
 
     def __init__(
-        self, endpoint: Endpoint, serving: OpenAIServing, keys: KeyCheck, metrics: GatewayMetrics, limit: int
+        self, endpoint: Endpoint, serving: Serving, keys: KeyCheck, metrics: GatewayMetrics, limit: int
     ) -> None:
         self.endpoint = endpoint
         self.request_type = REQUEST_TYPES[endpoint]
@@ -105,7 +110,7 @@ def model_routes(registry: BackendRegistry, keys: KeyCheck, started_at: int) -> 
 
 
 def generation_endpoints(
-    serving: OpenAIServing, keys: KeyCheck, metrics: GatewayMetrics, limit: int
+    serving: Serving, keys: KeyCheck, metrics: GatewayMetrics, limit: int
 ) -> dict[str, GenerationEndpoint]:
     """Path -> handler, with and without /v1 (the OpenAI SDK drops it when base_url lacks it)."""
     handlers = {e: GenerationEndpoint(e, serving, keys, metrics, limit) for e in Endpoint}

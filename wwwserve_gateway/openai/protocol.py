@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from wwwserve_gateway.backend_api import Endpoint
 from wwwserve_gateway.errors import InvalidRequest
 
 
@@ -107,3 +108,10 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+REQUEST_TYPES: dict[Endpoint, type[_Request]] = {
+    Endpoint.CHAT: ChatCompletionRequest,
+    Endpoint.COMPLETION: CompletionRequest,
+    Endpoint.EMBEDDING: EmbeddingRequest,
+}

@@ -40,7 +40,9 @@ class OpenAIServing:
         receive: Receive,
         send: Send,
         started: float,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
+        """Serve on a local deployment; `headers` are added to the answer's."""
         model = body["model"]
         backend = self.registry.pick(model)
         if endpoint not in backend.endpoints:
@@ -57,13 +59,13 @@ class OpenAIServing:
         status = 200
         try:
             if stream:
-                work = self._stream(backend, endpoint, body, send, model, started)
+                work = self._stream(backend, endpoint, body, send, model, started, headers or [])
                 usage = await cancel_on_disconnect(receive, work)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
                 reply = await cancel_on_disconnect(receive, backend.complete(endpoint, body))
-                usage, headers = self._ensure_usage(endpoint, reply)
-                await send_bytes(send, 200, reply.body, headers)
+                usage, extra = self._ensure_usage(endpoint, reply)
+                await send_bytes(send, 200, reply.body, (headers or []) + (extra or []))
         except ClientDisconnected:
             status = 499
             m.client_disconnects.inc()
@@ -85,11 +87,12 @@ class OpenAIServing:
         send: Send,
         model: str,
         started: float,
+        headers: list[tuple[bytes, bytes]],
     ) -> Usage | None:
         """Relay a stream. Failures before the first byte raise (a JSON error follows); after the
         headers are out, a failure becomes an SSE error event."""
         sse = await backend.stream(endpoint, body)
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
         done = False
         first = True
         try:

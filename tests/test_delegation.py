@@ -1,0 +1,220 @@
+"""Delegation between real node processes with real llama.cpp backends, over real loopback sockets.
+
+An overloaded entry node E (its policy never serves locally) delegates to two executors X1, X2;
+the executors earn credits; every node's ledger agrees; a client disconnect stops the executor's
+backend; an executor killed mid-stream is replaced and the app still gets one whole answer.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.support import LlamaServer, NodeProcess, wait_until
+from wwwserve_gateway.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
+from wwwserve_gateway.receipts import check_receipt, decode_receipt
+
+MODEL = "smol"
+GOSSIP = GossipParams(interval_s=0.3, probe_timeout_s=0.25, suspect_timeout_s=1.5, refresh_s=2.0)
+LEDGER = LedgerParams(payment_batch_window_s=0.3, price_per_request=1.0)
+BOND = 100
+
+
+@dataclass
+class Member:
+    node: NodeProcess
+    llama: LlamaServer
+    id: str = ""
+
+
+def own_id(node: NodeProcess) -> str:
+    return next(p["id"] for p in httpx.get(node.url + "/wwwserve/peers", timeout=5).json() if p["self"])
+
+
+def balances(node: NodeProcess) -> dict[str, dict]:
+    return httpx.get(node.url + "/wwwserve/ledger/balances", timeout=5).json()
+
+
+def counter(node: NodeProcess, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in httpx.get(node.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[dict[str, Member]]:
+    workdir = tmp_path_factory.mktemp("delegation")
+    genesis = workdir / "network.yaml"
+    write_genesis(NetworkGenesis(name="delegation-test", gossip=GOSSIP, ledger=LEDGER), genesis)
+    members: dict[str, Member] = {}
+    policies = {
+        # E is always overloaded: it never serves apps locally and always delegates.
+        "E": {"target_usage": -1, "offload_frequency": 1.0, "accept_frequency": 0.0, "bond": 0},
+        "X1": {"target_usage": 1.0, "accept_frequency": 1.0, "bond": BOND},
+        "X2": {"target_usage": 1.0, "accept_frequency": 1.0, "bond": BOND},
+    }
+    try:
+        for name, policy in policies.items():
+            llama = LlamaServer(smollm2_path, MODEL, parallel=2)
+            bootstrap = [members["E"].node.url] if members else []
+            config = {
+                "node": {"network": str(genesis), "bootstrap": bootstrap, "request_timeout": 20},
+                "model_list": [
+                    {
+                        "model_name": MODEL,
+                        "litellm_params": {"model": f"llamacpp/{MODEL}", "api_base": llama.base_url},
+                    }
+                ],
+                "policy": {"settings": policy},
+            }
+            node = NodeProcess(config, workdir, name=name).start()
+            members[name] = Member(node, llama, own_id(node))
+        entry = members["E"].node
+        executors = [members["X1"].id, members["X2"].id]
+
+        def ready() -> bool:
+            view = {p["id"]: p for p in httpx.get(entry.url + "/wwwserve/peers", timeout=5).json()}
+            held = balances(entry)
+            return all(
+                view.get(x, {}).get("state") == "alive"
+                and (view[x].get("stake") or 0) > 0
+                and held.get(x, {}).get("bonded") == BOND
+                for x in executors
+            )
+
+        wait_until(ready, 60, interval=0.2, what="executors alive and staked at the entry")
+        yield members
+    finally:
+        for m in members.values():
+            m.node.stop(signal.SIGKILL)
+            m.llama.stop()
+
+
+def client(node: NodeProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=node.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_overloaded_entry_delegates_and_executors_earn(net: dict[str, Member]) -> None:
+    e = net["E"]
+    executors = {net["X1"].id, net["X2"].id}
+    before = balances(e.node)
+    n = 4
+    for _ in range(n):
+        raw = client(e.node).chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8
+        )
+        reply = raw.parse()
+        assert reply.choices[0].message.content
+        route = raw.headers["x-wwwserve-route"].split(",")
+        assert route[0] == e.id and route[-1] in executors and len(route) == 2
+        receipt = check_receipt(decode_receipt(raw.headers["x-wwwserve-receipt"]))
+        assert receipt["id"] == route[-1] and receipt["entry"] == e.id and receipt["model"] == MODEL
+        # Provider addresses never reach the app.
+        assert "127.0.0.1" not in str(raw.headers)
+
+    def paid() -> bool:
+        now = balances(e.node)
+        return now[e.id]["liquid"] == before[e.id]["liquid"] - n * LEDGER.price_per_request
+
+    wait_until(paid, 20, interval=0.2, what="the entry paid its executors")
+    earned = sum(balances(e.node)[x]["liquid"] - before[x]["liquid"] for x in executors)
+    assert earned == n * LEDGER.price_per_request
+
+    def agree() -> bool:
+        views = [balances(m.node) for m in net.values()]
+        return all(v == views[0] for v in views)
+
+    wait_until(agree, 20, interval=0.2, what="every node's balances agree")
+
+
+def test_streamed_delegation_through_the_openai_sdk(net: dict[str, Member]) -> None:
+    e = net["E"]
+    with client(e.node).chat.completions.with_streaming_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to five"}], max_tokens=16, stream=True
+    ) as response:
+        route = response.headers["x-wwwserve-route"].split(",")
+        chunks = list(response.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert route[0] == e.id and route[-1] in {net["X1"].id, net["X2"].id}
+
+
+def test_text_completion_is_delegated(net: dict[str, Member]) -> None:
+    raw = client(net["E"].node).completions.with_raw_response.create(model=MODEL, prompt="1, 2, 3,", max_tokens=4)
+    assert raw.parse().choices[0].text is not None
+    assert raw.headers["x-wwwserve-route"].startswith(net["E"].id + ",")
+
+
+def test_executor_refuses_a_loop_and_the_entry_never_loops(net: dict[str, Member]) -> None:
+    for m in net.values():
+        assert counter(m.node, "wwwserve_peer_requests_total", outcome="relayed") == 0
+    # The entry's own requests were never offered back to it.
+    assert counter(net["E"].node, "wwwserve_peer_requests_total") == 0
+
+
+def test_client_disconnect_cancels_the_executors_backend(net: dict[str, Member]) -> None:
+    e = net["E"]
+    by_id = {m.id: m for m in net.values()}
+    with httpx.stream(
+        "POST",
+        e.node.url + "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
+            "max_tokens": 2000,
+            "stream": True,
+        },
+        timeout=30,
+    ) as response:
+        executor = by_id[response.headers["x-wwwserve-route"].split(",")[-1]]
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        assert executor.llama.busy_slots() == 1
+    wait_until(lambda: executor.llama.busy_slots() == 0, 15, what="the executor's llama.cpp slot freed")
+
+
+def test_executor_killed_mid_stream_the_answer_continues(net: dict[str, Member]) -> None:
+    e = net["E"]
+    by_id = {m.id: m for m in net.values()}
+    failovers = counter(e.node, "wwwserve_failovers_total", stage="mid_stream")
+    text: list[str] = []
+    finish = None
+    with httpx.stream(
+        "POST",
+        e.node.url + "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "List the numbers from 1 to 100, separated by commas."}],
+            "max_tokens": 120,
+            "temperature": 0,
+            "stream": True,
+        },
+        timeout=60,
+    ) as response:
+        victim = by_id[response.headers["x-wwwserve-route"].split(",")[-1]]
+        killed = False
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = httpx.Response(200, content=line[6:]).json()
+            assert "error" not in chunk, chunk
+            for choice in chunk.get("choices") or []:
+                text.append(choice["delta"].get("content") or "")
+                finish = choice.get("finish_reason") or finish
+            if not killed and len(text) >= 10:
+                victim.node.stop(signal.SIGKILL)
+                killed = True
+    assert killed, "the stream ended before the executor could be killed"
+    assert finish in ("stop", "length")
+    assert counter(e.node, "wwwserve_failovers_total", stage="mid_stream") == failovers + 1
+    assert len("".join(text)) > 20

@@ -1,0 +1,311 @@
+"""The entry side: try the router's candidates in order, relay the answer, fail over.
+
+An executor that declines, cannot be reached, stalls, breaks the protocol or fails with a server
+error is replaced by the next candidate. Before any output that is invisible to the app; mid-stream
+the answer continues at the next executor from the text already sent (`continuation`). Only a
+verified receipt is paid; a receipt that fails verification is counted and not paid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+
+from wwwserve_gateway.asgi import SSE_HEADERS, Send
+from wwwserve_gateway.backend_api import Endpoint, Usage
+from wwwserve_gateway.delegation import wire
+from wwwserve_gateway.delegation.continuation import Stitcher, continuation_body, progress
+from wwwserve_gateway.delegation.metrics import DelegationMetrics
+from wwwserve_gateway.errors import BackendError, UpstreamError
+from wwwserve_gateway.overlay.errors import OverlayError, PeerTimeout
+from wwwserve_gateway.plugin_api import NodeAPI, RequestInfo
+from wwwserve_gateway.receipts import InvalidReceipt, check_receipt, encode_receipt, request_hash
+from wwwserve_gateway.sse import DONE
+
+log = structlog.get_logger(__name__)
+
+# The executor answers accept or decline before doing any work: waiting longer means it is stuck.
+ACCEPT_TIMEOUT_S = 2.0
+ROUTE_HEADER = b"x-wwwserve-route"
+RECEIPT_HEADER = b"x-wwwserve-receipt"
+
+
+class NoExecutor(Exception):
+    """No candidate accepted the request."""
+
+
+class ExecutorFailed(Exception):
+    """The executor broke off, stalled, sent something malformed or failed with a server error."""
+
+
+@dataclass
+class Execution:
+    """A request an executor accepted: its items after the accept."""
+
+    peer: str  # the first hop, which this node asked
+    route: tuple[str, ...]  # the whole route, executor last
+    request: wire.DelegatedRequest
+    items: AsyncIterator[dict[str, Any]]
+
+    @property
+    def executor(self) -> str:
+        return self.route[-1]
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, Any]]:
+        try:
+            async for item in self.items:
+                yield wire.check_item(item)
+        except (OverlayError, wire.WireError, TimeoutError) as exc:
+            raise ExecutorFailed(f"{self.executor[:16]}: {exc}") from None
+
+    async def aclose(self) -> None:
+        await self.items.aclose()  # type: ignore[attr-defined]
+
+
+def check_events(payload: str) -> None:
+    """Every event must be a JSON object in a data field: an executor that sends anything else is
+    failing, and its output must not reach the app."""
+    for event in payload.split("\n\n"):
+        if not event or event.startswith(":"):
+            continue
+        if not event.startswith("data: "):
+            raise ExecutorFailed("an SSE event without a data field")
+        try:
+            obj = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            raise ExecutorFailed("an SSE event that is not JSON") from None
+        if not isinstance(obj, dict):
+            raise ExecutorFailed("an SSE event that is not a JSON object")
+
+
+class Delegator:
+    def __init__(self, api: NodeAPI, metrics: DelegationMetrics, stall_timeout: float) -> None:
+        self.api = api
+        self.me = api.identity.node_id
+        self.metrics = metrics
+        self.stall_timeout = stall_timeout
+
+    # -- finding an executor ---------------------------------------------------------------------
+    async def open(
+        self,
+        info: RequestInfo,
+        request: wire.DelegatedRequest,
+        avoid: set[str],
+    ) -> Execution:
+        """Send the request to candidates in turn until one accepts."""
+        assert self.api.router is not None
+        ask = dataclasses.replace(info, route=request.route, avoid=tuple(avoid))
+        body = request.to_wire()
+        for peer in self.api.router.candidates(ask):
+            if peer in avoid or peer in request.route:
+                continue
+            items = self.api.overlay.stream(peer, wire.KIND, body, timeout=self.stall_timeout)
+            outcome = await self._first_item(peer, items, request.route)
+            if isinstance(outcome, tuple):
+                self.metrics.attempts.labels("accepted").inc()
+                return Execution(peer, outcome, request, items)
+            self.metrics.attempts.labels(outcome).inc()
+            await items.aclose()  # type: ignore[attr-defined]
+            avoid.add(peer)
+        raise NoExecutor(f"no peer accepted the request for '{info.model}'")
+
+    async def _first_item(
+        self, peer: str, items: AsyncIterator[dict[str, Any]], route: tuple[str, ...]
+    ) -> tuple[str, ...] | str:
+        """The accepted route, or why not: declined, unreachable, timeout or invalid."""
+        try:
+            async with asyncio.timeout(ACCEPT_TIMEOUT_S):
+                first = await anext(items)
+            kind, payload = wire.check_item(first)
+        except (TimeoutError, PeerTimeout):
+            return "timeout"
+        except (OverlayError, StopAsyncIteration):
+            return "unreachable"
+        except wire.WireError as exc:
+            log.warning("executor broke the protocol", peer=peer[:16], reason=str(exc))
+            return "invalid"
+        if kind == "decline":
+            log.debug("candidate declined", peer=peer[:16], reason=payload)
+            return "declined"
+        full = payload if kind == "accept" else ()
+        if len(full) <= len(route) or full[: len(route)] != route or full[len(route)] != peer:
+            log.warning("executor broke the protocol", peer=peer[:16], reason=f"first item {kind!r}")
+            return "invalid"
+        return full
+
+    # -- receipts ----------------------------------------------------------------------------------
+    def verify_receipt(
+        self, record: Any, ex: Execution, response: str, max_tokens: int | None
+    ) -> dict[str, Any]:
+        try:
+            body = check_receipt(record)
+        except InvalidReceipt as exc:
+            raise ExecutorFailed(str(exc)) from None
+        req = ex.request
+        problems = [
+            body["id"] != ex.executor and "signed by another node than the executor",
+            body["entry"] != self.me and "names another entry node",
+            body["request"] != request_hash(req.id, req.endpoint.value, req.body) and "another request",
+            body["response"] != response and "another response than the bytes received",
+            body["model"] != req.body["model"] and "another model",
+            max_tokens is not None and body["completion_tokens"] > max_tokens + 1 and "too many tokens",
+        ]
+        wrong = [p for p in problems if p]
+        if wrong:
+            self.metrics.bad_receipts.inc()
+            raise ExecutorFailed("receipt " + "; ".join(wrong))
+        return body
+
+    async def pay(self, record: dict[str, Any]) -> None:
+        assert self.api.ledger is not None
+        await self.api.ledger.settle(record)
+
+    # -- relaying ----------------------------------------------------------------------------------
+    def _request(self, info: RequestInfo, endpoint: Endpoint, body: dict[str, Any], cont: bool):
+        return wire.DelegatedRequest(info.id, endpoint, body, (self.me,), cont)
+
+    async def complete(
+        self, info: RequestInfo, endpoint: Endpoint, body: dict[str, Any]
+    ) -> tuple[bytes, list[tuple[bytes, bytes]], Usage]:
+        """A non-streamed answer from a peer: (body, headers, usage). Raises NoExecutor."""
+        avoid: set[str] = set()
+        max_tokens = _max_tokens(body)
+        while True:
+            ex = await self.open(info, self._request(info, endpoint, body, False), avoid)
+            try:
+                answer, receipt = await self._collect(ex, max_tokens)
+            except ExecutorFailed as exc:
+                log.warning("executor failed", executor=ex.executor[:16], error=str(exc))
+                self.metrics.failovers.labels("before_output").inc()
+                avoid.update((ex.peer, ex.executor))
+                continue
+            finally:
+                await ex.aclose()
+            await self.pay(receipt)
+            headers = [
+                (ROUTE_HEADER, ",".join(ex.route).encode()),
+                (RECEIPT_HEADER, encode_receipt(receipt).encode()),
+            ]
+            body_ = receipt["body"]
+            return answer, headers, Usage(body_["prompt_tokens"], body_["completion_tokens"])
+
+    async def _collect(self, ex: Execution, max_tokens: int | None) -> tuple[bytes, dict[str, Any]]:
+        answer: str | None = None
+        async for kind, payload in ex:
+            if kind == "json" and answer is None:
+                answer = payload
+            elif kind == "error":
+                status, text = payload
+                if status < 500:  # the request's fault: every executor would say the same
+                    raise UpstreamError.from_response(status, text.encode(), backend=ex.executor[:16])
+                raise ExecutorFailed(f"server error {status}")
+            elif kind == "receipt" and answer is not None:
+                response = hashlib.sha256(answer.encode()).hexdigest()
+                self.verify_receipt(payload, ex, response, max_tokens)
+                try:
+                    parsed = orjson.loads(answer)
+                except orjson.JSONDecodeError:
+                    raise ExecutorFailed("the answer is not JSON") from None
+                if not isinstance(parsed, dict):
+                    raise ExecutorFailed("the answer is not a JSON object")
+                return answer.encode(), payload
+            else:
+                raise ExecutorFailed(f"unexpected item {kind!r}")
+        raise ExecutorFailed("the answer ended without a receipt")
+
+    async def stream(self, info: RequestInfo, endpoint: Endpoint, body: dict[str, Any], send: Send) -> Usage:
+        """Relay a streamed answer from peers to the app. Raises NoExecutor only if nothing was
+        sent yet; later failures end the stream with an error event."""
+        avoid: set[str] = set()
+        sent: list[str] = []  # SSE text relayed to the app, for a continuation
+        trailer: list[str] = []
+        usage = Usage()
+        attempt_body, stitch = body, None
+        max_tokens = _max_tokens(body)
+        while True:
+            request = self._request(info, endpoint, attempt_body, stitch is not None)
+            try:
+                ex = await self.open(info, request, avoid)
+            except NoExecutor:
+                if not sent:
+                    raise
+                await _send_text(send, _error_event("no other executor could continue the answer"))
+                return usage
+            digest = hashlib.sha256()
+            try:
+                receipt = None
+                async for kind, payload in ex:
+                    if kind == "sse" and receipt is None:
+                        check_events(payload)
+                        digest.update(payload.encode())
+                        out = payload if stitch is None else stitch(payload)
+                        if not sent:
+                            route = ",".join(ex.route).encode()
+                            headers = [*SSE_HEADERS, (ROUTE_HEADER, route)]
+                            await send({"type": "http.response.start", "status": 200, "headers": headers})
+                        if out:
+                            sent.append(out)
+                            await _send_text(send, out)
+                    elif kind == "error":
+                        status, text = payload
+                        if status < 500 and not sent:
+                            raise UpstreamError.from_response(status, text.encode(), backend=ex.executor[:16])
+                        raise ExecutorFailed(f"server error {status}")
+                    elif kind == "receipt" and receipt is None:
+                        receipt = self.verify_receipt(payload, ex, digest.hexdigest(), max_tokens)
+                        record = payload
+                    else:
+                        raise ExecutorFailed(f"unexpected item {kind!r}")
+                if receipt is None:
+                    raise ExecutorFailed("the stream ended without a receipt")
+            except ExecutorFailed as exc:
+                stage = "mid_stream" if sent else "before_output"
+                log.warning("executor failed", executor=ex.executor[:16], stage=stage, error=str(exc))
+                self.metrics.failovers.labels(stage).inc()
+                avoid.update((ex.peer, ex.executor))
+                if not sent:
+                    continue
+                done = progress(sent)
+                if done.finished:
+                    break
+                resumed = continuation_body(endpoint, body, done)
+                if resumed is None:
+                    await _send_text(send, _error_event("the executor failed and the answer cannot resume"))
+                    return usage
+                attempt_body, stitch = resumed, Stitcher(done)
+                continue
+            finally:
+                await ex.aclose()
+            await self.pay(record)
+            usage.prompt_tokens += receipt["prompt_tokens"]
+            usage.completion_tokens += receipt["completion_tokens"]
+            trailer.append(
+                f": wwwserve-route {','.join(ex.route)}\n: wwwserve-receipt {encode_receipt(record)}\n\n"
+            )
+            break
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        await _send_text(send, "".join(trailer))
+        await send({"type": "http.response.body", "body": DONE, "more_body": True})
+        return usage
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    return value if isinstance(value, int) else None
+
+
+async def _send_text(send: Send, text: str) -> None:
+    if text:
+        await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+
+
+def _error_event(message: str) -> str:
+    err = BackendError(message)
+    return "data: " + err.body().decode() + "\n\n"

@@ -1,0 +1,174 @@
+"""The executor side: serve a peer's request on a local backend, or relay it onward.
+
+The first item answers at once: accept or decline, by this node's policy. A served request streams
+its answer back and ends with a signed receipt whose response hash covers exactly the bytes sent.
+When the entry gives up (timeout, failover, its client left) the overlay cancels this handler, and
+the backend request is closed with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+
+from wwwserve_gateway.backend_api import Backend, Endpoint, Usage
+from wwwserve_gateway.backend_registry import BackendRegistry
+from wwwserve_gateway.delegation import wire
+from wwwserve_gateway.delegation.entry import Delegator, NoExecutor
+from wwwserve_gateway.delegation.metrics import DelegationMetrics
+from wwwserve_gateway.errors import GatewayError, InvalidRequest
+from wwwserve_gateway.openai.protocol import REQUEST_TYPES, validate_request
+from wwwserve_gateway.plugin_api import Decision, NodeAPI, RequestInfo
+from wwwserve_gateway.receipts import request_hash, sign_receipt
+from wwwserve_gateway.sse import DONE
+
+log = structlog.get_logger(__name__)
+
+DONE_TEXT = DONE.decode()
+
+
+def request_info(req: wire.DelegatedRequest) -> RequestInfo:
+    body = req.body
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    return RequestInfo(
+        id=req.id,
+        model=body["model"],
+        endpoint=req.endpoint.value,
+        stream=bool(body.get("stream")),
+        route=req.route,
+        prompt_chars=_prompt_chars(body),
+        max_tokens=max_tokens if isinstance(max_tokens, int) else None,
+    )
+
+
+def _prompt_chars(body: dict[str, Any]) -> int:
+    if isinstance(body.get("messages"), list):
+        return sum(len(str(m.get("content") or "")) for m in body["messages"] if isinstance(m, dict))
+    prompt = body.get("prompt", body.get("input"))
+    return len(prompt) if isinstance(prompt, str) else 0
+
+
+class PeerExecutor:
+    def __init__(
+        self, api: NodeAPI, registry: BackendRegistry, delegator: Delegator, metrics: DelegationMetrics
+    ) -> None:
+        self.api = api
+        self.me = api.identity.node_id
+        self.registry = registry
+        self.delegator = delegator
+        self.metrics = metrics
+        api.overlay.on_stream(wire.KIND, self.handle)
+
+    async def handle(self, peer_id: str, raw: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        try:
+            req = wire.parse_request(peer_id, self.me, raw)
+            validate_request(REQUEST_TYPES[req.endpoint], req.body)
+        except (wire.WireError, InvalidRequest) as exc:
+            reason = getattr(exc, "message", None) or str(exc)
+            log.warning("refused a delegated request", peer=peer_id[:16], reason=reason)
+            self.metrics.peer_requests.labels("?", "refused").inc()
+            yield wire.decline(f"refused: {reason}")
+            return
+        info = request_info(req)
+        model = info.model
+        assert self.api.policy is not None
+        decision = self.api.policy.accept(info)
+        if decision is Decision.LOCAL and self.registry.serves(model):
+            try:
+                backend = self.registry.pick(model)
+            except GatewayError as exc:
+                self.metrics.peer_requests.labels(model, "declined").inc()
+                yield wire.decline(exc.message)
+                return
+            self.metrics.peer_requests.labels(model, "served").inc()
+            yield wire.accept((*req.route, self.me))
+            async for item in self._serve(backend, req):
+                yield item
+        elif decision is Decision.DELEGATE:
+            async for item in self._relay(info, req):
+                yield item
+        else:
+            self.metrics.peer_requests.labels(model, "declined").inc()
+            yield wire.decline("busy")
+
+    async def _serve(self, backend: Backend, req: wire.DelegatedRequest) -> AsyncIterator[dict[str, Any]]:
+        body = req.body
+        # Hashed before the backend sees the body: adapters may add fields (stream_options).
+        request = request_hash(req.id, req.endpoint.value, body)
+        call = dict(body)
+        if req.continuation:
+            call.update(backend.continuation_params)
+        digest = hashlib.sha256()
+        started = time.time()
+        state = backend.state
+        state.in_flight += 1
+        self.registry.record_request(backend)
+        ok = False
+        try:
+            try:
+                if body.get("stream") and req.endpoint is not Endpoint.EMBEDDING:
+                    sse = await backend.stream(req.endpoint, call)
+                    try:
+                        async for piece in sse:
+                            text = piece.decode()
+                            if text.endswith(DONE_TEXT):
+                                text = text[: -len(DONE_TEXT)]
+                            if text:
+                                digest.update(text.encode())
+                                yield {"t": "sse", "d": text}
+                    finally:
+                        await sse.aclose()
+                    usage = sse.usage
+                else:
+                    reply = await backend.complete(req.endpoint, call)
+                    text = reply.body.decode()
+                    digest.update(reply.body)
+                    yield {"t": "json", "d": text}
+                    usage = reply.usage
+            except GatewayError as exc:
+                log.info("backend failed a peer's request", backend=backend.id, error=exc.message)
+                self.metrics.peer_requests.labels(backend.model_name, "failed").inc()
+                yield {"t": "error", "status": exc.status, "d": exc.body().decode()}
+                return
+            usage = usage or Usage()
+            self.registry.record_tokens(backend, usage.total_tokens)
+            receipt = sign_receipt(
+                self.api.identity,
+                entry=req.entry,
+                request=request,
+                response=digest.hexdigest(),
+                model=body["model"],
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                started=started,
+                finished=time.time(),
+            )
+            ok = True
+            yield {"t": "receipt", "r": receipt}
+        finally:
+            state.in_flight -= 1
+            assert self.api.policy is not None
+            self.api.policy.on_request_done(request_info(req), "local", time.time() - started, ok)
+
+    async def _relay(self, info: RequestInfo, req: wire.DelegatedRequest) -> AsyncIterator[dict[str, Any]]:
+        """Multi-hop: pass the request on with this node added to the route; items go back as
+        they come (the entry checks them, and the receipt is the final executor's)."""
+        onward = dataclasses.replace(req, route=(*req.route, self.me))
+        try:
+            ex = await self.delegator.open(info, onward, set())
+        except NoExecutor:
+            self.metrics.peer_requests.labels(info.model, "declined").inc()
+            yield wire.decline("busy, and no peer to relay to")
+            return
+        self.metrics.peer_requests.labels(info.model, "relayed").inc()
+        try:
+            yield wire.accept(ex.route)
+            async for item in ex.items:
+                yield item
+        finally:
+            await ex.aclose()

@@ -1,0 +1,126 @@
+"""What travels between entry and executor on the overlay stream `wwwserve.delegate`.
+
+The request: {id, endpoint, body, route, continuation}. `route` lists the node ids it went through,
+entry first and the sender last; an executor refuses a request whose route contains itself (a loop)
+or is longer than MAX_HOPS.
+
+The executor answers with stream items, the first at once:
+
+    {"t": "accept", "route": [...]}      it (or a node it relays to) runs the request; the route
+                                         ends with the executor
+    {"t": "decline", "reason": str}      not now: the entry tries its next candidate
+    {"t": "sse", "d": str}               whole SSE events of a streamed answer (no [DONE])
+    {"t": "json", "d": str}              a whole non-streamed answer
+    {"t": "error", "status": int, "d": str}  the backend refused it (an OpenAI error body)
+    {"t": "receipt", "r": signed receipt}    the last item of a served request
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from wwwserve_gateway.backend_api import Endpoint
+from wwwserve_gateway.identity import NODE_ID
+
+KIND = "wwwserve.delegate"
+MAX_HOPS = 8
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+ENDPOINTS = frozenset(e.value for e in Endpoint)
+ITEM_TYPES = frozenset({"accept", "decline", "sse", "json", "error", "receipt"})
+
+
+class WireError(ValueError):
+    """A delegated request or item that breaks the protocol (the sender is at fault)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DelegatedRequest:
+    id: str
+    endpoint: Endpoint
+    body: dict[str, Any]
+    route: tuple[str, ...]
+    continuation: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "endpoint": self.endpoint.value,
+            "body": self.body,
+            "route": list(self.route),
+            "continuation": self.continuation,
+        }
+
+    @property
+    def entry(self) -> str:
+        return self.route[0]
+
+
+def parse_request(sender: str, me: str, raw: Any) -> DelegatedRequest:
+    """Check a delegated request received from `sender`; raise WireError saying what is wrong."""
+    if not isinstance(raw, dict) or set(raw) != {"id", "endpoint", "body", "route", "continuation"}:
+        raise WireError("a delegated request is {id, endpoint, body, route, continuation}")
+    rid, endpoint, body, route = raw["id"], raw["endpoint"], raw["body"], raw["route"]
+    if not isinstance(rid, str) or not REQUEST_ID.fullmatch(rid):
+        raise WireError("request id must be 32 hex characters")
+    if endpoint not in ENDPOINTS:
+        raise WireError(f"unknown endpoint {endpoint!r}")
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        raise WireError("body must be an OpenAI request object with a model")
+    if not isinstance(raw["continuation"], bool):
+        raise WireError("continuation must be a boolean")
+    hops = check_route(route)
+    if hops[-1] != sender:
+        raise WireError("the route must end with the node that sent the request")
+    if me in hops:
+        raise WireError("the route already contains this node (a loop)")
+    if len(hops) >= MAX_HOPS:
+        raise WireError(f"the route is longer than {MAX_HOPS} hops")
+    return DelegatedRequest(rid, Endpoint(endpoint), body, hops, raw["continuation"])
+
+
+def check_route(route: Any) -> tuple[str, ...]:
+    if not isinstance(route, list) or not route or len(route) > MAX_HOPS:
+        raise WireError(f"route must be a list of 1 to {MAX_HOPS} node ids")
+    if not all(isinstance(n, str) and NODE_ID.fullmatch(n) for n in route):
+        raise WireError("route entries must be node ids")
+    if len(set(route)) != len(route):
+        raise WireError("a node appears twice in the route")
+    return tuple(route)
+
+
+def check_item(item: Any) -> tuple[str, Any]:
+    """(type, payload) of an executor's item; raise WireError on anything malformed."""
+    t = item.get("t") if isinstance(item, dict) else None
+    if t not in ITEM_TYPES:
+        raise WireError(f"unknown item type {t!r}")
+    if t == "sse":
+        d = item.get("d")
+        if not isinstance(d, str) or not d.endswith("\n\n"):
+            raise WireError("an sse item holds whole events")
+        return t, d
+    if t == "json":
+        d = item.get("d")
+        if not isinstance(d, str):
+            raise WireError("a json item holds the answer's text")
+        return t, d
+    if t == "accept":
+        return t, check_route(item.get("route"))
+    if t == "decline":
+        reason = item.get("reason")
+        return t, reason if isinstance(reason, str) else ""
+    if t == "error":
+        status, d = item.get("status"), item.get("d")
+        if not isinstance(status, int) or not 400 <= status <= 599 or not isinstance(d, str):
+            raise WireError("an error item is {status: 4xx/5xx, d: error body}")
+        return t, (status, d)
+    return t, item.get("r")
+
+
+def accept(route: tuple[str, ...]) -> dict[str, Any]:
+    return {"t": "accept", "route": list(route)}
+
+
+def decline(reason: str) -> dict[str, Any]:
+    return {"t": "decline", "reason": reason}
