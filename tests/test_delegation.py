@@ -7,6 +7,7 @@ backend; an executor killed mid-stream is replaced and the app still gets one wh
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,9 +16,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 
 from tests.support import LlamaServer, NodeProcess, wait_until
-from wwwserve_gateway.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
+from wwwserve_gateway.genesis import GossipParams, LedgerParams, NetworkGenesis, load_genesis, write_genesis
+from wwwserve_gateway.identity import NodeIdentity
+from wwwserve_gateway.overlay import Overlay, overlay_url
 from wwwserve_gateway.receipts import check_receipt, decode_receipt
 
 MODEL = "smol"
@@ -78,6 +82,10 @@ def net(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterato
             }
             node = NodeProcess(config, workdir, name=name).start()
             members[name] = Member(node, llama, own_id(node))
+        # A: an app-facing node with no backend of its own, default policy.
+        config = {"node": {"network": str(genesis), "bootstrap": [members["E"].node.url]}}
+        node = NodeProcess(config, workdir, name="A").start()
+        members["A"] = Member(node, members["E"].llama, own_id(node))
         entry = members["E"].node
         executors = [members["X1"].id, members["X2"].id]
 
@@ -149,8 +157,24 @@ def test_streamed_delegation_through_the_openai_sdk(net: dict[str, Member]) -> N
     assert route[0] == e.id and route[-1] in {net["X1"].id, net["X2"].id}
 
 
+def test_a_node_without_backends_lists_and_buys_the_networks_models(net: dict[str, Member]) -> None:
+    a = net["A"]
+    sdk = client(a.node)
+    wait_until(lambda: MODEL in [m.id for m in sdk.models.list()], 20, what="the network's model listed")
+    assert sdk.models.retrieve(MODEL).id == MODEL
+    raw = sdk.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    route = raw.headers["x-wwwserve-route"].split(",")
+    assert route[0] == a.id and route[-1] in {net["X1"].id, net["X2"].id}
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="nobody-serves-this", messages=[{"role": "user", "content": "hi"}])
+
+
 def test_text_completion_is_delegated(net: dict[str, Member]) -> None:
-    raw = client(net["E"].node).completions.with_raw_response.create(model=MODEL, prompt="1, 2, 3,", max_tokens=4)
+    raw = client(net["E"].node).completions.with_raw_response.create(
+        model=MODEL, prompt="1, 2, 3,", max_tokens=4
+    )
     assert raw.parse().choices[0].text is not None
     assert raw.headers["x-wwwserve-route"].startswith(net["E"].id + ",")
 
@@ -181,6 +205,43 @@ def test_client_disconnect_cancels_the_executors_backend(net: dict[str, Member])
         next(line for line in lines if line.startswith("data: "))
         assert executor.llama.busy_slots() == 1
     wait_until(lambda: executor.llama.busy_slots() == 0, 15, what="the executor's llama.cpp slot freed")
+
+
+def test_executor_refuses_malformed_requests_with_a_logged_reason(net: dict[str, Member]) -> None:
+    """A peer of the same network sends requests a real node never would: each is declined."""
+    x = net["X1"]
+    network_id = load_genesis(Path(x.node.config["node"]["network"])).network_id
+    me = NodeIdentity.generate()
+    good = {"id": "0" * 32, "endpoint": "chat/completions", "continuation": False}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    cases = {
+        "not an object": {"id": 1},
+        "bad id": {**good, "id": "zz", "body": body, "route": [me.node_id]},
+        "route without sender": {**good, "body": body, "route": [net["E"].id]},
+        "loop": {**good, "body": body, "route": [x.id, me.node_id]},
+        "invalid body": {**good, "body": {"model": MODEL, "messages": "hi"}, "route": [me.node_id]},
+    }
+
+    async def ask() -> list[dict]:
+        overlay = Overlay(me, network_id, registry=CollectorRegistry())
+        try:
+            await overlay.connect(overlay_url("127.0.0.1", x.node.port))
+            answers = []
+            for wire_body in cases.values():
+                items = [i async for i in overlay.stream(x.id, "wwwserve.delegate", wire_body, timeout=10)]
+                answers.append(items)
+            return answers
+        finally:
+            await overlay.aclose()
+
+    refused_before = counter(x.node, "wwwserve_peer_requests_total", outcome="refused")
+    answers = asyncio.run(ask())
+    for name, items in zip(cases, answers, strict=True):
+        assert len(items) == 1 and items[0]["t"] == "decline", name
+        assert items[0]["reason"].startswith("refused: "), (name, items)
+    assert counter(x.node, "wwwserve_peer_requests_total", outcome="refused") == refused_before + len(cases)
+    assert x.node.log().count("refused a delegated request") >= len(cases)
+    assert x.llama.busy_slots() == 0
 
 
 def test_executor_killed_mid_stream_the_answer_continues(net: dict[str, Member]) -> None:
@@ -217,4 +278,6 @@ def test_executor_killed_mid_stream_the_answer_continues(net: dict[str, Member])
     assert killed, "the stream ended before the executor could be killed"
     assert finish in ("stop", "length")
     assert counter(e.node, "wwwserve_failovers_total", stage="mid_stream") == failovers + 1
-    assert len("".join(text)) > 20
+    # One answer across the seam: the count goes on where the dead executor stopped.
+    numbers = [int(x) for x in "".join(text).split(",") if x.strip().isdigit()]
+    assert numbers[:20] == list(range(1, 21)), "".join(text)

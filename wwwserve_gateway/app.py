@@ -65,7 +65,7 @@ def create_app(node: Node) -> GatewayApp:
         return Response(node.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     fast = generation_endpoints(node.dispatcher, node.keys, node.metrics, settings.max_body_bytes)
-    routes = openai_routes(fast, node.registry, node.keys)
+    routes = openai_routes(fast, node.dispatcher, node.keys)
     routes += [
         Route("/health", health, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),

@@ -106,6 +106,27 @@ async def _reload(gateway) -> None:
         log.error("config reload refused", problems=[str(p) for p in exc.problems])
 
 
+@app.command()
+def demo(
+    nodes: Annotated[int, typer.Option(min=2, max=16, help="nodes to start; node 0 is the entry")] = 3,
+    model: Annotated[str, typer.Option(help="what every node serves: smollm2 or tiny-random")] = "smollm2",
+    base_port: Annotated[int, typer.Option(help="node 0's port, the others follow; 0 picks free ports")] = 0,
+    traffic: Annotated[bool, typer.Option(help="send the entry a small chat request every 2 s")] = True,
+    workdir: Annotated[
+        Path | None, typer.Option(help="keep configs, data and logs here (default: a temp dir, removed)")
+    ] = None,
+) -> None:
+    """Run a local network on loopback: an entry node that delegates to the others, with a live view.
+
+    Prints 'entry: http://127.0.0.1:PORT/v1' first on stdout; no API key is needed (any value works).
+
+    Ctrl-C or SIGTERM stops every node it started.
+    """
+    from wwwserve_gateway.demo import DemoOptions, run
+
+    raise typer.Exit(run(DemoOptions(nodes, model, base_port, traffic, workdir)))
+
+
 @app.command("check-config")
 def check_config(path: Annotated[Path, typer.Argument(help="the policy file to check")]) -> None:
     """Validate a policy file; exit 2 with one line per problem, naming the key and the fix."""

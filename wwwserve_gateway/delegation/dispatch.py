@@ -48,6 +48,14 @@ class Dispatcher:
         self.request_timeout = request_timeout
         self.local_route = [(ROUTE_HEADER, self.me.encode())]
 
+    def model_names(self) -> list[str]:
+        """Local models and the models peers offer that this node's policy buys."""
+        return sorted(set(self.registry.model_names()) | set(self.network_models()))
+
+    def serves(self, model: str) -> bool:
+        assert self.api.policy is not None
+        return self.registry.serves(model) or (self.api.policy.buys(model) and self.network_serves(model))
+
     def network_serves(self, model: str) -> bool:
         assert self.api.gossip is not None
         for peer in self.api.gossip.peers():
@@ -84,7 +92,7 @@ class Dispatcher:
         assert policy is not None
         model = body["model"]
         local = self.registry.serves(model)
-        if not local and not self.network_serves(model):
+        if not local and not (policy.buys(model) and self.network_serves(model)):
             raise ModelNotFound(f"The model '{model}' does not exist on this node", param="model")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         info = RequestInfo(

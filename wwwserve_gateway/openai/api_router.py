@@ -15,7 +15,6 @@ from starlette.routing import Route
 from wwwserve_gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_error
 from wwwserve_gateway.auth import KeyCheck
 from wwwserve_gateway.backend_api import Endpoint
-from wwwserve_gateway.backend_registry import BackendRegistry
 from wwwserve_gateway.errors import GatewayError, InvalidRequest, ModelNotFound
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.openai.protocol import (
@@ -87,19 +86,27 @@ class GenerationEndpoint:
                 await send_error(send, GatewayError("The gateway failed unexpectedly; see its log."))
 
 
-def model_routes(registry: BackendRegistry, keys: KeyCheck, started_at: int) -> list[Route]:
+class ModelCatalog(Protocol):
+    """The models an app may ask this node for: its own and those it buys from peers."""
+
+    def model_names(self) -> list[str]: ...
+
+    def serves(self, model: str) -> bool: ...
+
+
+def model_routes(catalog: ModelCatalog, keys: KeyCheck, started_at: int) -> list[Route]:
     def card(name: str) -> ModelCard:
         return ModelCard(id=name, created=started_at)
 
     async def list_models(request: Request) -> Response:
         keys.check(request.scope)
-        body = ModelList(data=[card(n) for n in registry.model_names()])
+        body = ModelList(data=[card(n) for n in catalog.model_names()])
         return Response(body.model_dump_json(), media_type="application/json")
 
     async def get_model(request: Request) -> Response:
         keys.check(request.scope)
         name = request.path_params["model"]
-        if not registry.serves(name):
+        if not catalog.serves(name):
             raise ModelNotFound(f"The model '{name}' does not exist on this node", param="model")
         return Response(card(name).model_dump_json(), media_type="application/json")
 
@@ -118,7 +125,7 @@ def generation_endpoints(
 
 
 def openai_routes(
-    endpoints: dict[str, GenerationEndpoint], registry: BackendRegistry, keys: KeyCheck
+    endpoints: dict[str, GenerationEndpoint], catalog: ModelCatalog, keys: KeyCheck
 ) -> list[Route]:
     routes = [Route(path, handler, methods=["POST"]) for path, handler in endpoints.items()]
-    return routes + model_routes(registry, keys, int(time.time()))
+    return routes + model_routes(catalog, keys, int(time.time()))
