@@ -7,23 +7,48 @@
   verified (signature, chain links, kind rules) and stored in one transaction.
 - A peer whose head differs from ours at the same seq has seen an equivocation: both operations are
   fetched and a `fraud` operation carrying them is appended to our own chain.
+- Payments: `settle(receipt)` records a debt in `ledger_pending` (durable before it returns). Debts
+  are paid in batches, one `pay` operation per flush (one payment per executor): when
+  `payment_batch_max` receipts are pending, `payment_batch_window_s` after the first pending one, on
+  `stop()`, and on `start()` for debts a crash left behind. The pay operation and the deletion of the
+  pending rows it covers are one transaction, so a debt is paid exactly once whenever the node dies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from wwwserve_gateway.canonical import canonical
 from wwwserve_gateway.plugin_api import NodeAPI
 from wwwserve_gateway.plugins.ledger_fold import Balances
-from wwwserve_gateway.plugins.ledger_ops import InvalidOperation, Operation, parse_op, sign_op
-from wwwserve_gateway.plugins.ledger_rules import check_op
-from wwwserve_gateway.plugins.ledger_store import ChainError, Conflict, LedgerStore, default_url
+from wwwserve_gateway.plugins.ledger_ops import MAX_OP_BYTES, InvalidOperation, Operation, parse_op, sign_op
+from wwwserve_gateway.plugins.ledger_rules import (
+    MICRO,
+    check_op,
+    payment_amount,
+    price_micro,
+    receipt_key,
+    to_micro,
+)
+from wwwserve_gateway.plugins.ledger_store import (
+    ChainError,
+    Conflict,
+    LedgerStore,
+    PendingGone,
+    ReceiptKey,
+    default_url,
+)
+from wwwserve_gateway.receipts import InvalidReceipt, check_receipt
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +63,17 @@ PULL_TIMEOUT_S = 30.0
 # (seconds at 100,000 operations): they are stored at once and folded together when no pull is left
 # running, and at least this long after the last append.
 REFOLD_AFTER_S = 0.2
+# Room left in a pay operation for everything but its receipts (payments' `to` and `amount`, the op).
+PAY_OVERHEAD_BYTES = 1024
+PAY_BYTES_PER_PAYMENT = 160
+
+
+@dataclass(frozen=True, slots=True)
+class _Debt:
+    receipt: dict[str, Any]  # the signed receipt
+    size: int  # bytes of its canonical encoding
+    price: int  # micro-credits
+    since: float  # event-loop time it became pending here
 
 
 class ChainLedger:
@@ -58,8 +94,17 @@ class ChainLedger:
         self._refold: asyncio.TimerHandle | None = None
         self._stale = False  # operations stored but not yet folded
         self._refolding: asyncio.Task[None] | None = None
+        # Debts of this node not paid yet, oldest first: a mirror of its `ledger_pending` rows.
+        self._pending: dict[ReceiptKey, _Debt] = {}
+        self._owed = 0  # micro-credits: the sum of the pending debts' prices
+        self.payments = 0  # receipts paid by this process's pay operations
+        self._flush_lock = asyncio.Lock()
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task[None] | None = None
+        self._stopped = False
         node.overlay.on_request(RANGE_KIND, self._serve_range)
         node.overlay.on_request(HEADS_KIND, self._serve_heads)
+        node.metrics.register(_LedgerCollector(self))
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -68,8 +113,25 @@ class ChainLedger:
         if self.store.head(self.node.identity.node_id) is None:
             await self.append_own("join", {"grant": self.params.initial_grant})
         self.node.gossip.add_delegate("ledger", self)
+        # Debts a crash left behind (recorded, never paid) are paid now.
+        await self._load_pending()
+        if self._pending:
+            try:
+                await self._flush()
+            except Exception as exc:
+                log.warning("paying pending receipts failed; retrying later", error=str(exc))
+                self._arm_flush(self.params.payment_batch_window_s)
 
     async def stop(self) -> None:
+        self._stopped = True
+        self._disarm_flush()
+        if self._flushing is not None:
+            with contextlib.suppress(Exception):
+                await self._flushing
+        try:
+            await self._flush()
+        except Exception as exc:  # still on disk: paid on the next start
+            log.warning("paying pending receipts at stop failed", pending=len(self._pending), error=str(exc))
         if self._refold is not None:
             self._refold.cancel()
         if self._refolding is not None:
@@ -79,15 +141,176 @@ class ChainLedger:
     # -- own chain -----------------------------------------------------------------------------------
     async def append_own(self, kind: str, body: dict[str, Any]) -> Operation:
         """Sign, store durably, then fold an operation of this node's own chain."""
+        return await self._append_own(kind, body)
+
+    async def _append_own(
+        self, kind: str, body: dict[str, Any], settled: Iterable[ReceiptKey] = ()
+    ) -> Operation:
+        """append_own; the pending receipts `settled` leave `ledger_pending` in the same transaction."""
         me = self.node.identity
         async with self._lock:
             head = self.store.head(me.node_id)
             seq, prev = (head[0] + 1, head[1]) if head else (1, "")
             op = sign_op(me, seq, prev, kind, body, round(time.time(), 3))
             check_op(op, self.params)
-            await asyncio.to_thread(self.store.append, [op])
+            await asyncio.to_thread(self.store.append, [op], list(settled))
             self.balances.add(op)
         return op
+
+    # -- payments ------------------------------------------------------------------------------------
+    async def settle(self, receipt: dict[str, Any]) -> None:
+        """Owe the executor of a signed receipt naming this node as entry; paid in a later batch.
+
+        When settle returns the debt is on disk. Settling a receipt again (pending or paid) does
+        nothing. Raises InvalidReceipt for a receipt that is not valid, or not this node's to pay.
+        """
+        key, raw, price = await asyncio.to_thread(self._check_debt, receipt)
+        if key in self._pending or self._is_paid(key):
+            return
+        await asyncio.to_thread(self.store.add_pending, key, raw, time.time())
+        if key in self._pending:  # a concurrent settle of the same receipt got here first
+            return
+        if self._is_paid(key):  # paid meanwhile, before this row was written: it is not a debt
+            await asyncio.to_thread(self.store.drop_pending, [key])
+            return
+        self._add_debt(key, orjson.loads(raw), len(raw), price)
+
+    def _check_debt(self, receipt: dict[str, Any]) -> tuple[ReceiptKey, bytes, int]:
+        body = check_receipt(receipt)
+        me = self.node.identity.node_id
+        if body["entry"] != me:
+            raise InvalidReceipt("the receipt names another entry node: not this node's debt")
+        if body["id"] == me:
+            raise InvalidReceipt("a receipt signed by this node: a node does not pay itself")
+        return receipt_key(body), canonical(receipt), price_micro(body, self.params)
+
+    def _add_debt(self, key: ReceiptKey, receipt: dict[str, Any], size: int, price: int) -> None:
+        first = not self._pending
+        self._pending[key] = _Debt(receipt, size, price, asyncio.get_running_loop().time())
+        self._owed += price
+        if len(self._pending) >= self.params.payment_batch_max:
+            self._kick_flush(whole_batches=True)
+        elif first:
+            self._arm_flush(self.params.payment_batch_window_s)
+
+    def _drop_debt(self, key: ReceiptKey) -> None:
+        debt = self._pending.pop(key, None)
+        if debt is not None:
+            self._owed -= debt.price
+
+    def _is_paid(self, key: ReceiptKey) -> bool:
+        """Whether a pay operation held (and folded) already pays this receipt key."""
+        return key in self.balances._paid
+
+    async def _load_pending(self) -> None:
+        """Mirror the debts on disk (left by a crash, or by a replica sharing the database)."""
+        me = self.node.identity.node_id
+        rows = await asyncio.to_thread(self.store.pending, me)
+        bad: list[ReceiptKey] = []
+        for raw, _created in rows:
+            receipt = orjson.loads(raw)
+            try:
+                body = check_receipt(receipt)
+            except InvalidReceipt as exc:
+                log.error("dropping a pending receipt that fails its check", error=str(exc))
+                with contextlib.suppress(Exception):
+                    body = receipt["body"]
+                    bad.append(receipt_key(body))
+                continue
+            key = receipt_key(body)
+            if key not in self._pending:
+                self._pending[key] = _Debt(receipt, len(raw), price_micro(body, self.params), 0.0)
+                self._owed += self._pending[key].price
+        if bad:
+            await asyncio.to_thread(self.store.drop_pending, bad)
+
+    def _arm_flush(self, delay: float) -> None:
+        if self._stopped or self._flush_timer is not None:
+            return
+        self._flush_timer = asyncio.get_running_loop().call_later(delay, self._on_flush_timer)
+
+    def _disarm_flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+
+    def _on_flush_timer(self) -> None:
+        self._flush_timer = None
+        self._kick_flush(whole_batches=False)
+
+    def _kick_flush(self, whole_batches: bool) -> None:
+        """Start a background flush unless one runs (a running flush ends by paying the full
+        batches that arrived meanwhile, and by arming the timer for the rest)."""
+        if self._stopped or (self._flushing is not None and not self._flushing.done()):
+            return
+        self._flushing = asyncio.get_running_loop().create_task(self._flush_in_background(whole_batches))
+
+    async def _flush_in_background(self, whole_batches: bool) -> None:
+        try:
+            await self._flush(whole_batches)
+        except Exception as exc:  # the debts stay on disk and in memory: try again a window later
+            log.warning("paying pending receipts failed; retrying later", error=str(exc))
+            self._arm_flush(self.params.payment_batch_window_s)
+
+    async def _flush(self, whole_batches: bool = False) -> None:
+        """Pay the debts pending now (with whole_batches, only as many full batches of
+        payment_batch_max as they make), in pay operations of at most payment_batch_max receipts."""
+        async with self._flush_lock:
+            self._disarm_flush()
+            keys = self._full_batches() if whole_batches else list(self._pending)
+            while keys:
+                while keys:
+                    batch, keys = self._next_batch(keys)
+                    await self._pay(batch)
+                keys = self._full_batches()  # arrived during this flush
+            # No await from here on: a debt settled now sees this timer, or an empty table.
+            if self._pending:
+                oldest = min(debt.since for debt in self._pending.values())
+                now = asyncio.get_running_loop().time()
+                self._arm_flush(max(0.0, oldest + self.params.payment_batch_window_s - now))
+
+    def _full_batches(self) -> list[ReceiptKey]:
+        keys = list(self._pending)
+        return keys[: len(keys) - len(keys) % self.params.payment_batch_max]
+
+    def _next_batch(self, keys: list[ReceiptKey]) -> tuple[list[ReceiptKey], list[ReceiptKey]]:
+        """As many of `keys` (oldest first) as one pay operation may carry: by count, and by bytes."""
+        room = MAX_OP_BYTES - PAY_OVERHEAD_BYTES
+        taken = 0
+        for key in keys[: self.params.payment_batch_max]:
+            room -= self._pending[key].size + PAY_BYTES_PER_PAYMENT
+            if room < 0 and taken:
+                break
+            taken += 1
+        return keys[:taken], keys[taken:]
+
+    async def _pay(self, keys: list[ReceiptKey]) -> None:
+        """One pay operation for `keys` (one payment per executor), the rows deleted with it."""
+        for _attempt in range(3):
+            keys = [k for k in keys if k in self._pending]
+            fresh = [k for k in keys if not self._is_paid(k)]
+            try:
+                if fresh:
+                    by_executor: dict[str, list[dict[str, Any]]] = {}
+                    for key in fresh:
+                        by_executor.setdefault(key[0], []).append(self._pending[key].receipt)
+                    payments = [
+                        {"to": to, "amount": payment_amount(receipts, self.params), "receipts": receipts}
+                        for to, receipts in sorted(by_executor.items())
+                    ]
+                    await self._append_own("pay", {"payments": payments}, settled=keys)
+                elif keys:  # all paid already: the rows are only dropped
+                    await asyncio.to_thread(self.store.drop_pending, keys)
+            except PendingGone as exc:
+                # A replica sharing the database paid (or dropped) some of them: forget those.
+                for key in exc.missing:
+                    self._drop_debt(key)
+                continue
+            for key in keys:
+                self._drop_debt(key)
+            self.payments += len(fresh)
+            return
+        raise RuntimeError("pending receipts kept changing under this flush")
 
     # -- gossip delegate -----------------------------------------------------------------------------
     def local_digest(self) -> dict[str, Any]:
@@ -246,6 +469,49 @@ class ChainLedger:
 
     def ops_view(self, author: str, start: int, limit: int) -> list[dict[str, Any]]:
         return [dict(op.op, hash=op.hash, sig=op.sig) for op in self.store.ops(author, start, None, limit)]
+
+    def account(self, node_id: str) -> dict[str, Any]:
+        """{"liquid", "bonded", "unbonding" (credits), "barred"} of one node; zeros if unknown.
+
+        Folded operations only: this node's pending debts are not in its liquid balance until paid.
+        """
+        return self.balances.account(node_id, time.time())
+
+    def can_delegate(self, node_id: str) -> bool:
+        """Liquid balance >= 0 and not barred; for this node, after its pending (unpaid) debts."""
+        now = time.time()
+        if node_id != self.node.identity.node_id:
+            return self.balances.can_delegate(node_id, now)
+        view = self.balances.account(node_id, now)
+        return not view["barred"] and to_micro(view["liquid"]) - self._owed >= 0
+
+    @property
+    def pending_receipts(self) -> int:
+        return len(self._pending)
+
+    @property
+    def owed(self) -> float:
+        """Credits this node owes for receipts not paid yet."""
+        return self._owed / MICRO
+
+
+class _LedgerCollector:
+    """Payment metrics, read from the ledger at scrape time."""
+
+    def __init__(self, ledger: ChainLedger) -> None:
+        self.ledger = ledger
+
+    def collect(self):
+        yield GaugeMetricFamily(
+            "wwwserve_ledger_pending_receipts",
+            "Receipts this node owes for, stored and not yet paid",
+            value=self.ledger.pending_receipts,
+        )
+        yield CounterMetricFamily(
+            "wwwserve_ledger_payments",
+            "Receipts paid by this node's pay operations",
+            value=self.ledger.payments,
+        )
 
 
 def bucket_of(author: str) -> int:

@@ -1,7 +1,9 @@
 """Durable storage of ledger operations: SQLModel tables in SQLite (WAL) or PostgreSQL.
 
 Tables: `ledger_ops` (one row per operation, keyed by (author, seq), holding the canonical signed bytes),
-`ledger_heads` (each author's last seq and hash) and `ledger_meta` (the network id the DB belongs to).
+`ledger_heads` (each author's last seq and hash), `ledger_meta` (the network id the DB belongs to) and
+`ledger_pending` (receipts this node owes for and has not paid yet, keyed by receipt key: a debt is on
+disk before the app is told about it, and leaves in the transaction that stores the pay operation).
 The store enforces the chain rules (seq contiguity, prev links, no equivocation) so that what it holds
 is always a set of well-formed chains; signatures are checked by the caller (`parse_op`) before an
 append, and again by `verify()` over what is on disk, so a node refuses a tampered database.
@@ -16,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, Engine, LargeBinary, and_, bindparam, event, func, or_, select
+from sqlalchemy import BigInteger, Engine, LargeBinary, and_, bindparam, event, func, or_, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Field, SQLModel, create_engine
 
@@ -55,10 +58,26 @@ class LedgerMetaRow(SQLModel, table=True):
     value: str
 
 
+class LedgerPendingRow(SQLModel, table=True):
+    """A debt of this node: a signed receipt it has not paid yet. Keyed as `ledger_rules.receipt_key`."""
+
+    __tablename__ = "ledger_pending"
+    executor: str = Field(primary_key=True, max_length=64)
+    entry: str = Field(primary_key=True, max_length=64)
+    request: str = Field(primary_key=True, max_length=64)
+    created: float  # wall-clock time the debt was recorded (payment order)
+    raw: bytes = Field(sa_type=LargeBinary)  # canonical signed receipt, as it goes into the pay operation
+
+
 OPS = LedgerOpRow.__table__  # type: ignore[attr-defined]
 HEADS = LedgerHeadRow.__table__  # type: ignore[attr-defined]
 META = LedgerMetaRow.__table__  # type: ignore[attr-defined]
-TABLES = [OPS, HEADS, META]
+PENDING = LedgerPendingRow.__table__  # type: ignore[attr-defined]
+TABLES = [OPS, HEADS, META, PENDING]
+# Receipt keys per statement that reads or deletes pending rows (three bound values each).
+KEYS_PER_QUERY = 300
+
+ReceiptKey = tuple[str, str, str]  # (executor, entry, request hash)
 
 
 class LedgerStoreError(Exception):
@@ -79,6 +98,15 @@ class Conflict(LedgerStoreError):
         super().__init__(f"author {stored.author[:8]}.. seq {stored.seq}: already holds {stored.hash[:12]}..")
         self.stored = stored
         self.offered = offered
+
+
+class PendingGone(LedgerStoreError):
+    """A pay operation would settle pending receipts that are no longer stored (another writer
+    sharing the database paid or dropped them): nothing was stored. `missing` names them."""
+
+    def __init__(self, missing: set[ReceiptKey]) -> None:
+        super().__init__(f"{len(missing)} pending receipts are no longer stored")
+        self.missing = missing
 
 
 class WrongNetwork(LedgerStoreError):
@@ -105,6 +133,15 @@ def _who(author: str) -> str:
 def _as_bytes(value: Any) -> bytes:
     # A value written behind our back may come back as text (SQLite is dynamically typed).
     return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _key_in(keys: list[ReceiptKey]) -> Any:
+    return tuple_(PENDING.c.executor, PENDING.c.entry, PENDING.c.request).in_(keys)
 
 
 def _decode(raw: bytes) -> Operation:
@@ -199,20 +236,26 @@ class LedgerStore:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def append(self, ops: list[Operation]) -> None:
+    def append(self, ops: list[Operation], settled: Iterable[ReceiptKey] = ()) -> None:
         """Store `ops` (already verified by parse_op) in one transaction, all or nothing.
 
         Each op must extend its author's chain as it stands after the ops before it in `ops`.
         An op already stored (same author, seq and hash) is skipped, so re-delivery is harmless.
-        Raises Conflict (same author/seq, another hash) or ChainError (gap, wrong prev); nothing is
-        stored then. When append returns, the ops are committed and on stable storage.
+        `settled` names pending receipts (`ledger_pending`) that the ops pay: their rows are deleted
+        in the same transaction, so a debt is either pending or paid, never both nor neither.
+        Raises Conflict (same author/seq, another hash), ChainError (gap, wrong prev) or PendingGone
+        (a settled receipt is not pending any more); nothing is stored then. When append returns, the
+        ops are committed and on stable storage.
         """
-        if not ops:
+        keys = list(dict.fromkeys(settled))
+        if not ops and not keys:
             return
         for attempt in range(3):
             try:
                 with self._writer.begin() as conn:
-                    self._append(conn, ops)
+                    self._settle(conn, keys)
+                    if ops:
+                        self._append(conn, ops)
                 return
             except IntegrityError:
                 # PostgreSQL replicas racing to start the same new chain: the loser retries and
@@ -276,6 +319,53 @@ class LedgerStore:
             conn.execute(stmt, updates)
         if inserts:
             conn.execute(HEADS.insert(), inserts)
+
+    def _settle(self, conn: Any, keys: list[ReceiptKey]) -> None:
+        """Delete the pending rows of `keys`, all of which must be held (else PendingGone)."""
+        held: set[ReceiptKey] = set()
+        for chunk in _chunks(keys, KEYS_PER_QUERY):
+            query = select(PENDING.c.executor, PENDING.c.entry, PENDING.c.request).where(_key_in(chunk))
+            if self._postgres:
+                # A replica settling the same rows waits here, then finds them gone.
+                query = query.order_by(PENDING.c.executor, PENDING.c.entry, PENDING.c.request)
+                query = query.with_for_update()
+            held.update((r.executor, r.entry, r.request) for r in conn.execute(query))
+        missing = set(keys) - held
+        if missing:
+            raise PendingGone(missing)
+        for chunk in _chunks(keys, KEYS_PER_QUERY):
+            conn.execute(PENDING.delete().where(_key_in(chunk)))
+
+    def add_pending(self, key: ReceiptKey, raw: bytes, created: float) -> bool:
+        """Record a debt durably: the canonical signed receipt `raw` under its receipt key.
+
+        Idempotent: False (and nothing changed) when the key is already pending. When it returns the
+        row is committed and on stable storage.
+        """
+        executor, entry, request = key
+        row = {"executor": executor, "entry": entry, "request": request, "created": created, "raw": raw}
+        insert = (postgresql.insert if self._postgres else sqlite.insert)(PENDING)
+        with self._writer.begin() as conn:
+            done = conn.execute(insert.values(**row).on_conflict_do_nothing())
+        return bool(done.rowcount)
+
+    def drop_pending(self, keys: Iterable[ReceiptKey]) -> int:
+        """Delete pending rows (receipts found already paid); returns how many were held."""
+        count = 0
+        with self._writer.begin() as conn:
+            for chunk in _chunks(list(dict.fromkeys(keys)), KEYS_PER_QUERY):
+                count += conn.execute(PENDING.delete().where(_key_in(chunk))).rowcount
+        return count
+
+    def pending(self, entry: str) -> list[tuple[bytes, float]]:
+        """(raw signed receipt, created) of every debt of `entry` not paid yet, oldest first."""
+        query = (
+            select(PENDING.c.raw, PENDING.c.created)
+            .where(PENDING.c.entry == entry)
+            .order_by(PENDING.c.created, PENDING.c.executor, PENDING.c.request)
+        )
+        with self.engine.connect() as conn:
+            return [(_as_bytes(r.raw), r.created) for r in conn.execute(query)]
 
     @staticmethod
     def _stored_op(conn: Any, author: str, seq: int) -> Operation | None:

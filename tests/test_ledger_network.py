@@ -164,10 +164,14 @@ def test_node_with_its_ledger_in_postgresql(
     n = NodeProcess(config, tmp_path, name="pg")
     nodes.append(n.start())
     me = next(p["id"] for p in httpx.get(n.url + "/wwwserve/peers").json() if p["self"])
-    assert balances(n)[me]["liquid"] == GENESIS.ledger.initial_grant
+    mine = balances(n)[me]
+    # The default policy bonds part of the grant as stake at start.
+    assert mine["liquid"] + mine["bonded"] == GENESIS.ledger.initial_grant
     n.stop()
     store = LedgerStore(url, GENESIS.network_id)
     try:
-        assert store.head(me)[0] == 1  # the join is in PostgreSQL, durable after the node is gone
+        # The join (and the bond) are in PostgreSQL, durable after the node is gone.
+        assert [op.kind for op in store.ops(me)][:1] == ["join"]
+        assert store.head(me)[0] == 1 + (mine["bonded"] > 0)
     finally:
         store.close()
