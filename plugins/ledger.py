@@ -200,7 +200,7 @@ class ChainLedger:
 
     def _is_paid(self, key: ReceiptKey) -> bool:
         """Whether a pay operation held (and folded) already pays this receipt key."""
-        return key in self.balances._paid
+        return self.balances.is_paid(key)
 
     async def _load_pending(self) -> None:
         """Mirror the debts on disk (left by a crash, or by a replica sharing the database)."""

@@ -275,6 +275,10 @@ class Balances:
     def view(self, now: float | None = None) -> dict[str, dict[str, Any]]:
         return {node: self.account(node, now) for node in sorted(self._accounts)}
 
+    def is_paid(self, key: tuple[str, str, str]) -> bool:
+        """Whether a receipt key (executor, entry, request) is paid by an operation held."""
+        return key in self._paid
+
     def is_barred(self, node: str) -> bool:
         acc = self._accounts.get(node)
         return acc is not None and acc.barred
