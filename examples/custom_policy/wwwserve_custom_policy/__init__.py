@@ -1,0 +1,121 @@
+"""A custom wwwserve policy: serve locally up to a per-minute quota of requests, then delegate.
+
+The quota counts every request this node runs on its own backends, the apps' and the peers' alike,
+over a sliding window (60 s by default). Under the quota an app's request runs here; over it the
+request goes to a peer (or is refused, with `over_quota: reject`). Peers' requests are accepted only
+while the quota has room, and the node offers its bonded stake to the network's draws only then.
+
+It is written against the public plugin API alone (`wwwserve_gateway.plugin_api`), as any
+third-party policy would be, and registered in this package's pyproject.toml:
+
+    [project.entry-points."wwwserve.policies"]
+    quota = "wwwserve_custom_policy:QuotaPolicy"
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from wwwserve_gateway.plugin_api import Decision, NodeAPI, Policy, RequestInfo
+
+__all__ = ["QuotaPolicy", "QuotaSettings"]
+
+
+class QuotaSettings(BaseModel):
+    """The `policy.settings` this plugin takes. Unknown keys and wrong types are errors."""
+
+    # strict: "5" in a config is a mistake worth reporting, not something to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    requests_per_minute: int = Field(
+        ..., ge=1, description="requests this node runs locally per window, an integer >= 1"
+    )
+    window_s: float = Field(60.0, gt=0, description="the quota's sliding window in seconds (default 60)")
+    over_quota: Literal["delegate", "reject"] = Field(
+        "delegate", description="what happens to an app's request over the quota: delegate or reject"
+    )
+    bond: int = Field(
+        0, ge=0, description="credits to bond at start, so that peers may draw this node (0: none)"
+    )
+    retry_after_s: float = Field(0.5, gt=0, description="seconds before a RETRY decision is asked again")
+
+
+class QuotaPolicy(Policy):
+    """Serve locally until `requests_per_minute` is used up, then hand requests to peers."""
+
+    # Replaced in tests with a fake clock; time.monotonic never goes backwards.
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+
+    def __init__(self, node: NodeAPI, settings: Mapping[str, Any]) -> None:
+        super().__init__(node, settings)
+        try:
+            self.config = QuotaSettings.model_validate(dict(settings))
+        except ValidationError as exc:
+            raise ValueError(f"quota policy settings: {_describe(exc)}") from None
+        self.retry_after_s = self.config.retry_after_s
+        self._used: deque[float] = deque()  # when each local request in the window was admitted
+
+    # -- the quota -----------------------------------------------------------------------------------
+    def remaining(self) -> int:
+        """Local requests still allowed in the current window."""
+        horizon = self.clock() - self.config.window_s
+        while self._used and self._used[0] <= horizon:
+            self._used.popleft()
+        return max(self.config.requests_per_minute - len(self._used), 0)
+
+    def _take(self) -> bool:
+        if self.remaining() == 0:
+            return False
+        self._used.append(self.clock())
+        return True
+
+    # -- the Policy interface ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bond the configured stake (only what is missing, so a restart bonds nothing twice)."""
+        ledger = self.node.ledger
+        if self.config.bond == 0 or ledger is None:
+            return
+        bonded = ledger.account(self.node.identity.node_id)["bonded"]
+        missing = self.config.bond - int(bonded)
+        if missing > 0:
+            await ledger.append_own("bond", {"amount": missing})
+
+    def serves_locally(self, model: str) -> bool:
+        return any(backend.model_name == model for backend in self.node.backends)
+
+    def decide(self, request: RequestInfo) -> Decision:
+        # A model with no local backend costs no quota: it can only go to a peer.
+        if self.serves_locally(request.model) and self._take():
+            return Decision.LOCAL
+        if self.config.over_quota == "delegate" and self.buys(request.model):
+            return Decision.DELEGATE
+        return Decision.REJECT
+
+    def accept(self, request: RequestInfo) -> Decision:
+        if self.shares(request.model) and self.serves_locally(request.model) and self._take():
+            return Decision.LOCAL
+        return Decision.REJECT
+
+    def advertised_stake(self) -> float:
+        # Offer stake only while there is room: a node over its quota would decline anyway.
+        return float(self.config.bond) if self.remaining() > 0 else 0.0
+
+
+def _describe(exc: ValidationError) -> str:
+    """One 'key: problem' per error, naming the keys this plugin knows when one is unknown."""
+    known = ", ".join(QuotaSettings.model_fields)
+    parts = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "settings"
+        if error["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown setting (known: {known})")
+        elif error["type"] == "missing":
+            parts.append(f"{key}: required ({QuotaSettings.model_fields[key].description})")
+        else:
+            parts.append(f"{key}: {error['msg']}")
+    return "; ".join(parts)
