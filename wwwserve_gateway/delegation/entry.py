@@ -141,14 +141,14 @@ class Delegator:
         return full
 
     # -- receipts ----------------------------------------------------------------------------------
-    def verify_receipt(
-        self, record: Any, ex: Execution, response: str, max_tokens: int | None
-    ) -> dict[str, Any]:
+    def verify_receipt(self, record: Any, ex: Execution, response: str) -> dict[str, Any]:
         try:
             body = check_receipt(record)
         except InvalidReceipt as exc:
+            self.metrics.bad_receipts.inc()
             raise ExecutorFailed(str(exc)) from None
         req = ex.request
+        max_tokens = _max_tokens(req.body)  # of the request sent: a continuation's is lower
         problems = [
             body["id"] != ex.executor and "signed by another node than the executor",
             body["entry"] != self.me and "names another entry node",
@@ -176,11 +176,10 @@ class Delegator:
     ) -> tuple[bytes, list[tuple[bytes, bytes]], Usage]:
         """A non-streamed answer from a peer: (body, headers, usage). Raises NoExecutor."""
         avoid: set[str] = set()
-        max_tokens = _max_tokens(body)
         while True:
             ex = await self.open(info, self._request(info, endpoint, body, False), avoid)
             try:
-                answer, receipt = await self._collect(ex, max_tokens)
+                answer, receipt = await self._collect(ex)
             except ExecutorFailed as exc:
                 log.warning("executor failed", executor=ex.executor[:16], error=str(exc))
                 self.metrics.failovers.labels("before_output").inc()
@@ -196,7 +195,7 @@ class Delegator:
             body_ = receipt["body"]
             return answer, headers, Usage(body_["prompt_tokens"], body_["completion_tokens"])
 
-    async def _collect(self, ex: Execution, max_tokens: int | None) -> tuple[bytes, dict[str, Any]]:
+    async def _collect(self, ex: Execution) -> tuple[bytes, dict[str, Any]]:
         answer: str | None = None
         async for kind, payload in ex:
             if kind == "json" and answer is None:
@@ -208,7 +207,7 @@ class Delegator:
                 raise ExecutorFailed(f"server error {status}")
             elif kind == "receipt" and answer is not None:
                 response = hashlib.sha256(answer.encode()).hexdigest()
-                self.verify_receipt(payload, ex, response, max_tokens)
+                self.verify_receipt(payload, ex, response)
                 try:
                     parsed = orjson.loads(answer)
                 except orjson.JSONDecodeError:
@@ -228,7 +227,6 @@ class Delegator:
         trailer: list[str] = []
         usage = Usage()
         attempt_body, stitch = body, None
-        max_tokens = _max_tokens(body)
         while True:
             request = self._request(info, endpoint, attempt_body, stitch is not None)
             try:
@@ -259,7 +257,7 @@ class Delegator:
                             raise UpstreamError.from_response(status, text.encode(), backend=ex.executor[:16])
                         raise ExecutorFailed(f"server error {status}")
                     elif kind == "receipt" and receipt is None:
-                        receipt = self.verify_receipt(payload, ex, digest.hexdigest(), max_tokens)
+                        receipt = self.verify_receipt(payload, ex, digest.hexdigest())
                         record = payload
                     else:
                         raise ExecutorFailed(f"unexpected item {kind!r}")
