@@ -63,6 +63,8 @@ PULL_TIMEOUT_S = 30.0
 # (seconds at 100,000 operations): they are stored at once and folded together when no pull is left
 # running, and at least this long after the last append.
 REFOLD_AFTER_S = 0.2
+# A pulled range longer than this is a catch-up: stored now, folded in one go when pulls drain.
+INCREMENTAL_MAX = 100
 # Room left in a pay operation for everything but its receipts (payments' `to` and `amount`, the op).
 PAY_OVERHEAD_BYTES = 1024
 PAY_BYTES_PER_PAYMENT = 160
@@ -410,6 +412,10 @@ class ChainLedger:
             try:
                 async with self._lock:
                     await asyncio.to_thread(self.store.append, new)
+                    # Usually the new operations sort after all folded ones (a peer's latest
+                    # payments): fold them at once. Otherwise the stored set is refolded later.
+                    if not self._stale and len(new) <= INCREMENTAL_MAX and self.balances.extend(new):
+                        continue
                 self._stale = True
             except Conflict as exc:
                 await self._report_fraud(exc.stored, exc.offered)

@@ -173,19 +173,32 @@ class Balances:
 
     def add_many(self, ops: Iterable[Operation]) -> None:
         """Fold a batch: incrementally when it all sorts after what is folded, else by one refold."""
-        fresh = {op.hash: op for op in ops if op.hash not in self._ops}
-        running = dict(self._max_ts)
-        keyed = []
-        for op in sorted(fresh.values(), key=lambda o: (o.author, o.seq)):  # the keys `apply` will use
-            running[op.author] = max(running.get(op.author, -math.inf), op.ts)
-            keyed.append(((running[op.author], op.author, op.seq, op.hash), op))
-        new = [op for _, op in sorted(keyed, key=lambda pair: pair[0])]
+        new = self._in_fold_order(ops)
         for i, op in enumerate(new):
             try:
                 self.apply(op)
             except NeedsRefold:
                 self._fold_all([*self._ops.values(), *new[i:]])
                 return
+
+    def extend(self, ops: Iterable[Operation]) -> bool:
+        """Fold a batch only as far as it can be done incrementally; False if a refold is needed
+        for the rest (the caller refolds later, off the event loop)."""
+        for op in self._in_fold_order(ops):
+            try:
+                self.apply(op)
+            except NeedsRefold:
+                return False
+        return True
+
+    def _in_fold_order(self, ops: Iterable[Operation]) -> list[Operation]:
+        fresh = {op.hash: op for op in ops if op.hash not in self._ops}
+        running = dict(self._max_ts)
+        keyed = []
+        for op in sorted(fresh.values(), key=lambda o: (o.author, o.seq)):  # the keys `apply` will use
+            running[op.author] = max(running.get(op.author, -math.inf), op.ts)
+            keyed.append(((running[op.author], op.author, op.seq, op.hash), op))
+        return [op for _, op in sorted(keyed, key=lambda pair: pair[0])]
 
     def _fraud(self, op: Operation) -> tuple[str, int]:
         evidence = self._evidence.get(op.hash)

@@ -342,11 +342,19 @@ async def run(
     """One request through a Delegator: (app, usage) streamed, (None, (answer, headers, usage)) not."""
     body = body or chat(stream)
     delegator = net.delegator(stall_timeout)
+    # As the dispatcher does: the answer first, then the receipts are paid.
     if stream:
         app = App()
-        usage = await asyncio.wait_for(delegator.stream(info_for(body), Endpoint.CHAT, body, app), 10)
+        usage, receipts = await asyncio.wait_for(
+            delegator.stream(info_for(body), Endpoint.CHAT, body, app), 10
+        )
+        for receipt in receipts:
+            await delegator.pay(receipt)
         return app, usage
-    return App(), await asyncio.wait_for(delegator.complete(info_for(body), Endpoint.CHAT, body), 10)
+    *answer, receipts = await asyncio.wait_for(delegator.complete(info_for(body), Endpoint.CHAT, body), 10)
+    for receipt in receipts:
+        await delegator.pay(receipt)
+    return App(), tuple(answer)
 
 
 def expected_stream(net: Net, executor: OverlayNode, events: list[str]) -> str:
@@ -757,11 +765,14 @@ async def _die_mid_stream(net: Net, body: dict[str, Any], first_items: Items = _
     net.order.remove(first.id)
     net.order.insert(0, first.id)
     app = App()
-    task = asyncio.create_task(net.delegator(5.0).stream(info_for(body), Endpoint.CHAT, body, app))
+    delegator = net.delegator(5.0)
+    task = asyncio.create_task(delegator.stream(info_for(body), Endpoint.CHAT, body, app))
     await until(lambda: len(app.bodies) == 2 or task.done(), what="two events relayed")
     assert not task.done()
     await net.stop(first)
-    app.usage = await asyncio.wait_for(task, 5)
+    app.usage, receipts = await asyncio.wait_for(task, 5)
+    for receipt in receipts:
+        await delegator.pay(receipt)
     return app
 
 

@@ -428,6 +428,20 @@ def test_incremental_apply_matches_the_fold_and_refuses_out_of_order() -> None:
     assert late.view() == balances.view()
 
 
+def test_extend_folds_in_place_only_what_sorts_after_the_fold() -> None:
+    a, b = joined(*sorted(IDS[:2], key=lambda i: i.node_id), ts=5)
+    a.append("bond", {"amount": 10}, 7)
+    b.append("bond", {"amount": 20}, 8)
+    balances = Balances(PARAMS)
+    assert balances.extend([a.ops[0], b.ops[0], a.ops[1]])
+    assert balances.extend([b.ops[1]])  # ts 8: after everything folded
+    assert balances.view() == fold(all_ops(a, b), PARAMS).view()
+    late = Balances(PARAMS)
+    assert late.extend(a.ops)
+    assert not late.extend(b.ops)  # b's join (ts 5) sorts before a's bond (ts 7): refold needed
+    assert late.view() == fold(a.ops, PARAMS).view()  # nothing of b was folded
+
+
 def test_clock_running_backwards_keeps_chain_order() -> None:
     (a,) = joined(IDS[0], ts=100)
     a.append("bond", {"amount": 100}, 50)  # earlier ts than the join: still folded after it

@@ -172,15 +172,19 @@ class Dispatcher:
         model = info.model
         status = 200
         usage: Usage | None = None
+        receipts: list[dict[str, Any]] = []
         m.in_flight.inc()
         try:
             if stream:
-                usage = await cancel_on_disconnect(receive, self.delegator.stream(info, endpoint, body, send))
+                relay = self.delegator.stream(info, endpoint, body, send)
+                usage, receipts = await cancel_on_disconnect(receive, relay)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
                 work = self.delegator.complete(info, endpoint, body)
-                answer, headers, usage = await cancel_on_disconnect(receive, work)
+                answer, headers, usage, receipts = await cancel_on_disconnect(receive, work)
                 await send_bytes(send, 200, answer, headers)
+            for receipt in receipts:
+                await self.delegator.pay(receipt)
         except NoExecutor:
             status = 0
             raise

@@ -173,8 +173,10 @@ class Delegator:
 
     async def complete(
         self, info: RequestInfo, endpoint: Endpoint, body: dict[str, Any]
-    ) -> tuple[bytes, list[tuple[bytes, bytes]], Usage]:
-        """A non-streamed answer from a peer: (body, headers, usage). Raises NoExecutor."""
+    ) -> tuple[bytes, list[tuple[bytes, bytes]], Usage, list[dict[str, Any]]]:
+        """A non-streamed answer from a peer: (body, headers, usage, receipts to pay). Raises
+        NoExecutor. Paying is left to the caller, after the answer is sent: storing the debt
+        durably takes a disk flush the app need not wait for."""
         avoid: set[str] = set()
         while True:
             ex = await self.open(info, self._request(info, endpoint, body, False), avoid)
@@ -187,13 +189,12 @@ class Delegator:
                 continue
             finally:
                 await ex.aclose()
-            await self.pay(receipt)
             headers = [
                 (ROUTE_HEADER, ",".join(ex.route).encode()),
                 (RECEIPT_HEADER, encode_receipt(receipt).encode()),
             ]
             body_ = receipt["body"]
-            return answer, headers, Usage(body_["prompt_tokens"], body_["completion_tokens"])
+            return answer, headers, Usage(body_["prompt_tokens"], body_["completion_tokens"]), [receipt]
 
     async def _collect(self, ex: Execution) -> tuple[bytes, dict[str, Any]]:
         answer: str | None = None
@@ -219,9 +220,13 @@ class Delegator:
                 raise ExecutorFailed(f"unexpected item {kind!r}")
         raise ExecutorFailed("the answer ended without a receipt")
 
-    async def stream(self, info: RequestInfo, endpoint: Endpoint, body: dict[str, Any], send: Send) -> Usage:
-        """Relay a streamed answer from peers to the app. Raises NoExecutor only if nothing was
-        sent yet; later failures end the stream with an error event."""
+    async def stream(
+        self, info: RequestInfo, endpoint: Endpoint, body: dict[str, Any], send: Send
+    ) -> tuple[Usage, list[dict[str, Any]]]:
+        """Relay a streamed answer from peers to the app; return the usage and the receipts to pay.
+        Raises NoExecutor only if nothing was sent yet; later failures end the stream with an
+        error event."""
+        paid: list[dict[str, Any]] = []
         avoid: set[str] = set()
         sent: list[str] = []  # SSE text relayed to the app, for a continuation
         trailer: list[str] = []
@@ -235,7 +240,7 @@ class Delegator:
                 if not sent:
                     raise
                 await _send_text(send, _error_event("no other executor could continue the answer"))
-                return usage
+                return usage, paid
             digest = hashlib.sha256()
             try:
                 receipt = None
@@ -276,12 +281,12 @@ class Delegator:
                 resumed = continuation_body(endpoint, body, done)
                 if resumed is None:
                     await _send_text(send, _error_event("the executor failed and the answer cannot resume"))
-                    return usage
+                    return usage, paid
                 attempt_body, stitch = resumed, Stitcher(done)
                 continue
             finally:
                 await ex.aclose()
-            await self.pay(record)
+            paid.append(record)
             usage.prompt_tokens += receipt["prompt_tokens"]
             usage.completion_tokens += receipt["completion_tokens"]
             trailer.append(
@@ -291,7 +296,7 @@ class Delegator:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         await _send_text(send, "".join(trailer))
         await send({"type": "http.response.body", "body": DONE, "more_body": True})
-        return usage
+        return usage, paid
 
 
 def _max_tokens(body: dict[str, Any]) -> int | None:
