@@ -465,3 +465,19 @@ async def test_debts_acknowledged_before_sigkill_are_paid_exactly_once(url: str,
         assert len(paid) <= len(acknowledged) + 3
     finally:
         await ledger.stop()
+
+
+def test_a_pending_write_leaves_ledger_commits_fully_synchronous(tmp_path: Path) -> None:
+    """Debts are written without an fsync of their own; the connection they used must go back to
+    the pool with synchronous=FULL, or later ledger operations would lose their power-cut safety."""
+    store = LedgerStore(default_url(tmp_path), genesis().network_id)
+    try:
+        entry, executor = NodeIdentity.generate(), NodeIdentity.generate()
+        for n in range(3):
+            signed = receipt(executor, entry.node_id, n)
+            key = (executor.node_id, entry.node_id, signed["body"]["request"])
+            assert store.add_pending(key, json.dumps(signed).encode(), time.time())
+        with store.engine.connect() as conn:
+            assert conn.connection.driver_connection.execute("PRAGMA synchronous").fetchone()[0] == 2
+    finally:
+        store.close()
