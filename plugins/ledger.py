@@ -166,16 +166,20 @@ class ChainLedger:
         When settle returns the debt is on disk. Settling a receipt again (pending or paid) does
         nothing. Raises InvalidReceipt for a receipt that is not valid, or not this node's to pay.
         """
-        key, raw, price = await asyncio.to_thread(self._check_debt, receipt)
-        if key in self._pending or self._is_paid(key):
-            return
-        await asyncio.to_thread(self.store.add_pending, key, raw, time.time())
+        # One trip to a worker thread for the check and the write: each trip costs about as much
+        # CPU as the write itself. (Writing a duplicate again is harmless: the insert ignores it.)
+        key, raw, price = await asyncio.to_thread(self._record_debt, receipt)
         if key in self._pending:  # a concurrent settle of the same receipt got here first
             return
-        if self._is_paid(key):  # paid meanwhile, before this row was written: it is not a debt
+        if self._is_paid(key):  # already paid: it is not a debt
             await asyncio.to_thread(self.store.drop_pending, [key])
             return
-        self._add_debt(key, orjson.loads(raw), len(raw), price)
+        self._add_debt(key, receipt, len(raw), price)
+
+    def _record_debt(self, receipt: dict[str, Any]) -> tuple[ReceiptKey, bytes, int]:
+        key, raw, price = self._check_debt(receipt)
+        self.store.add_pending(key, raw, time.time())
+        return key, raw, price
 
     def _check_debt(self, receipt: dict[str, Any]) -> tuple[ReceiptKey, bytes, int]:
         body = check_receipt(receipt)

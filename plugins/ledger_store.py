@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import BigInteger, Engine, LargeBinary, and_, bindparam, event, func, or_, select, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Field, SQLModel, create_engine
 
@@ -32,6 +32,10 @@ OPEN_CHECK_TAIL = 8
 PAGE = 1000
 NETWORK_KEY = "network_id"
 WRITE_OPTION = "ledger_write"
+INSERT_PENDING_SQLITE = (
+    "INSERT INTO ledger_pending (executor, entry, request, created, raw) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT DO NOTHING"
+)
 
 
 class LedgerOpRow(SQLModel, table=True):
@@ -209,6 +213,7 @@ class LedgerStore:
         self.engine = _make_engine(url)
         self._writer = self.engine.execution_options(**{WRITE_OPTION: True})
         self._postgres = self.engine.dialect.name == "postgresql"
+        self._insert_pending = postgresql.insert(PENDING).on_conflict_do_nothing()
         SQLModel.metadata.create_all(self.engine, tables=TABLES)
         self._claim_network()
         if check_on_open:
@@ -346,23 +351,23 @@ class LedgerStore:
         CPU per request, while debts are paid within a batch window anyway.
         """
         executor, entry, request = key
-        row = {"executor": executor, "entry": entry, "request": request, "created": created, "raw": raw}
-        insert = (postgresql.insert if self._postgres else sqlite.insert)(PENDING)
         with self._writer.connect() as conn:
-            # On the DBAPI connection: SQLAlchemy would open a transaction first, and SQLite
-            # refuses to change the safety level inside one.
-            raw_conn = conn.connection.driver_connection
-            if not self._postgres:
-                raw_conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: no fsync at commit
-            try:
+            if self._postgres:
                 with conn.begin():
-                    if self._postgres:
-                        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-                    done = conn.execute(insert.values(**row).on_conflict_do_nothing())
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                    row = {"executor": executor, "entry": entry, "request": request, "created": created}
+                    return bool(conn.execute(self._insert_pending, {**row, "raw": raw}).rowcount)
+            # SQLite, on the DBAPI connection (autocommit: the INSERT is its own transaction).
+            # SQLAlchemy would open a transaction first, and SQLite refuses to change the safety
+            # level inside one; its statement handling also cost more CPU than the insert.
+            cursor = conn.connection.driver_connection.cursor()
+            try:
+                cursor.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: no fsync at commit
+                cursor.execute(INSERT_PENDING_SQLITE, (executor, entry, request, created, raw))
+                return cursor.rowcount == 1
             finally:
-                if not self._postgres:
-                    raw_conn.execute("PRAGMA synchronous=FULL")
-        return bool(done.rowcount)
+                cursor.execute("PRAGMA synchronous=FULL")
+                cursor.close()
 
     def drop_pending(self, keys: Iterable[ReceiptKey]) -> int:
         """Delete pending rows (receipts found already paid); returns how many were held."""
