@@ -104,6 +104,8 @@ class ChainLedger:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._stopped = False
+        self._to_record: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._recording: asyncio.Task[None] | None = None
         node.overlay.on_request(RANGE_KIND, self._serve_range)
         node.overlay.on_request(HEADS_KIND, self._serve_heads)
         node.metrics.register(_LedgerCollector(self))
@@ -163,23 +165,60 @@ class ChainLedger:
     async def settle(self, receipt: dict[str, Any]) -> None:
         """Owe the executor of a signed receipt naming this node as entry; paid in a later batch.
 
-        When settle returns the debt is on disk. Settling a receipt again (pending or paid) does
-        nothing. Raises InvalidReceipt for a receipt that is not valid, or not this node's to pay.
+        When settle returns the debt is committed (see LedgerStore.add_pending). Settling a
+        receipt again (pending or paid) does nothing. Raises InvalidReceipt for a receipt that is
+        not valid, or not this node's to pay.
         """
-        # One trip to a worker thread for the check and the write: each trip costs about as much
-        # CPU as the write itself. (Writing a duplicate again is harmless: the insert ignores it.)
-        key, raw, price = await asyncio.to_thread(self._record_debt, receipt)
-        if key in self._pending:  # a concurrent settle of the same receipt got here first
-            return
-        if self._is_paid(key):  # already paid: it is not a debt
-            await asyncio.to_thread(self.store.drop_pending, [key])
-            return
-        self._add_debt(key, receipt, len(raw), price)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._to_record.append((receipt, future))
+        if self._recording is None or self._recording.done():
+            self._recording = asyncio.get_running_loop().create_task(self._record_queued())
+        await future
 
-    def _record_debt(self, receipt: dict[str, Any]) -> tuple[ReceiptKey, bytes, int]:
-        key, raw, price = self._check_debt(receipt)
-        self.store.add_pending(key, raw, time.time())
-        return key, raw, price
+    async def _record_queued(self) -> None:
+        """Group commit: every receipt queued meanwhile is checked and written in one transaction,
+        on one worker-thread trip (each trip costs about as much CPU as a write)."""
+        while self._to_record:
+            batch, self._to_record = self._to_record, []
+            try:
+                checked = await asyncio.to_thread(self._record_debts, [r for r, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            paid_meanwhile = []
+            for (receipt, future), result in zip(batch, checked, strict=True):
+                if isinstance(result, InvalidReceipt):
+                    if not future.done():
+                        future.set_exception(result)
+                    continue
+                key, size, price = result
+                if self._is_paid(key):  # already paid: it is not a debt
+                    paid_meanwhile.append(key)
+                elif key not in self._pending:  # (a duplicate is ignored)
+                    self._add_debt(key, receipt, size, price)
+                if not future.done():
+                    future.set_result(None)
+            if paid_meanwhile:
+                await asyncio.to_thread(self.store.drop_pending, paid_meanwhile)
+
+    def _record_debts(
+        self, receipts: list[dict[str, Any]]
+    ) -> list[tuple[ReceiptKey, int, int] | InvalidReceipt]:
+        checked: list[tuple[ReceiptKey, int, int] | InvalidReceipt] = []
+        rows = []
+        now = time.time()
+        for receipt in receipts:
+            try:
+                key, raw, price = self._check_debt(receipt)
+            except InvalidReceipt as exc:
+                checked.append(exc)
+                continue
+            rows.append((key, raw, now))
+            checked.append((key, len(raw), price))
+        self.store.add_pending_many(rows)
+        return checked
 
     def _check_debt(self, receipt: dict[str, Any]) -> tuple[ReceiptKey, bytes, int]:
         body = check_receipt(receipt)

@@ -213,7 +213,6 @@ class LedgerStore:
         self.engine = _make_engine(url)
         self._writer = self.engine.execution_options(**{WRITE_OPTION: True})
         self._postgres = self.engine.dialect.name == "postgresql"
-        self._insert_pending = postgresql.insert(PENDING).on_conflict_do_nothing()
         SQLModel.metadata.create_all(self.engine, tables=TABLES)
         self._claim_network()
         if check_on_open:
@@ -342,29 +341,48 @@ class LedgerStore:
             conn.execute(PENDING.delete().where(_key_in(chunk)))
 
     def add_pending(self, key: ReceiptKey, raw: bytes, created: float) -> bool:
-        """Record a debt: the canonical signed receipt `raw` under its receipt key.
+        """Record one debt; False (and nothing changed) when its key is already pending."""
+        return self.add_pending_many([(key, raw, created)]) == 1
 
-        Idempotent: False (and nothing changed) when the key is already pending. When it returns the
-        row is committed: it survives the node's process being killed. It reaches stable storage
-        (survives a power cut) with the next ledger operation's commit, without an fsync of its
-        own: one per delegated request cost the entry node about 3 ms of disk wait and most of its
-        CPU per request, while debts are paid within a batch window anyway.
+    def add_pending_many(self, rows: list[tuple[ReceiptKey, bytes, float]]) -> int:
+        """Record debts, each a canonical signed receipt under its receipt key, in one transaction;
+        returns how many were new (a key already pending is left as it is).
+
+        When it returns the rows are committed: they survive the node's process being killed. They
+        reach stable storage (survive a power cut) with the next ledger operation's commit, without
+        an fsync of their own: one per delegated request cost the entry node about 3 ms of disk wait
+        and much of its CPU, while debts are paid within a batch window anyway.
         """
-        executor, entry, request = key
+        if not rows:
+            return 0
+        params = [(ex, en, rq, created, raw) for (ex, en, rq), raw, created in rows]
         with self._writer.connect() as conn:
             if self._postgres:
                 with conn.begin():
                     conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-                    row = {"executor": executor, "entry": entry, "request": request, "created": created}
-                    return bool(conn.execute(self._insert_pending, {**row, "raw": raw}).rowcount)
-            # SQLite, on the DBAPI connection (autocommit: the INSERT is its own transaction).
-            # SQLAlchemy would open a transaction first, and SQLite refuses to change the safety
-            # level inside one; its statement handling also cost more CPU than the insert.
+                    names = ("executor", "entry", "request", "created", "raw")
+                    # RETURNING says which rows were new (rowcount is -1 here with psycopg).
+                    insert = postgresql.insert(PENDING).on_conflict_do_nothing().returning(PENDING.c.request)
+                    return sum(
+                        len(conn.execute(insert.values(**dict(zip(names, p, strict=True)))).all())
+                        for p in params
+                    )
+            # SQLite, on the DBAPI connection: SQLAlchemy would open a transaction first, and SQLite
+            # refuses to change the safety level inside one; its statement handling also cost more
+            # CPU than the insert.
             cursor = conn.connection.driver_connection.cursor()
             try:
                 cursor.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: no fsync at commit
-                cursor.execute(INSERT_PENDING_SQLITE, (executor, entry, request, created, raw))
-                return cursor.rowcount == 1
+                cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    before = conn.connection.driver_connection.total_changes
+                    cursor.executemany(INSERT_PENDING_SQLITE, params)
+                    added = conn.connection.driver_connection.total_changes - before
+                    cursor.execute("COMMIT")
+                except BaseException:
+                    cursor.execute("ROLLBACK")
+                    raise
+                return added
             finally:
                 cursor.execute("PRAGMA synchronous=FULL")
                 cursor.close()

@@ -75,10 +75,12 @@ def alive_peers(node: NodeAPI, model: str) -> list[PeerView]:
     me = node.identity.node_id
     found = []
     for peer in node.gossip.peers():
-        record = peer.record
-        names = {m.get("name") for m in record.get("models") or () if isinstance(m, Mapping)}
-        stake = record.get("stake")
-        if peer.state == "alive" and peer.id != me and model in names and _positive(stake):
+        if (
+            peer.state == "alive"
+            and peer.id != me
+            and model in peer.models
+            and _positive(peer.record.get("stake"))
+        ):
             found.append(peer)
     return found
 

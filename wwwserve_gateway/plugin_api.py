@@ -59,6 +59,16 @@ class PeerView:
     age_s: float
     record: Mapping[str, Any]
 
+    @property
+    def models(self) -> frozenset[str]:
+        """Names of the models the peer offers (records come from the network: malformed = none)."""
+        models = self.record.get("models")
+        if not isinstance(models, list):
+            return frozenset()
+        return frozenset(
+            m["name"] for m in models if isinstance(m, Mapping) and isinstance(m.get("name"), str)
+        )
+
 
 class GossipDelegate(Protocol):
     """Lets another plugin attach a small digest to gossip, as memberlist's Delegate does."""

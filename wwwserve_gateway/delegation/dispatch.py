@@ -17,8 +17,8 @@ import structlog
 
 from wwwserve_gateway.asgi import ClientDisconnected, Receive, Send, cancel_on_disconnect, send_bytes
 from wwwserve_gateway.backend_api import Endpoint, Usage
+from wwwserve_gateway.delegation import wire
 from wwwserve_gateway.delegation.entry import ROUTE_HEADER, Delegator, NoExecutor
-from wwwserve_gateway.delegation.executor import _prompt_chars
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
 from wwwserve_gateway.errors import BackendUnavailable, GatewayError, ModelNotFound, RateLimited
 from wwwserve_gateway.metrics import GatewayMetrics
@@ -58,25 +58,17 @@ class Dispatcher:
 
     def network_serves(self, model: str) -> bool:
         assert self.api.gossip is not None
-        for peer in self.api.gossip.peers():
-            if peer.state == "alive" and peer.id != self.me:
-                models = peer.record.get("models")
-                if isinstance(models, list) and any(
-                    isinstance(m, dict) and m.get("name") == model for m in models
-                ):
-                    return True
-        return False
+        return any(
+            p.state == "alive" and p.id != self.me and model in p.models for p in self.api.gossip.peers()
+        )
 
     def network_models(self) -> list[str]:
         """Models that peers offer and this node's policy buys."""
         assert self.api.gossip is not None and self.api.policy is not None
         names: set[str] = set()
         for peer in self.api.gossip.peers():
-            models = peer.record.get("models")
-            if peer.state == "alive" and isinstance(models, list):
-                names.update(
-                    m["name"] for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)
-                )
+            if peer.state == "alive" and peer.id != self.me:
+                names |= peer.models
         return sorted(n for n in names if self.api.policy.buys(n))
 
     async def serve(
@@ -94,16 +86,7 @@ class Dispatcher:
         local = self.registry.serves(model)
         if not local and not (policy.buys(model) and self.network_serves(model)):
             raise ModelNotFound(f"The model '{model}' does not exist on this node", param="model")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        info = RequestInfo(
-            id=uuid.uuid4().hex,
-            model=model,
-            endpoint=endpoint.value,
-            stream=stream,
-            route=(),
-            prompt_chars=_prompt_chars(body),
-            max_tokens=max_tokens if isinstance(max_tokens, int) else None,
-        )
+        info = wire.describe(uuid.uuid4().hex, endpoint.value, body, stream, ())
         deadline = started + self.request_timeout
         while True:
             decision = policy.decide(info)

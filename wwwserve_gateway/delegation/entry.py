@@ -148,7 +148,7 @@ class Delegator:
             self.metrics.bad_receipts.inc()
             raise ExecutorFailed(str(exc)) from None
         req = ex.request
-        max_tokens = _max_tokens(req.body)  # of the request sent: a continuation's is lower
+        max_tokens = wire.max_tokens(req.body)  # of the request sent: a continuation's is lower
         problems = [
             body["id"] != ex.executor and "signed by another node than the executor",
             body["entry"] != self.me and "names another entry node",
@@ -297,11 +297,6 @@ class Delegator:
         await _send_text(send, "".join(trailer))
         await send({"type": "http.response.body", "body": DONE, "more_body": True})
         return usage, paid
-
-
-def _max_tokens(body: dict[str, Any]) -> int | None:
-    value = body.get("max_completion_tokens", body.get("max_tokens"))
-    return value if isinstance(value, int) else None
 
 
 async def _send_text(send: Send, text: str) -> None:

@@ -33,24 +33,8 @@ DONE_TEXT = DONE.decode()
 
 
 def request_info(req: wire.DelegatedRequest) -> RequestInfo:
-    body = req.body
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    return RequestInfo(
-        id=req.id,
-        model=body["model"],
-        endpoint=req.endpoint.value,
-        stream=bool(body.get("stream")),
-        route=req.route,
-        prompt_chars=_prompt_chars(body),
-        max_tokens=max_tokens if isinstance(max_tokens, int) else None,
-    )
-
-
-def _prompt_chars(body: dict[str, Any]) -> int:
-    if isinstance(body.get("messages"), list):
-        return sum(len(str(m.get("content") or "")) for m in body["messages"] if isinstance(m, dict))
-    prompt = body.get("prompt", body.get("input"))
-    return len(prompt) if isinstance(prompt, str) else 0
+    stream = bool(req.body.get("stream"))
+    return wire.describe(req.id, req.endpoint.value, req.body, stream, req.route)
 
 
 class PeerExecutor:

@@ -23,6 +23,7 @@ from typing import Any
 
 from wwwserve_gateway.backend_api import Endpoint
 from wwwserve_gateway.identity import NODE_ID
+from wwwserve_gateway.plugin_api import RequestInfo
 
 KIND = "wwwserve.delegate"
 MAX_HOPS = 8
@@ -55,6 +56,33 @@ class DelegatedRequest:
     @property
     def entry(self) -> str:
         return self.route[0]
+
+
+def max_tokens(body: dict[str, Any]) -> int | None:
+    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    return value if isinstance(value, int) else None
+
+
+def prompt_chars(body: dict[str, Any]) -> int:
+    if isinstance(body.get("messages"), list):
+        return sum(len(str(m.get("content") or "")) for m in body["messages"] if isinstance(m, dict))
+    prompt = body.get("prompt", body.get("input"))
+    return len(prompt) if isinstance(prompt, str) else 0
+
+
+def describe(
+    request_id: str, endpoint: str, body: dict[str, Any], stream: bool, route: tuple[str, ...]
+) -> RequestInfo:
+    """What policies and routers see of a request."""
+    return RequestInfo(
+        id=request_id,
+        model=body["model"],
+        endpoint=endpoint,
+        stream=stream,
+        route=route,
+        prompt_chars=prompt_chars(body),
+        max_tokens=max_tokens(body),
+    )
 
 
 def parse_request(sender: str, me: str, raw: Any) -> DelegatedRequest:
