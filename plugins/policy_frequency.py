@@ -43,10 +43,14 @@ def backend_capacity(backend: Backend) -> int:
 def backend_usage(backend: Backend) -> float:
     """Fraction of the backend's capacity in use. The probe is polled about once a second, while
     the gateway's in-flight count moves at once: taking the larger keeps a burst of decisions made
-    between two probes from all seeing the same stale 'idle'."""
+    between two probes from all seeing the same stale 'idle'. The in-flight count only counts when
+    the capacity is known (a parallel limit or a slot count): one request in flight to a remote
+    API or a vLLM server of unknown size says nothing about how busy it is."""
     load = backend.state.load
     probed = load.usage if load is not None else 0.0
-    return max(probed, backend.state.in_flight / backend_capacity(backend))
+    params = backend.params
+    capacity = params.max_parallel_requests or getattr(params, "n_parallel", None)
+    return max(probed, backend.state.in_flight / capacity) if capacity else probed
 
 
 def backend_busy(backend: Backend) -> int:
@@ -249,8 +253,8 @@ class FrequencyPolicy(StakedPolicy):
         backends = ready_backends(self.node, model)
         if not backends or self.target(model) == NEVER_LOCAL:
             return Decision.DELEGATE if self.can_buy(model) else Decision.REJECT
-        if self._idle(backends):
-            return Decision.LOCAL
+        if self._idle(backends) or not alive_peers(self.node, model):
+            return Decision.LOCAL  # idle, or busy with nobody to hand over to: queue in the engine
         # The coins are drawn even when delegation is impossible, so a seed gives the same sequence.
         if self._coin(self.config.offload_frequency) and self.can_buy(model):
             return Decision.DELEGATE

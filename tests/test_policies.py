@@ -26,7 +26,7 @@ PEER_REQ = RequestInfo(id="b" * 32, model="m", endpoint="chat/completions", stre
 
 
 class SlotParams(BackendParams):
-    n_parallel: int = Field(1, gt=0)
+    n_parallel: int | None = Field(1, gt=0)
 
 
 class FakeBackend(Backend):
@@ -43,7 +43,7 @@ def backend(
     in_flight: int = 0,
     load: BackendLoad | None = None,
     parallel: int | None = None,
-    n_parallel: int = 1,
+    n_parallel: int | None = 1,
 ) -> FakeBackend:
     entry = ModelEntry(model_name=model, litellm_params={"model": f"fake/{model}"})
     params = SlotParams(model=f"fake/{model}", max_parallel_requests=parallel, n_parallel=n_parallel)
@@ -115,8 +115,15 @@ def make_node(backends: list[Backend], ledger: FakeLedger | None = None, peers: 
     return node
 
 
-def frequency(backends: list[Backend], ledger: FakeLedger | None = None, **settings: Any) -> FrequencyPolicy:
-    return FrequencyPolicy(make_node(backends, ledger), {"seed": 7, **settings})
+def frequency(
+    backends: list[Backend],
+    ledger: FakeLedger | None = None,
+    peers: list[PeerView] | None = None,
+    **settings: Any,
+) -> FrequencyPolicy:
+    """A frequency policy on a node with, by default, one alive staked peer serving "m"."""
+    peers = [peer("p" * 64)] if peers is None else peers
+    return FrequencyPolicy(make_node(backends, ledger, peers), {"seed": 7, **settings})
 
 
 BUSY = BackendLoad(running=1, waiting=0, usage=0.9)
@@ -183,6 +190,21 @@ def test_decide_idle_local_backend_serves_locally() -> None:
 def test_decide_in_flight_makes_a_backend_busy_before_the_next_probe() -> None:
     policy = frequency([backend(in_flight=1)], offload_frequency=1.0)
     assert policy.decide(APP) is Decision.DELEGATE
+
+
+def test_decide_busy_with_no_peer_to_hand_over_to_queues_locally() -> None:
+    alone = frequency([backend(load=BUSY)], peers=[], offload_frequency=0.0, queue_frequency=0.0)
+    assert alone.decide(APP) is Decision.LOCAL  # no retry loop on a node alone
+    unstaked = frequency([backend(load=BUSY)], peers=[peer("q" * 64, stake=0)], queue_frequency=0.0)
+    assert unstaked.decide(APP) is Decision.LOCAL
+
+
+def test_in_flight_counts_only_when_the_capacity_is_known() -> None:
+    # A remote API or a vLLM server of unknown size: one request in flight says nothing.
+    unknown = backend(in_flight=5, n_parallel=None)
+    assert backend_usage(unknown) == 0.0
+    assert backend_usage(backend(in_flight=1, n_parallel=2)) == 0.5
+    assert backend_usage(backend(in_flight=1, n_parallel=None, parallel=4)) == 0.25
 
 
 def test_decide_busy_branches() -> None:
