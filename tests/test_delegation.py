@@ -8,8 +8,10 @@ backend; an executor killed mid-stream is replaced and the app still gets one wh
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,6 +244,38 @@ def test_executor_refuses_malformed_requests_with_a_logged_reason(net: dict[str,
     assert counter(x.node, "wwwserve_peer_requests_total", outcome="refused") == refused_before + len(cases)
     assert x.node.log().count("refused a delegated request") >= len(cases)
     assert x.llama.busy_slots() == 0
+
+
+def test_an_executor_that_stalls_before_answering_is_replaced(net: dict[str, Member]) -> None:
+    """X1 is frozen (SIGSTOP): its connection stays open but nothing comes back. Requests sent at
+    once, before gossip suspects it, that draw X1 first wait out the accept timeout (2 s) and are
+    served elsewhere, invisibly. Twelve independent draws all missing X1 has probability 1/4096."""
+    e, victim, other = net["E"], net["X1"], net["X2"]
+    timeouts = counter(e.node, "wwwserve_delegation_attempts_total", outcome="timeout")
+    assert victim.node.proc is not None
+
+    def ask(_: int):
+        return client(e.node).chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4
+        )
+
+    os.kill(victim.node.proc.pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(ask, range(12)))
+    finally:
+        os.kill(victim.node.proc.pid, signal.SIGCONT)
+    for raw in answers:
+        assert raw.parse().choices[0].message.content
+        # X2 takes one at a time (one slot); what it declines, E serves itself as a last resort.
+        assert raw.headers["x-wwwserve-route"] in (f"{e.id},{other.id}", e.id)
+    assert counter(e.node, "wwwserve_delegation_attempts_total", outcome="timeout") > timeouts
+
+    def back() -> bool:
+        view = {p["id"]: p for p in httpx.get(e.node.url + "/wwwserve/peers", timeout=5).json()}
+        return view.get(victim.id, {}).get("state") == "alive"
+
+    wait_until(back, 30, interval=0.2, what="the frozen executor alive again")
 
 
 def test_executor_killed_mid_stream_the_answer_continues(net: dict[str, Member]) -> None:
