@@ -29,11 +29,14 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from wwwserve_gateway.canonical import canonical
+from wwwserve_gateway.identity import verify
 from wwwserve_gateway.plugin_api import NodeAPI
 from wwwserve_gateway.plugins.ledger_fold import Balances
 from wwwserve_gateway.plugins.ledger_ops import MAX_OP_BYTES, InvalidOperation, Operation, parse_op, sign_op
 from wwwserve_gateway.plugins.ledger_rules import (
     MICRO,
+    batch_body,
+    batch_items,
     check_op,
     payment_amount,
     price_micro,
@@ -54,6 +57,9 @@ log = structlog.get_logger(__name__)
 
 RANGE_KIND = "ledger.range"
 HEADS_KIND = "ledger.heads"
+COUNTERSIGN_KIND = "ledger.countersign"
+# An executor that does not countersign within this is paid by its receipts (the long form).
+COUNTERSIGN_TIMEOUT_S = 5.0
 BUCKETS = 64
 RANGE_LIMIT = 1000
 # A range answer must fit one overlay frame (1 MiB); receipt-laden pay operations run to a few KB.
@@ -108,6 +114,7 @@ class ChainLedger:
         self._recording: asyncio.Task[None] | None = None
         node.overlay.on_request(RANGE_KIND, self._serve_range)
         node.overlay.on_request(HEADS_KIND, self._serve_heads)
+        node.overlay.on_request(COUNTERSIGN_KIND, self._serve_countersign)
         node.metrics.register(_LedgerCollector(self))
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -339,11 +346,10 @@ class ChainLedger:
                     by_executor: dict[str, list[dict[str, Any]]] = {}
                     for key in fresh:
                         by_executor.setdefault(key[0], []).append(self._pending[key].receipt)
-                    payments = [
-                        {"to": to, "amount": payment_amount(receipts, self.params), "receipts": receipts}
-                        for to, receipts in sorted(by_executor.items())
-                    ]
-                    await self._append_own("pay", {"payments": payments}, settled=keys)
+                    payments = await asyncio.gather(
+                        *(self._payment(to, receipts) for to, receipts in sorted(by_executor.items()))
+                    )
+                    await self._append_own("pay", {"payments": list(payments)}, settled=keys)
                 elif keys:  # all paid already: the rows are only dropped
                     await asyncio.to_thread(self.store.drop_pending, keys)
             except PendingGone as exc:
@@ -356,6 +362,41 @@ class ChainLedger:
             self.payments += len(fresh)
             return
         raise RuntimeError("pending receipts kept changing under this flush")
+
+    async def _payment(self, to: str, receipts: list[dict[str, Any]]) -> dict[str, Any]:
+        """A payment to one executor: compact if it countersigns the batch, else by its receipts."""
+        amount = payment_amount(receipts, self.params)
+        items = batch_items(receipts)
+        try:
+            reply = await self.node.overlay.request(
+                to, COUNTERSIGN_KIND, {"receipts": receipts}, timeout=COUNTERSIGN_TIMEOUT_S
+            )
+            sig = reply.get("sig")
+            if not isinstance(sig, str):
+                raise InvalidOperation("no signature in the answer")
+            verify(to, canonical(batch_body(to, self.node.identity.node_id, items)), bytes.fromhex(sig))
+        except Exception as exc:
+            log.debug("paying by receipts: no countersignature", executor=to[:16], error=str(exc))
+            return {"to": to, "amount": amount, "receipts": receipts}
+        return {"to": to, "amount": amount, "items": items, "sig": sig}
+
+    async def _serve_countersign(self, peer_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """An entry asks this node to sign, once, the batch of its receipts it is about to pay."""
+        records = body.get("receipts")
+        if not isinstance(records, list) or not 0 < len(records) <= self.params.payment_batch_max:
+            raise ValueError("ledger.countersign takes {receipts: 1..payment_batch_max signed receipts}")
+        me = self.node.identity.node_id
+        # Signature checks cost ~70 us each: off the event loop.
+        await asyncio.to_thread(self._check_own_receipts, records, peer_id)
+        items = batch_items(records)
+        return {"sig": self.node.identity.sign(canonical(batch_body(me, peer_id, items))).hex()}
+
+    def _check_own_receipts(self, records: list[Any], entry: str) -> None:
+        me = self.node.identity.node_id
+        for record in records:
+            receipt = check_receipt(record)
+            if receipt["id"] != me or receipt["entry"] != entry:
+                raise ValueError("only this node's receipts for the asking entry are countersigned")
 
     # -- gossip delegate -----------------------------------------------------------------------------
     def local_digest(self) -> dict[str, Any]:

@@ -48,8 +48,7 @@ from wwwserve_gateway.plugins.ledger_rules import (
     Transfer,
     duel_request,
     fraud_evidence,
-    price_micro,
-    receipt_key,
+    payment_entries,
 )
 
 Key = tuple[float, str, int, str]
@@ -232,11 +231,10 @@ class Balances:
         elif op.kind == "pay":
             for payment in body["payments"]:
                 total = 0
-                for record in payment["receipts"]:
-                    key = receipt_key(record["body"])
-                    if key not in self._paid:  # a receipt paid again later in fold order is ignored
+                for key, price in payment_entries(payment, op.author, self.params):
+                    if key not in self._paid:  # a request paid again later in fold order is ignored
                         self._paid.add(key)
-                        total += price_micro(record["body"], self.params)
+                        total += price
                 me.liquid -= total
                 self._account(payment["to"]).liquid += total
         elif op.kind == "duel":

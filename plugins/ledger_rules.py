@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from wwwserve_gateway import receipts
+from wwwserve_gateway.canonical import canonical
 from wwwserve_gateway.genesis import LedgerParams
-from wwwserve_gateway.identity import NODE_ID, InvalidSignature, verify_record
+from wwwserve_gateway.identity import NODE_ID, InvalidSignature, verify, verify_record
 from wwwserve_gateway.plugins.ledger_ops import InvalidOperation, Operation, parse_op
+from wwwserve_gateway.receipts import HASH
 
 MICRO = 1_000_000  # micro-credits per credit
 VOTE_KEYS = frozenset({"id", "kind", "duel", "choice"})
@@ -41,14 +43,40 @@ def to_micro(credits: float) -> int:
 
 
 def price_micro(receipt: dict[str, Any], params: LedgerParams) -> int:
-    """A receipt's price in micro-credits: per request plus per 1k tokens, each rate rounded to micro.
+    """A receipt's price in micro-credits (see tokens_price_micro)."""
+    return tokens_price_micro(receipt["prompt_tokens"], receipt["completion_tokens"], params)
 
-    Integer arithmetic after the rates are rounded, so every node computes the same price.
-    """
+
+def tokens_price_micro(prompt: int, completion: int, params: LedgerParams) -> int:
+    """One request's price in micro-credits: per request plus per 1k tokens, each rate rounded to
+    micro. Integer arithmetic after the rates are rounded, so every node computes the same price."""
     per_request = to_micro(params.price_per_request)
     per_1k = to_micro(params.price_per_1k_tokens)
-    tokens = receipt["prompt_tokens"] + receipt["completion_tokens"]
-    return per_request + (per_1k * tokens + 500) // 1000  # per-token part rounded half up
+    return per_request + (per_1k * (prompt + completion) + 500) // 1000  # per-token part rounded half up
+
+
+def batch_body(executor: str, entry: str, items: list[list[Any]]) -> dict[str, Any]:
+    """What an executor countersigns for a batch payment: the requests it served for `entry`, each
+    as [request hash, prompt tokens, completion tokens] (what the price and the once-only rule need;
+    the full receipts stay with the entry and its apps)."""
+    return {"kind": "batch", "id": executor, "entry": entry, "items": items}
+
+
+def batch_items(receipts: list[dict[str, Any]]) -> list[list[Any]]:
+    """The items of a batch payment for these signed receipts, in their order."""
+    return [
+        [r["body"]["request"], r["body"]["prompt_tokens"], r["body"]["completion_tokens"]] for r in receipts
+    ]
+
+
+def payment_entries(
+    payment: dict[str, Any], payer: str, params: LedgerParams
+) -> list[tuple[ReceiptKey, int]]:
+    """(receipt key, price in micro-credits) of each request a checked payment pays, either form."""
+    if "receipts" in payment:
+        return [(receipt_key(r["body"]), price_micro(r["body"], params)) for r in payment["receipts"]]
+    to = payment["to"]
+    return [((to, payer, item[0]), tokens_price_micro(item[1], item[2], params)) for item in payment["items"]]
 
 
 def payment_amount(receipts: list[dict[str, Any]], params: LedgerParams) -> float:
@@ -56,7 +84,10 @@ def payment_amount(receipts: list[dict[str, Any]], params: LedgerParams) -> floa
     return sum(price_micro(r["body"], params) for r in receipts) / MICRO
 
 
-def receipt_key(receipt: dict[str, Any]) -> tuple[str, str, str]:
+ReceiptKey = tuple[str, str, str]
+
+
+def receipt_key(receipt: dict[str, Any]) -> ReceiptKey:
     """What a receipt is paid once for: (executor, entry, request hash).
 
     The executor is part of the key because a duel sends one request to two executors, and the
@@ -186,36 +217,73 @@ def _positive_amount(body: dict[str, Any], kind: str) -> None:
 
 
 def _check_pay(op: Operation, params: LedgerParams) -> None:
+    """A payment is one of two forms:
+    - {to, amount, receipts}: the executor's signed receipts, one signature each;
+    - {to, amount, items, sig}: [request hash, prompt, completion] per request and one signature by
+      the executor over batch_body(to, payer, items): the compact form (about 80 bytes a request).
+    """
     body = op.body
     if set(body) != {"payments"} or not isinstance(body["payments"], list) or not body["payments"]:
         raise InvalidOperation("a pay body is {payments: non-empty list}")
-    seen: set[tuple[str, str, str]] = set()
+    seen: set[ReceiptKey] = set()
     for payment in body["payments"]:
-        if not isinstance(payment, dict) or set(payment) != {"to", "amount", "receipts"}:
-            raise InvalidOperation("a payment is {to, amount, receipts}")
-        to, amount, receipts = payment["to"], payment["amount"], payment["receipts"]
+        if not isinstance(payment, dict) or set(payment) not in (PAYMENT_KEYS, BATCH_PAYMENT_KEYS):
+            raise InvalidOperation("a payment is {to, amount, receipts} or {to, amount, items, sig}")
+        to, amount = payment["to"], payment["amount"]
         if not isinstance(to, str) or not NODE_ID.fullmatch(to) or to == op.author:
             raise InvalidOperation("a payment goes to another node's id")
         if not _is_number(amount) or amount < 0:
             raise InvalidOperation("a payment amount is a number >= 0")
-        if not isinstance(receipts, list) or not receipts:
-            raise InvalidOperation("a payment carries at least one receipt")
+        if "receipts" in payment:
+            _check_receipts(payment["receipts"], to, op.author)
+        else:
+            _check_batch(payment, op.author)
         total = 0
-        for record in receipts:
-            receipt = check_receipt(record)
-            if receipt["id"] != to:
-                raise InvalidOperation("a receipt is signed by another node than the payee")
-            if receipt["entry"] != op.author:
-                raise InvalidOperation("a receipt names another entry node than the payer")
-            key = receipt_key(receipt)
+        for key, price in payment_entries(payment, op.author, params):
             if key in seen:
-                raise InvalidOperation("a receipt is paid twice in one operation")
+                raise InvalidOperation("a request is paid twice in one operation")
             seen.add(key)
-            total += price_micro(receipt, params)
+            total += price
         if to_micro(amount) != total:
-            raise InvalidOperation(f"payment amount {amount} != price of its receipts {total / MICRO}")
+            raise InvalidOperation(f"payment amount {amount} != price of its requests {total / MICRO}")
     if len(seen) > params.payment_batch_max:
-        raise InvalidOperation(f"more than {params.payment_batch_max} receipts in one pay operation")
+        raise InvalidOperation(f"more than {params.payment_batch_max} requests in one pay operation")
+
+
+PAYMENT_KEYS = frozenset({"to", "amount", "receipts"})
+BATCH_PAYMENT_KEYS = frozenset({"to", "amount", "items", "sig"})
+
+
+def _check_receipts(receipts: Any, to: str, payer: str) -> None:
+    if not isinstance(receipts, list) or not receipts:
+        raise InvalidOperation("a payment carries at least one receipt")
+    for record in receipts:
+        receipt = check_receipt(record)
+        if receipt["id"] != to:
+            raise InvalidOperation("a receipt is signed by another node than the payee")
+        if receipt["entry"] != payer:
+            raise InvalidOperation("a receipt names another entry node than the payer")
+
+
+def _check_batch(payment: dict[str, Any], payer: str) -> None:
+    items, sig = payment["items"], payment["sig"]
+    if not isinstance(items, list) or not items:
+        raise InvalidOperation("a batch payment carries at least one item")
+    for item in items:
+        if (
+            not isinstance(item, list)
+            or len(item) != 3
+            or not isinstance(item[0], str)
+            or not HASH.fullmatch(item[0])
+            or not all(_is_int(n) and n >= 0 for n in item[1:])
+        ):
+            raise InvalidOperation("a batch item is [request sha256 hex, prompt tokens, completion tokens]")
+    if not isinstance(sig, str):
+        raise InvalidOperation("a batch payment's sig is hex")
+    try:
+        verify(payment["to"], canonical(batch_body(payment["to"], payer, items)), bytes.fromhex(sig))
+    except (InvalidSignature, ValueError) as exc:
+        raise InvalidOperation(f"batch payment: {exc}") from None
 
 
 def check_op(op: Operation, params: LedgerParams, duel_rule: DuelRule = DEFAULT_DUEL_RULE) -> None:

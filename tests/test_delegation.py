@@ -144,6 +144,11 @@ def test_overloaded_entry_delegates_and_executors_earn(net: dict[str, Member]) -
         return all(v == views[0] for v in views)
 
     wait_until(agree, 20, interval=0.2, what="every node's balances agree")
+    # Executors countersigned their batches: payments carry items, not whole receipts.
+    ops = httpx.get(e.node.url + "/wwwserve/ledger/ops", params={"author": e.id}, timeout=5).json()
+    payments = [p for op in ops if op["kind"] == "pay" for p in op["body"]["payments"]]
+    assert payments and all(set(p) == {"to", "amount", "items", "sig"} for p in payments)
+    assert sum(len(p["items"]) for p in payments) == n
 
 
 def test_streamed_delegation_through_the_openai_sdk(net: dict[str, Member]) -> None:

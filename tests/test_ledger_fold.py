@@ -12,11 +12,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from wwwserve_gateway.canonical import canonical
 from wwwserve_gateway.genesis import LedgerParams
 from wwwserve_gateway.identity import NodeIdentity
 from wwwserve_gateway.plugins.ledger_fold import Balances, NeedsRefold, fold
 from wwwserve_gateway.plugins.ledger_ops import InvalidOperation, Operation, parse_op, sign_op
-from wwwserve_gateway.plugins.ledger_rules import MICRO, check_op, payment_amount, price_micro
+from wwwserve_gateway.plugins.ledger_rules import (
+    MICRO,
+    batch_body,
+    batch_items,
+    check_op,
+    payment_amount,
+    price_micro,
+)
 
 PARAMS = LedgerParams(
     initial_grant=100,
@@ -447,3 +455,55 @@ def test_clock_running_backwards_keeps_chain_order() -> None:
     a.append("bond", {"amount": 100}, 50)  # earlier ts than the join: still folded after it
     a.append("unbond", {"amount": 100}, 10)
     assert fold(reversed(a.ops), PARAMS).account(a.id, 200)["liquid"] == 100
+
+
+# -- compact (countersigned) payments ------------------------------------------------------------
+
+
+def batch_payment(executor: NodeIdentity, entry: str, receipts: list[dict[str, Any]], signer=None) -> dict:
+    items = batch_items(receipts)
+    sig = (signer or executor).sign(canonical(batch_body(executor.node_id, entry, items))).hex()
+    return {"to": executor.node_id, "amount": payment_amount(receipts, PARAMS), "items": items, "sig": sig}
+
+
+def test_a_countersigned_batch_pays_like_its_receipts() -> None:
+    e, x = IDS[:2]
+    rs = [receipt(x, e.node_id, h(f"b{i}"), 100 * i, 50) for i in range(5)]
+    long_form, short_form = joined(e, x), joined(e, x)
+    long_form[0].append("pay", pay_body(x, rs), 2)
+    short_form[0].append("pay", {"payments": [batch_payment(x, e.node_id, rs)]}, 2)
+    assert fold(all_ops(*long_form), PARAMS).view() == fold(all_ops(*short_form), PARAMS).view()
+    compact, full = short_form[0].ops[-1], long_form[0].ops[-1]
+    assert len(compact.raw) < len(full.raw) / 3
+
+
+def test_a_request_paid_in_both_forms_is_paid_once() -> None:
+    e, x = IDS[:2]
+    r = receipt(x, e.node_id, h("once"))
+    ce, cx = joined(e, x)
+    ce.append("pay", pay_body(x, [r]), 2)
+    ce.append("pay", {"payments": [batch_payment(x, e.node_id, [r])]}, 3)
+    view = fold(all_ops(ce, cx), PARAMS).view()
+    assert view[x.node_id]["liquid"] == 100 + price_micro(r["body"], PARAMS) / MICRO
+
+
+def test_bad_batch_payments_are_rejected() -> None:
+    e, x, y = IDS[:3]
+    rs = [receipt(x, e.node_id, h("c1")), receipt(x, e.node_id, h("c2"))]
+    (chain,) = joined(e)
+    good = batch_payment(x, e.node_id, rs)
+    cases = {
+        "signed by another node": batch_payment(x, e.node_id, rs, signer=y),
+        "signed for another entry": {**good, "sig": batch_payment(x, y.node_id, rs)["sig"]},
+        "an item changed after signing": {**good, "items": [[h("c1"), 10, 999], good["items"][1]]},
+        "wrong amount": {**good, "amount": good["amount"] + 1},
+        "malformed item": {**good, "items": [[h("c1"), -1, 2]]},
+        "not hex": {**good, "sig": "zz"},
+        "duplicate request": {**good, "items": [good["items"][0]] * 2},
+        "mixed forms": {**good, "receipts": rs},
+    }
+    for name, payment in cases.items():
+        with pytest.raises(InvalidOperation):
+            chain.append("pay", {"payments": [payment]}, 2)
+            pytest.fail(name)
+    chain.append("pay", {"payments": [good]}, 2)

@@ -401,6 +401,8 @@ CRASH_SCRIPT = textwrap.dedent(
     """
     import asyncio, json, sys
     from pathlib import Path
+    import structlog
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout is for acks
     from tests.test_ledger_settle import genesis, node_api, receipt
     from wwwserve_gateway.identity import NodeIdentity
     from wwwserve_gateway.plugins.ledger import ChainLedger
