@@ -30,13 +30,10 @@ delegation_overhead.json and delegation_overhead.png to --out (default benchmark
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,15 +45,32 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
-import gateway_overhead as go  # sets LITELLM_LOCAL_MODEL_COST_MAP, WWWSERVE_MODELS_DIR
 import httpx
 import numpy as np
 import psutil
 import uvloop
 import yaml
-from gateway_overhead import (
-    DONE,
-    JSON_HEADERS,
+from bench_common import (
+    RunStart,
+    added_latency,
+    bench_parser,
+    client_session,
+    figure_title,
+    find_py_spy,
+    fmt,
+    machine_line,
+    progress_bar,
+    pyplot,
+    save_figure,
+    start_py_spy,
+    stop_py_spy,
+    stub_command,
+    target_result,
+    targets_table,
+    tear_down,
+    tiny_llama_command,
+)
+from gateway_overhead import (  # importing it sets LITELLM_LOCAL_MODEL_COST_MAP, WWWSERVE_MODELS_DIR
     Acc,
     Bench,
     Child,
@@ -64,8 +78,6 @@ from gateway_overhead import (
     HttpTarget,
     Setting,
     cpu_s,
-    fmt,
-    machine_info,
     rss_mb,
     run_load,
     summarize,
@@ -74,11 +86,9 @@ from gateway_overhead import (
 )
 from rich.columns import Columns
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 ROUTE = "x-wwwserve-route"
 LONG_CHUNKS = 128  # content chunks of a streamed stub answer, one every GAP_MS
 GAP_MS = 1.0
@@ -302,29 +312,12 @@ class RouteTarget(HttpTarget):
         self.hops: Counter = Counter()
         self.executors: Counter = Counter()
 
-    async def _one(self, stream: bool) -> tuple[float | None, str | None]:
-        async with self.session.post(
-            self.url, data=self.stream_body if stream else self.body, headers=JSON_HEADERS
-        ) as resp:
-            route = resp.headers.get(ROUTE)
-            hops = route.split(",") if route else []
-            if resp.status != 200:
-                return None, f"HTTP {resp.status}: {(await resp.read())[:200]!r}"
-            self.hops[len(hops)] += 1
-            if hops:
-                self.executors[hops[-1]] += 1
-            if not stream:
-                data = await resp.read()
-                err = None if b'"usage"' in data else "answer without usage"
-                return None, err
-            first = None
-            tail = b""
-            async for data in resp.content.iter_any():
-                if first is None:
-                    first = time.perf_counter()
-                tail = (tail + data)[-32:]
-            err = None if tail.endswith(DONE) else "stream did not end with [DONE]"
-            return first, err
+    def answered(self, resp: aiohttp.ClientResponse) -> None:
+        route = resp.headers.get(ROUTE)
+        hops = route.split(",") if route else []
+        self.hops[len(hops)] += 1
+        if hops:
+            self.executors[hops[-1]] += 1
 
 
 def hop_summary(targets: list[RouteTarget]) -> dict[str, Any]:
@@ -357,45 +350,19 @@ async def profile_nodes(
     progress: Progress, nodes: dict[str, Node], target: RouteTarget, setting: Setting, n: int, out_dir: Path
 ) -> dict[str, Any]:
     """py-spy (non-blocking) on E and X at once during a delegated load."""
-    spy = REPO / ".venv" / "bin" / "py-spy"
-    if not spy.exists():
-        spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
+    spy = find_py_spy()
+    if spy is None:
         return {"error": "py-spy is not installed"}
     raws = {name: out_dir / f"delegation_profile_{setting.key}_{name}.txt" for name in nodes}
     spies = {}
     for name, node in nodes.items():
-        cmd = [
-            str(spy),
-            "record",
-            "--pid",
-            str(node.ps.pid),
-            "--format",
-            "raw",
-            "--output",
-            str(raws[name]),
-            "--rate",
-            "250",
-            "--nonblocking",
-            "--full-filenames",
-            "--function",
-        ]
-        spies[name] = await asyncio.create_subprocess_exec(
-            *cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        spies[name] = await start_py_spy(spy, node.ps.pid, raws[name], 250)
     await asyncio.sleep(0.5)
     task = progress.add_task(f"profile {setting.label:<22} E, X", total=n)
     await run_load(target, setting.stream, n, setting.concurrency, lambda k: progress.advance(task, k), 300)
     out: dict[str, Any] = {}
     for name, proc in spies.items():
-        proc.send_signal(2)
-        try:
-            async with asyncio.timeout(30):
-                _, err = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            err = b"py-spy did not stop"
+        err = await stop_py_spy(proc)
         raw = raws[name]
         if raw.exists():
             out[name] = summarize_profile(raw)  # the summary goes into the JSON; the raw file is not kept
@@ -417,15 +384,6 @@ async def measure(
     procs = {"A": nodes["A"].ps, "E": nodes["E"].ps, "X": nodes["X"].ps, "stub": stub.ps}
     if llama is not None:
         procs["llama"] = llama.ps
-    timeout = aiohttp.ClientTimeout(total=120)
-
-    def session(limit: int = 64) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=60),
-            timeout=timeout,
-            skip_auto_headers=("User-Agent",),
-        )
-
     idle = await idle_rates(procs, plan.idle_s)
     bench = Bench(None, progress, procs)  # type: ignore[arg-type]
     routes: dict[str, dict[str, list[RouteTarget]]] = {}
@@ -441,10 +399,10 @@ async def measure(
 
     bases = {"direct": stub.url, "local": nodes["A"].url, "delegated": nodes["E"].url}
     async with (
-        session() as s_direct,
-        session() as s_local,
-        session() as s_deleg,
-        session(LLAMA_POOL) as s_llama,
+        client_session(64, 120) as s_direct,
+        client_session(64, 120) as s_local,
+        client_session(64, 120) as s_deleg,
+        client_session(LLAMA_POOL, 120) as s_llama,
     ):
         sessions = {"direct": s_direct, "local": s_local, "delegated": s_deleg}
         p = plan
@@ -514,18 +472,12 @@ def derive(results: dict[str, dict[str, dict[str, Any]]], plan: Plan) -> dict[st
     ):
         for key in SETTINGS:
             row, ref = get(path, key), get(base, key)
-            if not row or not ref or row["p50_ms"] is None or ref["p50_ms"] is None:
+            e = added_latency(row, ref)
+            if e is None:
                 continue
-            e = {
-                "vs": base,
-                "added_p50_ms": row["p50_ms"] - ref["p50_ms"],
-                "added_p99_ms": row["p99_ms"] - ref["p99_ms"],
-                "rps_ratio": row["rps"] / ref["rps"] if ref["rps"] else None,
-            }
-            if row["ttft_p50_ms"] is not None and ref["ttft_p50_ms"] is not None:
-                e["added_ttft_p50_ms"] = row["ttft_p50_ms"] - ref["ttft_p50_ms"]
+            if row and ref and "added_ttft_p50_ms" in e:
                 e["added_ttft_p99_ms"] = row["ttft_p99_ms"] - ref["ttft_p99_ms"]
-            added.setdefault(path, {})[key] = e
+            added.setdefault(path, {})[key] = {"vs": base, **e}
 
     per_chunk: dict[str, dict[str, dict[str, float]]] = {}
     per_chunk_raw: dict[str, dict[str, dict[str, float]]] = {}
@@ -573,43 +525,19 @@ def evaluate(results: dict, derived: dict, hops: dict) -> list[dict[str, Any]]:
     targets: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, limit: float, unit: str, note: str = "") -> None:
-        ok = value is not None and value <= limit
-        targets.append(
-            {
-                "target": name,
-                "value": value,
-                "limit": limit,
-                "op": "<=",
-                "unit": unit,
-                "result": "PASS" if ok else "MISS",
-                "note": note,
-            }
-        )
+        targets.append(target_result(name, value, limit, "<=", unit, note))
 
     d = derived["added"].get("delegated", {})
-    for conc in ("c1", "c32"):
-        loc = results.get("local", {}).get(conc, {})
-        dl = results.get("delegated", {}).get(conc, {})
-        note = f"local {fmt(loc.get('p50_ms'))} ms, delegated {fmt(dl.get('p50_ms'))} ms"
-        add(
-            f"added p50 over local, non-stream ({conc})",
-            d.get(conc, {}).get("added_p50_ms"),
-            TARGETS["added_p50_ms"],
-            "ms",
-            note,
-        )
-    for conc in ("c1", "c32"):
-        key = f"{conc}-stream"
-        loc = results.get("local", {}).get(key, {})
-        dl = results.get("delegated", {}).get(key, {})
-        note = f"local {fmt(loc.get('ttft_p50_ms'))} ms, delegated {fmt(dl.get('ttft_p50_ms'))} ms"
-        add(
-            f"added TTFT p50 over local, stream ({conc})",
-            d.get(key, {}).get("added_ttft_p50_ms"),
-            TARGETS["added_ttft_ms"],
-            "ms",
-            note,
-        )
+    for suffix, field, what, limit in (
+        ("", "p50_ms", "added p50 over local, non-stream", TARGETS["added_p50_ms"]),
+        ("-stream", "ttft_p50_ms", "added TTFT p50 over local, stream", TARGETS["added_ttft_ms"]),
+    ):
+        for conc in ("c1", "c32"):
+            key = conc + suffix
+            loc = results.get("local", {}).get(key, {})
+            dl = results.get("delegated", {}).get(key, {})
+            note = f"local {fmt(loc.get(field))} ms, delegated {fmt(dl.get(field))} ms"
+            add(f"{what} ({conc})", d.get(key, {}).get(f"added_{field}"), limit, "ms", note)
     pc = derived["cpu_ms_per_chunk"]
     raw = derived["cpu_ms_per_chunk_raw"]
     for path, proc in (("delegated", "E"), ("delegated", "X"), ("local", "A")):
@@ -630,17 +558,7 @@ def evaluate(results: dict, derived: dict, hops: dict) -> list[dict[str, Any]]:
                 note,
             )
     wrong = sum(h.get("wrong_route", 0) for by in hops.values() for k, h in by.items())
-    targets.append(
-        {
-            "target": "answers with the wrong number of hops (all paths)",
-            "value": wrong,
-            "limit": 0,
-            "op": "<=",
-            "unit": "",
-            "result": "PASS" if wrong == 0 else "MISS",
-            "note": "",
-        }
-    )
+    add("answers with the wrong number of hops (all paths)", wrong, 0, "")
     return targets
 
 
@@ -761,24 +679,10 @@ def print_tables(report: dict[str, Any]) -> None:
             )
     out.print(dt)
 
-    tt = Table(title="targets")
-    for col in ("target", "value", "limit", "result", "note"):
-        tt.add_column(col, justify="right" if col in ("value", "limit") else "left")
-    for t in report["targets"]:
-        style = "green" if t["result"] == "PASS" else "red"
-        v = t["value"]
-        tt.add_row(
-            t["target"],
-            f"{fmt(v, 4) if isinstance(v, float) else v} {t['unit']}",
-            f"{t['op']} {t['limit']:g}",
-            f"[{style}]{t['result']}[/{style}]",
-            t["note"],
-        )
-    out.print(tt)
+    out.print(targets_table(report["targets"], lambda v: fmt(v, 4) if isinstance(v, float) else str(v)))
     m = report["meta"]
     out.print(
-        f"machine: {m['machine']['cpu_count']} CPUs ({m['machine']['cpu_model']}), load average "
-        f"{m['loadavg_before']} before, {m['loadavg_after']} after; idle CPU ms/s: "
+        f"{machine_line(m)}; idle CPU ms/s: "
         + ", ".join(f"{k} {v:.1f}" for k, v in m["idle_cpu_ms_per_s"].items())
         + f"; run took {m['duration_s']:.0f} s"
     )
@@ -803,11 +707,7 @@ def print_tables(report: dict[str, Any]) -> None:
 
 
 def plot(report: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     results, derived = report["results"], report["derived"]
     colors = {
         "direct": "#9467bd",
@@ -982,15 +882,7 @@ def plot(report: dict[str, Any], out: Path) -> None:
     ax.set_title(f"CPU per streamed chunk per hop ({LONG_CHUNKS} chunks {GAP_MS:g} ms apart)")
     ax.legend(fontsize=7)
 
-    m = report["meta"]
-    fig.suptitle(
-        f"wwwserve delegation overhead ({'quick' if m['quick'] else 'full'} run, {m['machine']['cpu_count']} CPUs, "
-        f"load {m['loadavg_before'][0]:.2f} -> {m['loadavg_after'][0]:.2f})",
-        fontsize=11,
-    )
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, figure_title("delegation overhead", report["meta"]), out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -998,11 +890,7 @@ def plot(report: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer requests, stub only: about a minute")
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
+    parser = bench_parser(__doc__, "fewer requests, stub only: about a minute")
     parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp paths")
     parser.add_argument("--profile", action="store_true", help="also profile E and X with py-spy")
     parser.add_argument(
@@ -1016,65 +904,21 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.make(args.quick, not args.no_llama)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    t_start = time.monotonic()
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    run = RunStart.now()
     children: list[Child] = []
     nodes: dict[str, Node] = {}
     workdir = Path(tempfile.mkdtemp(prefix="delegation-overhead-", dir=args.data_dir))
     try:
         from wwwserve_gateway.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
 
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            refresh_per_second=4,
-        ) as progress:
+        with progress_bar(console) as progress:
             setup = progress.add_task("start stub", total=None)
-            stub = Child(
-                "stub",
-                [
-                    sys.executable,
-                    str(HERE / "stub_server.py"),
-                    "--port",
-                    "0",
-                    "--chunks",
-                    "1",
-                    "--long-chunks",
-                    str(LONG_CHUNKS),
-                    "--gap-ms",
-                    str(GAP_MS),
-                ],
-            )
+            stub = Child("stub", stub_command(1, LONG_CHUNKS, GAP_MS))
             children.append(stub)
             llama = None
             if plan.llama:
-                from wwwserve_gateway.model_store import TINY_MODEL, find_model, models_dir, pull
-
                 progress.update(setup, description="start llama.cpp (tiny model, 1 thread)")
-                model = find_model(TINY_MODEL) or pull(TINY_MODEL, models_dir())
-                llama = Child(
-                    "llama.cpp",
-                    [
-                        sys.executable,
-                        "-m",
-                        "wwwserve_gateway.backends.llamacpp_server",
-                        "--model",
-                        str(model),
-                        "--alias",
-                        "tiny",
-                        "--port",
-                        "0",
-                        "--parallel",
-                        str(LLAMA_SLOTS),
-                        "--threads",
-                        "1",
-                    ],
-                    timeout=120,
-                )
+                llama = Child("llama.cpp", tiny_llama_command(LLAMA_SLOTS, "--threads", "1"), timeout=120)
                 children.append(llama)
                 wait_status(llama.url + "/health", 120, llama.proc)
 
@@ -1121,15 +965,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = evaluate(results, derived, hops)
         report = {
             "meta": {
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                "quick": args.quick,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-                "duration_s": time.monotonic() - t_start,
-                "machine": machine_info(),
-                "loadavg_before": load_before,
-                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                "versions": go.versions(),
-                "plan": plan.__dict__,
+                **run.meta(args.quick, plan),
                 "stream": {"chunks": LONG_CHUNKS, "gap_ms": GAP_MS, "baseline_chunks": 1},
                 "llama": None
                 if llama is None
@@ -1196,15 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     finally:
-        for node in nodes.values():
-            node.stop()
-        for child in reversed(children):
-            child.stop()
-        for f in sorted(workdir.rglob("*"), reverse=True):
-            with contextlib.suppress(OSError):
-                f.unlink() if f.is_file() or f.is_symlink() else f.rmdir()
-        with contextlib.suppress(OSError):
-            workdir.rmdir()
+        tear_down([*nodes.values(), *reversed(children)], workdir)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,12 @@ gateway_overhead.json and gateway_overhead.png to --out (default benchmarks/resu
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gzip
 import http.client
 import json
 import os
-import platform
 import select
 import signal
 import socket
@@ -41,21 +39,36 @@ from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("WWWSERVE_MODELS_DIR", str(Path.home() / ".cache" / "wwwserve" / "models"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, also when imported
 
 import aiohttp
 import numpy as np
 import psutil
 import uvloop
 import yaml
+from bench_common import (
+    RunStart,
+    added_latency,
+    bench_parser,
+    client_session,
+    figure_title,
+    find_py_spy,
+    fmt,
+    machine_line,
+    progress_bar,
+    pyplot,
+    save_figure,
+    start_py_spy,
+    stop_py_spy,
+    stub_command,
+    target_result,
+    targets_table,
+    tear_down,
+    tiny_llama_command,
+)
 from rich.columns import Columns
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import Progress
 from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
@@ -286,12 +299,16 @@ class HttpTarget:
                 self.retries += 1
         return await self._one(stream)
 
+    def answered(self, resp: aiohttp.ClientResponse) -> None:
+        """Called with each 200 answer before its body is read (for subclasses that check headers)."""
+
     async def _one(self, stream: bool) -> tuple[float | None, str | None]:
         async with self.session.post(
             self.url, data=self.stream_body if stream else self.body, headers=JSON_HEADERS
         ) as resp:
             if resp.status != 200:
                 return None, f"HTTP {resp.status}: {(await resp.read())[:200]!r}"
+            self.answered(resp)
             if not stream:
                 data = await resp.read()
                 return None, None if b'"usage"' in data else "answer without usage"
@@ -578,10 +595,8 @@ async def profile_gateway(
     bench: Bench, gateway_pid: int, targets: dict[str, Any], out_dir: Path, n: int
 ) -> dict[str, Any]:
     """py-spy (non-blocking) on the gateway during a c=32 non-stream load and a long-stream load."""
-    spy = REPO / ".venv" / "bin" / "py-spy"
-    if not spy.exists():
-        spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
+    spy = find_py_spy()
+    if spy is None:
         return {"error": "py-spy is not installed (pip install py-spy)"}
     results: dict[str, Any] = {}
     for key, setting, count in (
@@ -590,24 +605,7 @@ async def profile_gateway(
         ("long-stream", SETTINGS["long-stream"], max(16, n // 100)),
     ):
         raw = out_dir / f"gateway_profile_{key}.txt"
-        cmd = [
-            str(spy),
-            "record",
-            "--pid",
-            str(gateway_pid),
-            "--format",
-            "raw",
-            "--output",
-            str(raw),
-            "--rate",
-            "500",
-            "--nonblocking",
-            "--full-filenames",
-            "--function",
-        ]
-        spy_proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        spy_proc = await start_py_spy(spy, gateway_pid, raw, 500)
         await asyncio.sleep(0.5)
         task = bench.progress.add_task(f"profile {key:<16} gateway", total=count)
         await run_load(
@@ -618,14 +616,7 @@ async def profile_gateway(
             lambda k, t=task: bench.progress.advance(t, k),
             300,
         )
-        spy_proc.send_signal(signal.SIGINT)
-        try:
-            async with asyncio.timeout(30):
-                _, err = await spy_proc.communicate()
-        except TimeoutError:
-            spy_proc.kill()
-            await spy_proc.wait()
-            err = b"py-spy did not stop"
+        err = await stop_py_spy(spy_proc)
         if raw.exists():
             summary = summarize_profile(raw)
             packed = raw.with_name(raw.name + ".gz")
@@ -639,37 +630,6 @@ async def profile_gateway(
 
 # --------------------------------------------------------------------------------------------
 # the run
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor(),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("wwwserve", "litellm", "aiohttp", "uvicorn", "uvloop", "httptools", "starlette", "xllamacpp"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "-"
-    return out
 
 
 def stub_entry(name: str, api_base: str) -> dict[str, Any]:
@@ -712,20 +672,11 @@ async def measure(
     if llama is not None:
         procs["llama"] = llama.ps
     bench = Bench(plan, progress, procs)
-    timeout = aiohttp.ClientTimeout(total=60)
-
-    def session(limit: int = 64) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=60),
-            timeout=timeout,
-            skip_auto_headers=("User-Agent",),
-        )
-
     async with (
-        session() as direct_s,
-        session() as gateway_s,
-        session() as proxy_s,
-        session(LLAMA_POOL) as llama_s,
+        client_session(64, 60) as direct_s,
+        client_session(64, 60) as gateway_s,
+        client_session(64, 60) as proxy_s,
+        client_session(LLAMA_POOL, 60) as llama_s,
     ):
         direct = HttpTarget(direct_s, stub.url, "stub")
         gateway = HttpTarget(gateway_s, node.url, "stub")
@@ -786,17 +737,9 @@ def derive(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
         ("llama-gateway", "llama-direct"),
     ):
         for key in SETTINGS:
-            row, ref = get(path, key), get(base, key)
-            if not row or not ref or row["p50_ms"] is None or ref["p50_ms"] is None:
-                continue
-            entry = {
-                "added_p50_ms": row["p50_ms"] - ref["p50_ms"],
-                "added_p99_ms": row["p99_ms"] - ref["p99_ms"],
-                "rps_ratio": row["rps"] / ref["rps"] if ref["rps"] else None,
-            }
-            if row["ttft_p50_ms"] is not None and ref["ttft_p50_ms"] is not None:
-                entry["added_ttft_p50_ms"] = row["ttft_p50_ms"] - ref["ttft_p50_ms"]
-            added.setdefault(path, {})[key] = entry
+            entry = added_latency(get(path, key), get(base, key))
+            if entry is not None:
+                added.setdefault(path, {})[key] = entry
 
     # CPU per request of the component that each path adds.
     cpu: dict[str, dict[str, float]] = {}
@@ -858,19 +801,7 @@ def evaluate(results: dict, derived: dict, ready: list[float], rss: dict[str, fl
     targets: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, limit: float, op: str, unit: str, note: str = "") -> None:
-        ok = value is not None and (value <= limit if op == "<=" else value >= limit)
-        result = "PASS" if ok else "MISS"
-        targets.append(
-            {
-                "target": name,
-                "value": value,
-                "limit": limit,
-                "op": op,
-                "unit": unit,
-                "result": result,
-                "note": note,
-            }
-        )
+        targets.append(target_result(name, value, limit, op, unit, note))
 
     nan = float("nan")
     g = derived["added"].get("gateway", {})
@@ -906,10 +837,6 @@ def evaluate(results: dict, derived: dict, ready: list[float], rss: dict[str, fl
     add("idle RSS after start", rss.get("after_start"), TARGETS["idle_rss_mb"], "<=", "MB")
     add("idle RSS after the run", rss.get("after_run"), TARGETS["idle_rss_mb"], "<=", "MB")
     return targets
-
-
-def fmt(v: float | None, digits: int = 2) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def print_tables(report: dict[str, Any]) -> None:
@@ -966,24 +893,9 @@ def print_tables(report: dict[str, Any]) -> None:
         chunks.add_row(path, *(fmt(vals.get(c), 4) for c in ("burst c1", "burst c32", "spaced c8")))
     out.print(chunks)
 
-    tt = Table(title="targets")
-    for col in ("target", "value", "limit", "result", "note"):
-        tt.add_column(col, justify="right" if col in ("value", "limit") else "left")
-    for t in report["targets"]:
-        style = "green" if t["result"] == "PASS" else "red"
-        tt.add_row(
-            t["target"],
-            f"{fmt(t['value'], 3)} {t['unit']}",
-            f"{t['op']} {t['limit']:g}",
-            f"[{style}]{t['result']}[/{style}]",
-            t["note"],
-        )
-    out.print(tt)
+    out.print(targets_table(report["targets"], lambda v: fmt(v, 3)))
     m = report["meta"]
-    out.print(
-        f"machine: {m['machine']['cpu_count']} CPUs ({m['machine']['cpu_model']}), load average "
-        f"{m['loadavg_before']} before, {m['loadavg_after']} after; run took {m['duration_s']:.0f} s"
-    )
+    out.print(f"{machine_line(m)}; run took {m['duration_s']:.0f} s")
     for key, prof in report.get("profile", {}).items():
         if "error" in prof:
             out.print(f"profile {key}: {prof['error']}")
@@ -1005,11 +917,7 @@ def print_tables(report: dict[str, Any]) -> None:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     results, derived = report["results"], report["derived"]
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
     colors = {
@@ -1136,61 +1044,30 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
 
     m = report["meta"]
-    fig.suptitle(
-        f"wwwserve gateway overhead ({'quick' if m['quick'] else 'full'} run, {m['machine']['cpu_count']} CPUs, "
-        f"load {m['loadavg_before'][0]:.2f} -> {m['loadavg_after'][0]:.2f}); "
-        f"node ready {m['ready_median_s']:.2f} s; idle RSS {m['rss_mb'].get('after_start', 0):.0f} MB",
-        fontsize=11,
+    title = (
+        f"{figure_title('gateway overhead', m)}; "
+        f"node ready {m['ready_median_s']:.2f} s; idle RSS {m['rss_mb'].get('after_start', 0):.0f} MB"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer requests: finishes within a minute")
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
+    parser = bench_parser(__doc__, "fewer requests: finishes within a minute")
     parser.add_argument("--profile", action="store_true", help="also profile the gateway with py-spy")
     parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp paths")
     args = parser.parse_args(argv)
     plan = Plan.make(args.quick)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    t_start = time.monotonic()
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    run = RunStart.now()
     children: list[Child] = []
     nodes: list[GatewayNode] = []
     workdir = Path(tempfile.mkdtemp(prefix="gateway-overhead-"))
     report: dict[str, Any] = {}
     try:
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            refresh_per_second=4,
-        ) as progress:
+        with progress_bar(console) as progress:
             setup = progress.add_task("start stub", total=None)
-            stub = Child(
-                "stub",
-                [
-                    sys.executable,
-                    str(HERE / "stub_server.py"),
-                    "--port",
-                    "0",
-                    "--chunks",
-                    str(STREAM_CHUNKS),
-                    "--long-chunks",
-                    str(LONG_CHUNKS),
-                    "--gap-ms",
-                    str(GAP_MS),
-                ],
-            )
+            stub = Child("stub", stub_command(STREAM_CHUNKS, LONG_CHUNKS, GAP_MS))
             children.append(stub)
             stub_base = stub.url + "/v1"
 
@@ -1207,27 +1084,8 @@ def main(argv: list[str] | None = None) -> int:
 
             llama = None
             if not args.no_llama:
-                from wwwserve_gateway.model_store import TINY_MODEL, find_model, models_dir, pull
-
                 progress.update(setup, description="start llama.cpp (tiny model)")
-                model = find_model(TINY_MODEL) or pull(TINY_MODEL, models_dir())
-                llama = Child(
-                    "llama.cpp",
-                    [
-                        sys.executable,
-                        "-m",
-                        "wwwserve_gateway.backends.llamacpp_server",
-                        "--model",
-                        str(model),
-                        "--alias",
-                        "tiny",
-                        "--port",
-                        "0",
-                        "--parallel",
-                        str(LLAMA_POOL),
-                    ],
-                    timeout=120,
-                )
+                llama = Child("llama.cpp", tiny_llama_command(LLAMA_POOL), timeout=120)
                 children.append(llama)
                 wait_status(llama.url + "/health", 120, llama.proc)
 
@@ -1277,15 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = evaluate(results, derived, ready, rss)
         report = {
             "meta": {
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                "quick": args.quick,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-                "duration_s": time.monotonic() - t_start,
-                "machine": machine_info(),
-                "loadavg_before": load_before,
-                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                "versions": versions(),
-                "plan": plan.__dict__,
+                **run.meta(args.quick, plan),
                 "stream_chunks": STREAM_CHUNKS,
                 "long_stream": {"chunks": LONG_CHUNKS, "gap_ms": GAP_MS, "concurrency": 8},
                 "ready_median_s": float(np.median(ready)),
@@ -1320,15 +1170,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"wrote {out_dir / 'gateway_overhead.json'} and {out_dir / 'gateway_overhead.png'}")
         return 0
     finally:
-        for node in nodes:
-            node.stop()
-        for child in reversed(children):
-            child.stop()
-        for f in sorted(workdir.rglob("*"), reverse=True):
-            with contextlib.suppress(OSError):
-                f.unlink() if f.is_file() or f.is_symlink() else f.rmdir()
-        with contextlib.suppress(OSError):
-            workdir.rmdir()
+        tear_down([*nodes, *reversed(children)], workdir)
 
 
 if __name__ == "__main__":
