@@ -32,7 +32,7 @@ from wwwserve_gateway.canonical import canonical
 from wwwserve_gateway.identity import verify
 from wwwserve_gateway.plugin_api import NodeAPI
 from wwwserve_gateway.plugins.ledger_fold import Balances
-from wwwserve_gateway.plugins.ledger_ops import MAX_OP_BYTES, InvalidOperation, Operation, parse_op, sign_op
+from wwwserve_gateway.plugins.ledger_ops import MAX_OP_BYTES, InvalidOperation, Operation, sign_op
 from wwwserve_gateway.plugins.ledger_rules import (
     MICRO,
     batch_body,
@@ -51,6 +51,7 @@ from wwwserve_gateway.plugins.ledger_store import (
     ReceiptKey,
     default_url,
 )
+from wwwserve_gateway.plugins.ledger_verify import Verifier
 from wwwserve_gateway.receipts import InvalidReceipt, check_receipt
 
 log = structlog.get_logger(__name__)
@@ -110,6 +111,7 @@ class ChainLedger:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._stopped = False
+        self._verifier = Verifier(self.params)
         self._to_record: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._recording: asyncio.Task[None] | None = None
         node.overlay.on_request(RANGE_KIND, self._serve_range)
@@ -147,6 +149,7 @@ class ChainLedger:
             self._refold.cancel()
         if self._refolding is not None:
             self._refolding.cancel()
+        self._verifier.close()
         await asyncio.to_thread(self.store.close)
 
     # -- own chain -----------------------------------------------------------------------------------
@@ -476,8 +479,8 @@ class ChainLedger:
                 raw_ops = reply.get("ops")
                 if not isinstance(raw_ops, list):
                     raise InvalidOperation("ledger.range answer without an ops list")
-                # Signature checks cost ~100 us each: off the event loop.
-                ops = await asyncio.to_thread(self._verified, raw_ops)
+                # Signature checks cost ~100 us each: off the event loop (across processes for catch-up).
+                ops = await self._verifier.verify(raw_ops)
             except InvalidOperation as exc:
                 log.warning("peer sent invalid ledger operations", peer=peer_id[:16], error=str(exc))
                 return
@@ -509,12 +512,6 @@ class ChainLedger:
                     "refused ledger operations", peer=peer_id[:16], author=author[:16], error=str(exc)
                 )
                 return
-
-    def _verified(self, raw_ops: list[Any]) -> list[Operation]:
-        ops = [parse_op(signed) for signed in raw_ops]
-        for op in ops:
-            check_op(op, self.params)
-        return ops
 
     def _schedule_refold(self) -> None:
         if self._refold is not None:
