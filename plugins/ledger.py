@@ -87,9 +87,14 @@ class _Debt:
 
 class ChainLedger:
     def __init__(self, node: NodeAPI, settings: Mapping[str, Any]) -> None:
-        unknown = set(settings) - {"database_url"}
+        unknown = set(settings) - {"database_url", "verify_workers"}
         if unknown:
-            raise ValueError(f"unknown ledger settings {sorted(unknown)}; known: database_url")
+            raise ValueError(
+                f"unknown ledger settings {sorted(unknown)}; known: database_url, verify_workers"
+            )
+        workers = settings.get("verify_workers")
+        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+            raise ValueError("ledger.settings.verify_workers: a whole number >= 1 (1 verifies on a thread)")
         self.node = node
         self.params = node.genesis.ledger
         # Opening re-verifies each chain's latest operations: a tampered database stops the node
@@ -111,7 +116,7 @@ class ChainLedger:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._stopped = False
-        self._verifier = Verifier(self.params)
+        self._verifier = Verifier(self.params, workers)
         self._to_record: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._recording: asyncio.Task[None] | None = None
         node.overlay.on_request(RANGE_KIND, self._serve_range)
