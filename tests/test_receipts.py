@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from wwwserve_gateway import receipts
+from wwwserve_gateway import identity, receipts
 from wwwserve_gateway.identity import NodeIdentity
 from wwwserve_gateway.receipts import (
     InvalidReceipt,
@@ -54,10 +54,10 @@ def test_the_cache_never_accepts_a_changed_body_under_a_known_signature() -> Non
 
 def test_a_receipt_from_elsewhere_is_verified_then_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
     record = make(tokens=9)
-    receipts._verified.clear()  # as if it came from another process
+    receipts.VERIFIED.clear()  # as if it came from another process
     calls = []
-    real_verify = receipts.verify
-    monkeypatch.setattr(receipts, "verify", lambda *a: calls.append(a) or real_verify(*a))
+    real_verify = identity.verify
+    monkeypatch.setattr(identity, "verify", lambda *a: calls.append(a) or real_verify(*a))
     check_receipt(record)
     check_receipt(copy.deepcopy(record))
     assert len(calls) == 1

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from wwwserve_gateway.backend_registry import BackendRegistry
-from wwwserve_gateway.config import GatewayConfig
+from wwwserve_gateway.config import GatewayConfig, PluginSlot
 from wwwserve_gateway.errors import InvalidRequest
 from wwwserve_gateway.genesis import NetworkGenesis, load_genesis
 from wwwserve_gateway.identity import NodeIdentity
@@ -58,22 +58,18 @@ class NodeNetwork:
             bootstrap=tuple(settings.bootstrap),
             data_dir=settings.data_dir,
         )
-        slot = config.gossip
-        gossip_cls = load_entry_point(GOSSIP_GROUP, slot.plugin or DEFAULT_GOSSIP)
-        self.gossip: GossipPlugin = gossip_cls(self.api, slot.settings)
+        # Built in this order, each reachable by the next through the NodeAPI facade.
+        self.gossip: GossipPlugin = self._build(config.gossip, GOSSIP_GROUP, DEFAULT_GOSSIP)
         self.api.gossip = self.gossip
-        slot = config.ledger
-        ledger_cls = load_entry_point(LEDGER_GROUP, slot.plugin or DEFAULT_LEDGER)
-        self.ledger: LedgerPlugin = ledger_cls(self.api, slot.settings)
+        self.ledger: LedgerPlugin = self._build(config.ledger, LEDGER_GROUP, DEFAULT_LEDGER)
         self.api.ledger = self.ledger
-        slot = config.policy
-        policy_cls = load_entry_point(POLICY_GROUP, slot.plugin or DEFAULT_POLICY)
-        self.policy: Policy = policy_cls(self.api, slot.settings)
+        self.policy: Policy = self._build(config.policy, POLICY_GROUP, DEFAULT_POLICY)
         self.api.policy = self.policy
-        slot = config.router
-        router_cls = load_entry_point(ROUTER_GROUP, slot.plugin or DEFAULT_ROUTER)
-        self.router: RouterPlugin = router_cls(self.api, slot.settings)
+        self.router: RouterPlugin = self._build(config.router, ROUTER_GROUP, DEFAULT_ROUTER)
         self.api.router = self.router
+
+    def _build(self, slot: PluginSlot, group: str, default: str) -> Any:
+        return load_entry_point(group, slot.plugin or default)(self.api, slot.settings)
 
     async def start(self) -> None:
         await self.ledger.start()

@@ -12,8 +12,16 @@ import base64
 import re
 from typing import Any
 
+import orjson
+
 from wwwserve_gateway.canonical import canonical, digest
-from wwwserve_gateway.identity import NODE_ID, InvalidSignature, NodeIdentity, verify
+from wwwserve_gateway.identity import (
+    NODE_ID,
+    InvalidSignature,
+    NodeIdentity,
+    VerifiedSignatures,
+    verify_record,
+)
 
 HASH = re.compile(r"[0-9a-f]{64}")
 RECEIPT_KEYS = frozenset(
@@ -34,16 +42,8 @@ RECEIPT_KEYS = frozenset(
 
 # A receipt is checked several times in one process: by the entry when it arrives, when its debt
 # is recorded, and (long form) in the pay operation; an executor checks its own receipts when asked
-# to countersign them. An Ed25519 check costs about 80 us, so receipts already verified (or signed
-# here) are remembered by signature, with their exact canonical body: a hit is a byte comparison.
-VERIFIED_CACHE_SIZE = 8192
-_verified: dict[str, bytes] = {}
-
-
-def _remember(sig: str, encoded: bytes) -> None:
-    if len(_verified) >= VERIFIED_CACHE_SIZE:
-        _verified.clear()  # simpler than LRU, and safe across threads (single dict operations)
-    _verified[sig] = encoded
+# to countersign them. Verified (and self-signed) ones are remembered.
+VERIFIED = VerifiedSignatures(8192)
 
 
 class InvalidReceipt(ValueError):
@@ -87,27 +87,16 @@ def sign_receipt(
         "finished": round(finished, 3),
     }
     record = identity.sign_record(body)
-    _remember(record["sig"], canonical(body))
+    VERIFIED.add(record["sig"], canonical(body))
     return record
 
 
 def check_receipt(record: Any) -> dict[str, Any]:
     """The body of a signed receipt, after checking its signature and fields."""
-    if not isinstance(record, dict) or set(record) != {"body", "sig"}:
-        raise InvalidReceipt("receipt: a signed record is {body, sig}")
-    body, sig = record["body"], record["sig"]
-    if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not isinstance(sig, str):
-        raise InvalidReceipt("receipt: malformed signed record")
     try:
-        encoded = canonical(body)
-    except TypeError as exc:  # orjson: an integer beyond 64 bits, for one
+        body = verify_record(record, VERIFIED)
+    except InvalidSignature as exc:
         raise InvalidReceipt(f"receipt: {exc}") from None
-    if _verified.get(sig) != encoded:
-        try:
-            verify(body["id"], encoded, bytes.fromhex(sig))
-        except (InvalidSignature, ValueError) as exc:
-            raise InvalidReceipt(f"receipt: {exc}") from None
-        _remember(sig, encoded)
     if set(body) != RECEIPT_KEYS or body["kind"] != "receipt":
         raise InvalidReceipt(f"a receipt has exactly the keys {sorted(RECEIPT_KEYS)} and kind 'receipt'")
     if not isinstance(body["entry"], str) or not NODE_ID.fullmatch(body["entry"]):
@@ -132,7 +121,5 @@ def encode_receipt(record: dict[str, Any]) -> str:
 
 def decode_receipt(token: str) -> dict[str, Any]:
     """The signed record in an `x-wwwserve-receipt` value (not yet checked: use check_receipt)."""
-    import orjson
-
     raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     return orjson.loads(raw)

@@ -84,7 +84,7 @@ class Dispatcher:
         assert policy is not None
         model = body["model"]
         local = self.registry.serves(model)
-        if not local and not (policy.buys(model) and self.network_serves(model)):
+        if not self.serves(model):
             raise ModelNotFound(f"The model '{model}' does not exist on this node", param="model")
         info = wire.describe(uuid.uuid4().hex, endpoint.value, body, stream, ())
         deadline = started + self.request_timeout

@@ -32,11 +32,6 @@ log = structlog.get_logger(__name__)
 DONE_TEXT = DONE.decode()
 
 
-def request_info(req: wire.DelegatedRequest) -> RequestInfo:
-    stream = bool(req.body.get("stream"))
-    return wire.describe(req.id, req.endpoint.value, req.body, stream, req.route)
-
-
 class PeerExecutor:
     def __init__(
         self, api: NodeAPI, registry: BackendRegistry, delegator: Delegator, metrics: DelegationMetrics
@@ -58,7 +53,7 @@ class PeerExecutor:
             self.metrics.peer_requests.labels("?", "refused").inc()
             yield wire.decline(f"refused: {reason}")
             return
-        info = request_info(req)
+        info = wire.describe(req.id, req.endpoint.value, req.body, bool(req.body.get("stream")), req.route)
         model = info.model
         assert self.api.policy is not None
         decision = self.api.policy.accept(info)
@@ -71,7 +66,7 @@ class PeerExecutor:
                 return
             self.metrics.peer_requests.labels(model, "served").inc()
             yield wire.accept((*req.route, self.me))
-            async for item in self._serve(backend, req):
+            async for item in self._serve(backend, req, info):
                 yield item
         elif decision is Decision.DELEGATE:
             async for item in self._relay(info, req):
@@ -80,7 +75,9 @@ class PeerExecutor:
             self.metrics.peer_requests.labels(model, "declined").inc()
             yield wire.decline("busy")
 
-    async def _serve(self, backend: Backend, req: wire.DelegatedRequest) -> AsyncIterator[dict[str, Any]]:
+    async def _serve(
+        self, backend: Backend, req: wire.DelegatedRequest, info: RequestInfo
+    ) -> AsyncIterator[dict[str, Any]]:
         body = req.body
         # Hashed before the backend sees the body: adapters may add fields (stream_options).
         request = request_hash(req.id, req.endpoint.value, body)
@@ -137,7 +134,7 @@ class PeerExecutor:
         finally:
             state.in_flight -= 1
             assert self.api.policy is not None
-            self.api.policy.on_request_done(request_info(req), "local", time.time() - started, ok)
+            self.api.policy.on_request_done(info, "local", time.time() - started, ok)
 
     async def _relay(self, info: RequestInfo, req: wire.DelegatedRequest) -> AsyncIterator[dict[str, Any]]:
         """Multi-hop: pass the request on with this node added to the route; items go back as
