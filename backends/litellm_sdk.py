@@ -21,8 +21,7 @@ import orjson
 import structlog
 from pydantic import ConfigDict
 
-from wwwserve_gateway.backend_api import Backend, BackendParams, Endpoint, JSONReply, SSEStream, Usage
-from wwwserve_gateway.errors import (
+from wwwserve_gateway.http.errors import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
@@ -31,7 +30,8 @@ from wwwserve_gateway.errors import (
     InvalidRequest,
     UpstreamError,
 )
-from wwwserve_gateway.sse import DONE
+from wwwserve_gateway.http.sse import DONE
+from wwwserve_gateway.plugin_api.backend import Backend, BackendParams, Endpoint, JSONReply, SSEStream, Usage
 
 log = structlog.get_logger(__name__)
 

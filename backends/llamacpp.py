@@ -17,10 +17,10 @@ import aiohttp
 import structlog
 from pydantic import Field
 
-from wwwserve_gateway.backend_api import BackendContext, BackendLoad, BackendParams, Endpoint
 from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
-from wwwserve_gateway.config import ModelEntry
+from wwwserve_gateway.config.schema import ModelEntry
 from wwwserve_gateway.model_store import ModelStoreError, find_model, models_dir, pull
+from wwwserve_gateway.plugin_api.backend import BackendContext, BackendLoad, BackendParams, Endpoint
 from wwwserve_gateway.prom_text import gauge_values
 
 log = structlog.get_logger(__name__)

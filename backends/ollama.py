@@ -23,8 +23,8 @@ import aiohttp
 import orjson
 from pydantic import Field
 
-from wwwserve_gateway.backend_api import BackendLoad
 from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
+from wwwserve_gateway.plugin_api.backend import BackendLoad
 
 DEFAULT_ROOT = "http://127.0.0.1:11434"
 # The registry also bounds each probe by its poll interval; this guards direct callers.

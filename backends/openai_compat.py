@@ -14,7 +14,15 @@ import aiohttp
 import orjson
 from pydantic import Field
 
-from wwwserve_gateway.backend_api import (
+from wwwserve_gateway.config.schema import ModelEntry
+from wwwserve_gateway.http.errors import (
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnreachable,
+    UpstreamError,
+)
+from wwwserve_gateway.http.sse import MalformedEvent, SSECutter
+from wwwserve_gateway.plugin_api.backend import (
     Backend,
     BackendContext,
     BackendLoad,
@@ -24,9 +32,6 @@ from wwwserve_gateway.backend_api import (
     SSEStream,
     Usage,
 )
-from wwwserve_gateway.config import ModelEntry
-from wwwserve_gateway.errors import BackendProtocolError, BackendTimeout, BackendUnreachable, UpstreamError
-from wwwserve_gateway.sse import MalformedEvent, SSECutter
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 

@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 import aiohttp
 from pydantic import Field
 
-from wwwserve_gateway.backend_api import BackendLoad
 from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
+from wwwserve_gateway.plugin_api.backend import BackendLoad
 from wwwserve_gateway.prom_text import gauge_values
 
 # The registry also bounds each probe by its poll interval; this guards direct callers.

@@ -909,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     nodes: dict[str, Node] = {}
     workdir = Path(tempfile.mkdtemp(prefix="delegation-overhead-", dir=args.data_dir))
     try:
-        from wwwserve_gateway.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
+        from wwwserve_gateway.network.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
 
         with progress_bar(console) as progress:
             setup = progress.add_task("start stub", total=None)

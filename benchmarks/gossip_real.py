@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from wwwserve_gateway.genesis import GossipParams, NetworkGenesis, write_genesis
+from wwwserve_gateway.network.genesis import GossipParams, NetworkGenesis, write_genesis
 
 
 def _free_port() -> int:

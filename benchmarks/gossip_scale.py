@@ -39,10 +39,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from wwwserve_gateway.canonical import canonical
-from wwwserve_gateway.genesis import GossipParams
-from wwwserve_gateway.plugins.gossip_sim import FullListNetwork, SimNetwork, sample_fields
-from wwwserve_gateway.plugins.member_table import DEAD, SUSPECT
+from simulation.gossip import FullListNetwork, SimNetwork, sample_fields
+from wwwserve_gateway.network.canonical import canonical
+from wwwserve_gateway.network.genesis import GossipParams
+from wwwserve_gateway.plugins.gossip.member_table import DEAD, SUSPECT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gossip_real import run_real

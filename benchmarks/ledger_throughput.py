@@ -50,12 +50,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from wwwserve_gateway.canonical import canonical
-from wwwserve_gateway.genesis import LedgerParams, NetworkGenesis, write_genesis
-from wwwserve_gateway.identity import NodeIdentity
-from wwwserve_gateway.plugins.ledger_ops import Operation, parse_op, sign_op
-from wwwserve_gateway.plugins.ledger_rules import batch_body, batch_items, check_op, payment_amount
-from wwwserve_gateway.plugins.ledger_store import LedgerStore, default_url
+from wwwserve_gateway.network.canonical import canonical
+from wwwserve_gateway.network.genesis import LedgerParams, NetworkGenesis, write_genesis
+from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.plugins.ledger.ops import Operation, parse_op, sign_op
+from wwwserve_gateway.plugins.ledger.rules import batch_body, batch_items, check_op, payment_amount
+from wwwserve_gateway.plugins.ledger.store import LedgerStore, default_url
 
 console = Console()
 HERE = Path(__file__).resolve().parent

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from tests.support import free_port
-from wwwserve_gateway.identity import NodeIdentity
+from wwwserve_gateway.network.identity import NodeIdentity
 from wwwserve_gateway.overlay import Overlay, overlay_url
 from wwwserve_gateway.overlay import frames as overlay_frames
 from wwwserve_gateway.overlay.frames import Frame

@@ -13,10 +13,10 @@ import pytest
 from aiohttp import web
 
 from tests.support import free_port
-from wwwserve_gateway.backend_api import Backend, BackendContext, BackendLoad
 from wwwserve_gateway.backend_registry import build_backend
 from wwwserve_gateway.backends.vllm import SGLangBackend, VLLMBackend
-from wwwserve_gateway.config import ModelEntry
+from wwwserve_gateway.config.schema import ModelEntry
+from wwwserve_gateway.plugin_api.backend import Backend, BackendContext, BackendLoad
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROM_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

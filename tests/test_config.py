@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wwwserve_gateway.config import load_config, parse_config
-from wwwserve_gateway.config_errors import ConfigError
+from wwwserve_gateway.config.loading import load_config, parse_config
+from wwwserve_gateway.config.problems import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -28,7 +28,9 @@ def test_minimal_config_has_defaults() -> None:
 
 
 @pytest.mark.parametrize(
-    "path", sorted([*EXAMPLES.glob("*.yaml"), *EXAMPLES.glob("local-network/node*.yaml")]), ids=lambda p: p.name
+    "path",
+    sorted([*EXAMPLES.glob("*.yaml"), *EXAMPLES.glob("local-network/node*.yaml")]),
+    ids=lambda p: p.name,
 )
 def test_examples_load(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-example")

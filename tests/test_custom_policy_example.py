@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from tests.support import REPO, NodeProcess, wait_until
-from wwwserve_gateway.genesis import GossipParams, NetworkGenesis, write_genesis
+from wwwserve_gateway.network.genesis import GossipParams, NetworkGenesis, write_genesis
 from wwwserve_gateway.plugin_api import POLICY_GROUP, Decision, Policy, RequestInfo
-from wwwserve_gateway.plugin_loading import load_entry_point
+from wwwserve_gateway.plugin_api.loading import load_entry_point
 
 EXAMPLE = REPO / "examples" / "custom_policy"
 

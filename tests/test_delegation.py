@@ -21,10 +21,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.support import LlamaServer, NodeProcess, wait_until
-from wwwserve_gateway.genesis import GossipParams, LedgerParams, NetworkGenesis, load_genesis, write_genesis
-from wwwserve_gateway.identity import NodeIdentity
+from wwwserve_gateway.network.genesis import (
+    GossipParams,
+    LedgerParams,
+    NetworkGenesis,
+    load_genesis,
+    write_genesis,
+)
+from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.network.receipts import check_receipt, decode_receipt
 from wwwserve_gateway.overlay import Overlay, overlay_url
-from wwwserve_gateway.receipts import check_receipt, decode_receipt
 
 MODEL = "smol"
 GOSSIP = GossipParams(interval_s=0.3, probe_timeout_s=0.25, suspect_timeout_s=1.5, refresh_s=2.0)

@@ -17,7 +17,7 @@ import pytest
 
 from tests.support import LlamaServer, NodeProcess, wait_until
 from tests.test_delegation import GOSSIP, LEDGER, balances, counter, own_id
-from wwwserve_gateway.genesis import NetworkGenesis, write_genesis
+from wwwserve_gateway.network.genesis import NetworkGenesis, write_genesis
 
 MODEL = "tiny"
 POLICIES = {

@@ -22,23 +22,23 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from tests.overlay_support import OverlayNode, until
-from wwwserve_gateway.backend_api import Endpoint, Usage
-from wwwserve_gateway.canonical import canonical
 from wwwserve_gateway.delegation import entry as entry_mod
 from wwwserve_gateway.delegation import wire
 from wwwserve_gateway.delegation.continuation import Progress, Stitcher, continuation_body, progress
 from wwwserve_gateway.delegation.entry import Delegator, NoExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
-from wwwserve_gateway.errors import UpstreamError, error_body
-from wwwserve_gateway.identity import NodeIdentity
-from wwwserve_gateway.plugin_api import RequestInfo
-from wwwserve_gateway.receipts import (
+from wwwserve_gateway.http.errors import UpstreamError, error_body
+from wwwserve_gateway.network.canonical import canonical
+from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.network.receipts import (
     check_receipt,
     decode_receipt,
     encode_receipt,
     request_hash,
     sign_receipt,
 )
+from wwwserve_gateway.plugin_api import RequestInfo
+from wwwserve_gateway.plugin_api.backend import Endpoint, Usage
 
 MODEL = "m"
 MAX_TOKENS = 10

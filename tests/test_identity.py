@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from wwwserve_gateway.canonical import canonical
-from wwwserve_gateway.genesis import GossipParams, NetworkGenesis, load_genesis, write_genesis
-from wwwserve_gateway.identity import KEY_FILE, InvalidSignature, NodeIdentity, verify_record
+from wwwserve_gateway.network.canonical import canonical
+from wwwserve_gateway.network.genesis import GossipParams, NetworkGenesis, load_genesis, write_genesis
+from wwwserve_gateway.network.identity import KEY_FILE, InvalidSignature, NodeIdentity, verify_record
 
 
 def test_identity_is_created_owner_only_and_reloaded(tmp_path: Path) -> None:

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wwwserve_gateway.canonical import canonical
-from wwwserve_gateway.genesis import LedgerParams
-from wwwserve_gateway.identity import NodeIdentity
-from wwwserve_gateway.plugins.ledger_fold import Balances, NeedsRefold, fold
-from wwwserve_gateway.plugins.ledger_ops import InvalidOperation, Operation, parse_op, sign_op
-from wwwserve_gateway.plugins.ledger_rules import (
+from wwwserve_gateway.network.canonical import canonical
+from wwwserve_gateway.network.genesis import LedgerParams
+from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.plugins.ledger.fold import Balances, NeedsRefold, fold
+from wwwserve_gateway.plugins.ledger.ops import InvalidOperation, Operation, parse_op, sign_op
+from wwwserve_gateway.plugins.ledger.rules import (
     MICRO,
     batch_body,
     batch_items,

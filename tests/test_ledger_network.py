@@ -12,10 +12,10 @@ import httpx
 import pytest
 
 from tests.support import NodeProcess, wait_until
-from wwwserve_gateway.genesis import GossipParams, NetworkGenesis, write_genesis
-from wwwserve_gateway.identity import NodeIdentity
-from wwwserve_gateway.plugins.ledger_ops import Operation, sign_op
-from wwwserve_gateway.plugins.ledger_store import LedgerStore, default_url
+from wwwserve_gateway.network.genesis import GossipParams, NetworkGenesis, write_genesis
+from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.plugins.ledger.ops import Operation, sign_op
+from wwwserve_gateway.plugins.ledger.store import LedgerStore, default_url
 
 pytest_plugins = ("tests.postgres",)
 

@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from wwwserve_gateway.genesis import LedgerParams, NetworkGenesis
-from wwwserve_gateway.identity import NodeIdentity
+from wwwserve_gateway.network.genesis import LedgerParams, NetworkGenesis
+from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.network.receipts import InvalidReceipt, sign_receipt
 from wwwserve_gateway.overlay.overlay import Overlay
 from wwwserve_gateway.plugin_api import NodeAPI
-from wwwserve_gateway.plugins.gossip import SwimGossip
-from wwwserve_gateway.plugins.ledger import ChainLedger
-from wwwserve_gateway.plugins.ledger_fold import Balances
-from wwwserve_gateway.plugins.ledger_ops import Operation
-from wwwserve_gateway.plugins.ledger_rules import MICRO, payment_amount, price_micro, receipt_key
-from wwwserve_gateway.plugins.ledger_store import LedgerStore, default_url
-from wwwserve_gateway.receipts import InvalidReceipt, sign_receipt
+from wwwserve_gateway.plugins.gossip.swim import SwimGossip
+from wwwserve_gateway.plugins.ledger.chains import ChainLedger
+from wwwserve_gateway.plugins.ledger.fold import Balances
+from wwwserve_gateway.plugins.ledger.ops import Operation
+from wwwserve_gateway.plugins.ledger.rules import MICRO, payment_amount, price_micro, receipt_key
+from wwwserve_gateway.plugins.ledger.store import LedgerStore, default_url
 
 if TYPE_CHECKING:  # imported at run time by pytest_plugins, so that pytest can rewrite its asserts
     from tests.postgres import PostgresServer
@@ -294,7 +294,7 @@ async def test_a_pending_row_already_paid_is_dropped_without_paying(ledgers: Led
     store = ledgers.store(net)
     try:
         # A leftover row for the paid receipt (as a replica sharing the database could leave).
-        from wwwserve_gateway.canonical import canonical
+        from wwwserve_gateway.network.canonical import canonical
 
         assert store.add_pending(receipt_key(r["body"]), canonical(r), time.time())
     finally:
@@ -404,8 +404,8 @@ CRASH_SCRIPT = textwrap.dedent(
     import structlog
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout is for acks
     from tests.test_ledger_settle import genesis, node_api, receipt
-    from wwwserve_gateway.identity import NodeIdentity
-    from wwwserve_gateway.plugins.ledger import ChainLedger
+    from wwwserve_gateway.network.identity import NodeIdentity
+    from wwwserve_gateway.plugins.ledger.chains import ChainLedger
 
     url, data_dir = sys.argv[1], Path(sys.argv[2])
     me = NodeIdentity.load_or_create(data_dir)

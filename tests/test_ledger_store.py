@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import pytest
 from sqlalchemy import delete, update
 
-from wwwserve_gateway.identity import NodeIdentity
-from wwwserve_gateway.plugins.ledger_ops import Operation, sign_op
-from wwwserve_gateway.plugins.ledger_store import (
+from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.plugins.ledger.ops import Operation, sign_op
+from wwwserve_gateway.plugins.ledger.store import (
     HEADS,
     OPS,
     ChainError,
@@ -258,9 +258,9 @@ WRITER = textwrap.dedent(
     """
     import random, sys, time
     import nacl.signing
-    from wwwserve_gateway.identity import NodeIdentity
-    from wwwserve_gateway.plugins.ledger_ops import sign_op
-    from wwwserve_gateway.plugins.ledger_store import LedgerStore
+    from wwwserve_gateway.network.identity import NodeIdentity
+    from wwwserve_gateway.plugins.ledger.ops import sign_op
+    from wwwserve_gateway.plugins.ledger.store import LedgerStore
 
     url, net, *seeds = sys.argv[1:]
     sys.stdin.readline()  # started ahead (imports take most of a second): wait for the go

@@ -7,9 +7,9 @@ import copy
 import pytest
 
 from tests.test_ledger_fold import PARAMS, Chain, h, pay_body, receipt
-from wwwserve_gateway.identity import NodeIdentity
-from wwwserve_gateway.plugins.ledger_ops import InvalidOperation
-from wwwserve_gateway.plugins.ledger_verify import PARALLEL_MIN, Verifier, verify_ops
+from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.plugins.ledger.ops import InvalidOperation
+from wwwserve_gateway.plugins.ledger.verify import PARALLEL_MIN, Verifier, verify_ops
 
 
 def a_range(n: int) -> list[dict]:

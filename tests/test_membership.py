@@ -10,12 +10,12 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wwwserve_gateway.canonical import canonical
-from wwwserve_gateway.genesis import GossipParams
-from wwwserve_gateway.identity import NodeIdentity
-from wwwserve_gateway.plugins.gossip_sim import SimNetwork
-from wwwserve_gateway.plugins.member_table import ALIVE, DEAD, LEFT, SUSPECT, Entry, MemberTable
-from wwwserve_gateway.plugins.membership import Membership, alive_body
+from simulation.gossip import SimNetwork
+from wwwserve_gateway.network.canonical import canonical
+from wwwserve_gateway.network.genesis import GossipParams
+from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.plugins.gossip.member_table import ALIVE, DEAD, LEFT, SUSPECT, Entry, MemberTable
+from wwwserve_gateway.plugins.gossip.membership import Membership, alive_body
 
 PARAMS = GossipParams(
     interval_s=1.0,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.support import NodeProcess, wait_until
-from wwwserve_gateway.genesis import GossipParams, NetworkGenesis, write_genesis
+from wwwserve_gateway.network.genesis import GossipParams, NetworkGenesis, write_genesis
 
 N = 11
 # Fast timings so the test runs in seconds; 11 processes share 2 cores, so not too fast.

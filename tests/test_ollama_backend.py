@@ -21,10 +21,10 @@ from openai import OpenAI
 
 from tests.fakes.ollama_server import FIXTURES, FakeOllama
 from tests.support import NodeProcess, free_port, wait_until
-from wwwserve_gateway.backend_api import Backend, BackendContext, BackendLoad
 from wwwserve_gateway.backend_registry import build_backend
 from wwwserve_gateway.backends.ollama import OllamaBackend, full_name, ollama_root
-from wwwserve_gateway.config import ModelEntry
+from wwwserve_gateway.config.schema import ModelEntry
+from wwwserve_gateway.plugin_api.backend import Backend, BackendContext, BackendLoad
 
 API_KEY = "sk-ollama-test"
 ADMIN_KEY = "admin-ollama-test"

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.overlay_support import OverlayNode, RawPeer, until
-from wwwserve_gateway.identity import InvalidSignature, NodeIdentity, verify_record
+from wwwserve_gateway.network.identity import InvalidSignature, NodeIdentity, verify_record
 from wwwserve_gateway.overlay import HandshakeError, PeerUnreachable, RemoteError
 from wwwserve_gateway.overlay import frames as overlay_frames
 from wwwserve_gateway.overlay.connection import (

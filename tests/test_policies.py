@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from pydantic import Field
 
-from wwwserve_gateway.backend_api import Backend, BackendContext, BackendLoad, BackendParams, JSONReply
-from wwwserve_gateway.config import ModelEntry
+from wwwserve_gateway.config.schema import ModelEntry
 from wwwserve_gateway.plugin_api import Decision, NodeAPI, PeerView, RequestInfo
-from wwwserve_gateway.plugins.policy_completion_time import CompletionTimePolicy, infer_slots
-from wwwserve_gateway.plugins.policy_frequency import (
+from wwwserve_gateway.plugin_api.backend import Backend, BackendContext, BackendLoad, BackendParams, JSONReply
+from wwwserve_gateway.plugins.policies.completion_time import CompletionTimePolicy, infer_slots
+from wwwserve_gateway.plugins.policies.frequency import (
     FrequencyPolicy,
     backend_capacity,
     backend_usage,

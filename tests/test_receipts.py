@@ -6,9 +6,9 @@ import copy
 
 import pytest
 
-from wwwserve_gateway import identity, receipts
-from wwwserve_gateway.identity import NodeIdentity
-from wwwserve_gateway.receipts import (
+from wwwserve_gateway.network import identity, receipts
+from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.network.receipts import (
     InvalidReceipt,
     check_receipt,
     decode_receipt,

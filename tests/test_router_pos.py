@@ -13,10 +13,10 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from wwwserve_gateway.identity import NodeIdentity
+from wwwserve_gateway.network.identity import NodeIdentity
 from wwwserve_gateway.plugin_api import ROUTER_GROUP, NodeAPI, PeerView, RequestInfo, RouterPlugin
-from wwwserve_gateway.plugin_loading import load_entry_point
-from wwwserve_gateway.plugins.router_pos import StakeRouter, weighted_order
+from wwwserve_gateway.plugin_api.loading import load_entry_point
+from wwwserve_gateway.plugins.routers.pos import StakeRouter, weighted_order
 
 MODEL = "smollm2"
 # Upper 0.999 quantiles of the chi-square distribution (scipy is not installed; values from any

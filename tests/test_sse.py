@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wwwserve_gateway.backend_api import Usage
-from wwwserve_gateway.sse import DONE, MalformedEvent, SSECutter
+from wwwserve_gateway.http.sse import DONE, MalformedEvent, SSECutter
+from wwwserve_gateway.plugin_api.backend import Usage
 
 texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
 

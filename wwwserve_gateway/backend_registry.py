@@ -10,11 +10,11 @@ from importlib.util import find_spec
 import structlog
 from pydantic import ValidationError
 
-from wwwserve_gateway.backend_api import Backend, BackendContext, BackendLoad
-from wwwserve_gateway.config import ModelEntry
-from wwwserve_gateway.config_errors import ConfigProblem, problems_from_validation
-from wwwserve_gateway.errors import BackendUnavailable, ModelNotFound, RateLimited
-from wwwserve_gateway.plugin_loading import PluginLoadError, load_entry_point
+from wwwserve_gateway.config.problems import ConfigProblem, problems_from_validation
+from wwwserve_gateway.config.schema import ModelEntry
+from wwwserve_gateway.http.errors import BackendUnavailable, ModelNotFound, RateLimited
+from wwwserve_gateway.plugin_api.backend import Backend, BackendContext, BackendLoad
+from wwwserve_gateway.plugin_api.loading import PluginLoadError, load_entry_point
 
 log = structlog.get_logger(__name__)
 

@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from wwwserve_gateway.config import GatewayConfig, load_config
-from wwwserve_gateway.config_errors import ConfigError
+from wwwserve_gateway.config.loading import load_config
+from wwwserve_gateway.config.problems import ConfigError
+from wwwserve_gateway.config.schema import GatewayConfig
 
 app = typer.Typer(
     help="WWW.Serve gateway: a node of a decentralized LLM serving network.", no_args_is_help=True
@@ -193,7 +194,7 @@ def _data_dir(config: Path | None, data_dir: Path | None) -> Path:
         return data_dir
     if config is not None:
         return _load(config).node.data_dir
-    from wwwserve_gateway.config import default_home
+    from wwwserve_gateway.config.schema import default_home
 
     return default_home()
 
@@ -207,7 +208,7 @@ OptionalConfig = Annotated[
 @keys_app.command("show")
 def keys_show(config: OptionalConfig = None, data_dir: DataDirOption = None) -> None:
     """Print the node id, creating the key on first use."""
-    from wwwserve_gateway.identity import KEY_FILE, NodeIdentity
+    from wwwserve_gateway.network.identity import KEY_FILE, NodeIdentity
 
     directory = _data_dir(config, data_dir)
     existed = (directory / KEY_FILE).exists()
@@ -226,7 +227,7 @@ def keys_new(
     ] = False,
 ) -> None:
     """Create a new identity: the node becomes a different, unlinkable pseudonym."""
-    from wwwserve_gateway.identity import KEY_FILE, NodeIdentity
+    from wwwserve_gateway.network.identity import KEY_FILE, NodeIdentity
 
     directory = _data_dir(config, data_dir)
     path = directory / KEY_FILE
@@ -251,7 +252,7 @@ def network_init(
     force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
 ) -> None:
     """Write a network genesis file and print its network id."""
-    from wwwserve_gateway.genesis import GossipParams, NetworkGenesis, write_genesis
+    from wwwserve_gateway.network.genesis import GossipParams, NetworkGenesis, write_genesis
 
     if out.exists() and not force:
         console.print(f"[red]error[/red] {out} exists; pass --force to overwrite it")
@@ -265,7 +266,7 @@ def network_init(
 @network_app.command("id")
 def network_id(path: Annotated[Path, typer.Argument(help="a genesis file")]) -> None:
     """Print the network id of a genesis file."""
-    from wwwserve_gateway.genesis import load_genesis
+    from wwwserve_gateway.network.genesis import load_genesis
 
     try:
         typer.echo(load_genesis(path).network_id)
@@ -369,8 +370,8 @@ def ledger_verify(
     db: Annotated[str | None, typer.Option(help="a database URL (default: the config's node ledger)")] = None,
 ) -> None:
     """Re-check a whole ledger database offline: signatures, hashes, chain links, heads."""
-    from wwwserve_gateway.genesis import NetworkGenesis, load_genesis
-    from wwwserve_gateway.plugins.ledger_store import LedgerStore, LedgerStoreError, default_url
+    from wwwserve_gateway.network.genesis import NetworkGenesis, load_genesis
+    from wwwserve_gateway.plugins.ledger.store import LedgerStore, LedgerStoreError, default_url
 
     cfg = _load(config) if config else None
     if db is None and cfg is None:

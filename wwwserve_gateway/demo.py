@@ -34,8 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-from wwwserve_gateway.genesis import LedgerParams, NetworkGenesis, write_genesis
-from wwwserve_gateway.identity import NodeIdentity
+from wwwserve_gateway.network.genesis import LedgerParams, NetworkGenesis, write_genesis
+from wwwserve_gateway.network.identity import NodeIdentity
 
 STARTUP_TIMEOUT_S = 300.0  # the first start may pull the model (98 MB)
 STOP_TIMEOUT_S = 20.0  # SIGTERM, then SIGKILL of the node's whole process group

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from wwwserve_gateway.config import default_home
+from wwwserve_gateway.config.schema import default_home
 
 ProgressFn = Callable[[int, int], None]
 

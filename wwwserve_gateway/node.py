@@ -9,19 +9,20 @@ from pathlib import Path
 
 import structlog
 
-from wwwserve_gateway.app import create_app
-from wwwserve_gateway.auth import KeyCheck
-from wwwserve_gateway.backend_api import Backend, BackendContext
 from wwwserve_gateway.backend_registry import BackendRegistry, validate_backend_params
-from wwwserve_gateway.config import GatewayConfig, ModelEntry, load_config
-from wwwserve_gateway.config_errors import ConfigError, ConfigProblem
-from wwwserve_gateway.delegation.dispatch import Dispatcher
+from wwwserve_gateway.config.loading import load_config
+from wwwserve_gateway.config.problems import ConfigError, ConfigProblem
+from wwwserve_gateway.config.schema import GatewayConfig, ModelEntry
 from wwwserve_gateway.delegation.entry import Delegator
 from wwwserve_gateway.delegation.executor import PeerExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
+from wwwserve_gateway.dispatch import Dispatcher
+from wwwserve_gateway.http.app import create_app
+from wwwserve_gateway.http.auth import KeyCheck
 from wwwserve_gateway.metrics import GatewayMetrics
-from wwwserve_gateway.network import NodeNetwork
+from wwwserve_gateway.network.wiring import NodeNetwork
 from wwwserve_gateway.openai.serving import OpenAIServing
+from wwwserve_gateway.plugin_api.backend import Backend, BackendContext
 
 log = structlog.get_logger(__name__)
 

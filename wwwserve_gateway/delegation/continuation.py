@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from wwwserve_gateway.backend_api import Endpoint
+from wwwserve_gateway.plugin_api.backend import Endpoint
 
 DATA = "data: "
 

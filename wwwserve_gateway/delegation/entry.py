@@ -18,16 +18,16 @@ from typing import Any
 import orjson
 import structlog
 
-from wwwserve_gateway.asgi import SSE_HEADERS, Send
-from wwwserve_gateway.backend_api import Endpoint, Usage
 from wwwserve_gateway.delegation import wire
 from wwwserve_gateway.delegation.continuation import Stitcher, continuation_body, progress
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
-from wwwserve_gateway.errors import BackendError, UpstreamError
+from wwwserve_gateway.http.asgi import SSE_HEADERS, Send
+from wwwserve_gateway.http.errors import BackendError, UpstreamError
+from wwwserve_gateway.http.sse import DONE
+from wwwserve_gateway.network.receipts import InvalidReceipt, check_receipt, encode_receipt, request_hash
 from wwwserve_gateway.overlay.errors import OverlayError, PeerTimeout
 from wwwserve_gateway.plugin_api import NodeAPI, RequestInfo
-from wwwserve_gateway.receipts import InvalidReceipt, check_receipt, encode_receipt, request_hash
-from wwwserve_gateway.sse import DONE
+from wwwserve_gateway.plugin_api.backend import Endpoint, Usage
 
 log = structlog.get_logger(__name__)
 

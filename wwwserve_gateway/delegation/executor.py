@@ -16,16 +16,16 @@ from typing import Any
 
 import structlog
 
-from wwwserve_gateway.backend_api import Backend, Endpoint, Usage
 from wwwserve_gateway.backend_registry import BackendRegistry
 from wwwserve_gateway.delegation import wire
 from wwwserve_gateway.delegation.entry import Delegator, NoExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
-from wwwserve_gateway.errors import GatewayError, InvalidRequest
+from wwwserve_gateway.http.errors import GatewayError, InvalidRequest
+from wwwserve_gateway.http.sse import DONE
+from wwwserve_gateway.network.receipts import request_hash, sign_receipt
 from wwwserve_gateway.openai.protocol import REQUEST_TYPES, validate_request
 from wwwserve_gateway.plugin_api import Decision, NodeAPI, RequestInfo
-from wwwserve_gateway.receipts import request_hash, sign_receipt
-from wwwserve_gateway.sse import DONE
+from wwwserve_gateway.plugin_api.backend import Backend, Endpoint, Usage
 
 log = structlog.get_logger(__name__)
 

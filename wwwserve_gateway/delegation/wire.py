@@ -21,9 +21,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from wwwserve_gateway.backend_api import Endpoint
-from wwwserve_gateway.identity import NODE_ID
+from wwwserve_gateway.network.identity import NODE_ID
 from wwwserve_gateway.plugin_api import RequestInfo
+from wwwserve_gateway.plugin_api.backend import Endpoint
 
 KIND = "wwwserve.delegate"
 MAX_HOPS = 8

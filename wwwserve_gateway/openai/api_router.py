@@ -12,10 +12,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from wwwserve_gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_error
-from wwwserve_gateway.auth import KeyCheck
-from wwwserve_gateway.backend_api import Endpoint
-from wwwserve_gateway.errors import GatewayError, InvalidRequest, ModelNotFound
+from wwwserve_gateway.http.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_error
+from wwwserve_gateway.http.auth import KeyCheck
+from wwwserve_gateway.http.errors import GatewayError, InvalidRequest, ModelNotFound
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.openai.protocol import (
     REQUEST_TYPES,
@@ -23,6 +22,7 @@ from wwwserve_gateway.openai.protocol import (
     ModelList,
     validate_request,
 )
+from wwwserve_gateway.plugin_api.backend import Endpoint
 
 log = structlog.get_logger(__name__)
 

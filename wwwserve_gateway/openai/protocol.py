@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from wwwserve_gateway.backend_api import Endpoint
-from wwwserve_gateway.errors import InvalidRequest
+from wwwserve_gateway.http.errors import InvalidRequest
+from wwwserve_gateway.plugin_api.backend import Endpoint
 
 
 class _Request(BaseModel):

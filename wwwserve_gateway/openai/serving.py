@@ -8,7 +8,8 @@ from typing import Any
 import orjson
 import structlog
 
-from wwwserve_gateway.asgi import (
+from wwwserve_gateway.backend_registry import BackendRegistry
+from wwwserve_gateway.http.asgi import (
     SSE_HEADERS,
     ClientDisconnected,
     Receive,
@@ -16,11 +17,10 @@ from wwwserve_gateway.asgi import (
     cancel_on_disconnect,
     send_bytes,
 )
-from wwwserve_gateway.backend_api import Backend, Endpoint, JSONReply, Usage
-from wwwserve_gateway.backend_registry import BackendRegistry
-from wwwserve_gateway.errors import BackendError, GatewayError, InvalidRequest
+from wwwserve_gateway.http.errors import BackendError, GatewayError, InvalidRequest
+from wwwserve_gateway.http.sse import DONE
 from wwwserve_gateway.metrics import GatewayMetrics
-from wwwserve_gateway.sse import DONE
+from wwwserve_gateway.plugin_api.backend import Backend, Endpoint, JSONReply, Usage
 
 log = structlog.get_logger(__name__)
 

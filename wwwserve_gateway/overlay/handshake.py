@@ -28,8 +28,8 @@ import nacl.bindings
 import nacl.exceptions
 import orjson
 
-from wwwserve_gateway.canonical import canonical
-from wwwserve_gateway.identity import InvalidSignature, NodeIdentity, verify
+from wwwserve_gateway.network.canonical import canonical
+from wwwserve_gateway.network.identity import InvalidSignature, NodeIdentity, verify
 from wwwserve_gateway.overlay.errors import HandshakeError
 
 VERSION = 1

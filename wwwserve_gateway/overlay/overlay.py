@@ -19,7 +19,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from starlette.websockets import WebSocket
 
-from wwwserve_gateway.identity import NodeIdentity
+from wwwserve_gateway.network.identity import NodeIdentity
 from wwwserve_gateway.overlay import frames
 from wwwserve_gateway.overlay.connection import (
     CLOSE_DUPLICATE,

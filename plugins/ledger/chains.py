@@ -1,0 +1,618 @@
+"""The built-in ledger plugin: per-author signed chains, replicated by gossip, folded into balances.
+
+- Own operations are signed, stored durably, then folded (an acknowledged operation is on disk).
+- Replication: a gossip delegate carries a constant-size digest, 64 hashes over buckets of authors'
+  `(seq, head hash)`. For the buckets that differ, the peer's heads are fetched ("ledger.heads");
+  where it is ahead on a chain, the missing range is pulled ("ledger.range"), and every operation is
+  verified (signature, chain links, kind rules) and stored in one transaction.
+- A peer whose head differs from ours at the same seq has seen an equivocation: both operations are
+  fetched and a `fraud` operation carrying them is appended to our own chain.
+- Payments: `settle(receipt)` records a debt in `ledger_pending` (durable before it returns). Debts
+  are paid in batches, one `pay` operation per flush (one payment per executor): when
+  `payment_batch_max` receipts are pending, `payment_batch_window_s` after the first pending one, on
+  `stop()`, and on `start()` for debts a crash left behind. The pay operation and the deletion of the
+  pending rows it covers are one transaction, so a debt is paid exactly once whenever the node dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from wwwserve_gateway.network.canonical import canonical
+from wwwserve_gateway.network.identity import verify
+from wwwserve_gateway.network.receipts import InvalidReceipt, check_receipt
+from wwwserve_gateway.plugin_api import NodeAPI
+from wwwserve_gateway.plugins.ledger.fold import Balances
+from wwwserve_gateway.plugins.ledger.ops import MAX_OP_BYTES, InvalidOperation, Operation, sign_op
+from wwwserve_gateway.plugins.ledger.rules import (
+    MICRO,
+    batch_body,
+    batch_items,
+    check_op,
+    payment_amount,
+    price_micro,
+    receipt_key,
+    to_micro,
+)
+from wwwserve_gateway.plugins.ledger.store import (
+    ChainError,
+    Conflict,
+    LedgerStore,
+    PendingGone,
+    ReceiptKey,
+    default_url,
+)
+from wwwserve_gateway.plugins.ledger.verify import Verifier
+
+log = structlog.get_logger(__name__)
+
+RANGE_KIND = "ledger.range"
+HEADS_KIND = "ledger.heads"
+COUNTERSIGN_KIND = "ledger.countersign"
+# An executor that does not countersign within this is paid by its receipts (the long form).
+COUNTERSIGN_TIMEOUT_S = 5.0
+BUCKETS = 64
+RANGE_LIMIT = 1000
+# A range answer must fit one overlay frame (1 MiB); receipt-laden pay operations run to a few KB.
+RANGE_MAX_BYTES = 512 * 1024
+PULL_TIMEOUT_S = 30.0
+# Pulled ranges usually sort before operations already folded, and each would force a full refold
+# (seconds at 100,000 operations): they are stored at once and folded together when no pull is left
+# running, and at least this long after the last append.
+REFOLD_AFTER_S = 0.2
+# A pulled range longer than this is a catch-up: stored now, folded in one go when pulls drain.
+INCREMENTAL_MAX = 100
+# Room left in a pay operation for everything but its receipts (payments' `to` and `amount`, the op).
+PAY_OVERHEAD_BYTES = 1024
+PAY_BYTES_PER_PAYMENT = 160
+
+
+@dataclass(frozen=True, slots=True)
+class _Debt:
+    receipt: dict[str, Any]  # the signed receipt
+    size: int  # bytes of its canonical encoding
+    price: int  # micro-credits
+    since: float  # event-loop time it became pending here
+
+
+class ChainLedger:
+    def __init__(self, node: NodeAPI, settings: Mapping[str, Any]) -> None:
+        unknown = set(settings) - {"database_url", "verify_workers"}
+        if unknown:
+            raise ValueError(
+                f"unknown ledger settings {sorted(unknown)}; known: database_url, verify_workers"
+            )
+        workers = settings.get("verify_workers")
+        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+            raise ValueError("ledger.settings.verify_workers: a whole number >= 1 (1 verifies on a thread)")
+        self.node = node
+        self.params = node.genesis.ledger
+        # Opening re-verifies each chain's latest operations: a tampered database stops the node
+        # here, with the offending rows named.
+        self.store = LedgerStore(
+            settings.get("database_url") or default_url(node.data_dir), node.genesis.network_id
+        )
+        self.balances = Balances(self.params)
+        self._lock = asyncio.Lock()
+        self._pulling: set[str] = set()
+        self._refold: asyncio.TimerHandle | None = None
+        self._stale = False  # operations stored but not yet folded
+        self._refolding: asyncio.Task[None] | None = None
+        # Debts of this node not paid yet, oldest first: a mirror of its `ledger_pending` rows.
+        self._pending: dict[ReceiptKey, _Debt] = {}
+        self._owed = 0  # micro-credits: the sum of the pending debts' prices
+        self.payments = 0  # receipts paid by this process's pay operations
+        self._flush_lock = asyncio.Lock()
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._verifier = Verifier(self.params, workers)
+        self._to_record: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._recording: asyncio.Task[None] | None = None
+        node.overlay.on_request(RANGE_KIND, self._serve_range)
+        node.overlay.on_request(HEADS_KIND, self._serve_heads)
+        node.overlay.on_request(COUNTERSIGN_KIND, self._serve_countersign)
+        node.metrics.register(_LedgerCollector(self))
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        ops = await asyncio.to_thread(lambda: list(self.store.all_ops()))
+        self.balances = Balances.fold(ops, self.params)
+        if self.store.head(self.node.identity.node_id) is None:
+            await self.append_own("join", {"grant": self.params.initial_grant})
+        self.node.gossip.add_delegate("ledger", self)
+        # Debts a crash left behind (recorded, never paid) are paid now.
+        await self._load_pending()
+        if self._pending:
+            try:
+                await self._flush()
+            except Exception as exc:
+                log.warning("paying pending receipts failed; retrying later", error=str(exc))
+                self._arm_flush(self.params.payment_batch_window_s)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        self._disarm_flush()
+        if self._flushing is not None:
+            with contextlib.suppress(Exception):
+                await self._flushing
+        try:
+            await self._flush()
+        except Exception as exc:  # still on disk: paid on the next start
+            log.warning("paying pending receipts at stop failed", pending=len(self._pending), error=str(exc))
+        if self._refold is not None:
+            self._refold.cancel()
+        if self._refolding is not None:
+            self._refolding.cancel()
+        self._verifier.close()
+        await asyncio.to_thread(self.store.close)
+
+    # -- own chain -----------------------------------------------------------------------------------
+    async def append_own(self, kind: str, body: dict[str, Any]) -> Operation:
+        """Sign, store durably, then fold an operation of this node's own chain."""
+        return await self._append_own(kind, body)
+
+    async def _append_own(
+        self, kind: str, body: dict[str, Any], settled: Iterable[ReceiptKey] = ()
+    ) -> Operation:
+        """append_own; the pending receipts `settled` leave `ledger_pending` in the same transaction."""
+        me = self.node.identity
+        async with self._lock:
+            head = self.store.head(me.node_id)
+            seq, prev = (head[0] + 1, head[1]) if head else (1, "")
+            op = sign_op(me, seq, prev, kind, body, round(time.time(), 3))
+            check_op(op, self.params)
+            await asyncio.to_thread(self.store.append, [op], list(settled))
+            self.balances.add(op)
+        return op
+
+    # -- payments ------------------------------------------------------------------------------------
+    async def settle(self, receipt: dict[str, Any]) -> None:
+        """Owe the executor of a signed receipt naming this node as entry; paid in a later batch.
+
+        When settle returns the debt is committed (see LedgerStore.add_pending). Settling a
+        receipt again (pending or paid) does nothing. Raises InvalidReceipt for a receipt that is
+        not valid, or not this node's to pay.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._to_record.append((receipt, future))
+        if self._recording is None or self._recording.done():
+            self._recording = asyncio.get_running_loop().create_task(self._record_queued())
+        await future
+
+    async def _record_queued(self) -> None:
+        """Group commit: every receipt queued meanwhile is checked and written in one transaction,
+        on one worker-thread trip (each trip costs about as much CPU as a write)."""
+        while self._to_record:
+            batch, self._to_record = self._to_record, []
+            try:
+                checked = await asyncio.to_thread(self._record_debts, [r for r, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            paid_meanwhile = []
+            for (receipt, future), result in zip(batch, checked, strict=True):
+                if isinstance(result, InvalidReceipt):
+                    if not future.done():
+                        future.set_exception(result)
+                    continue
+                key, size, price = result
+                if self._is_paid(key):  # already paid: it is not a debt
+                    paid_meanwhile.append(key)
+                elif key not in self._pending:  # (a duplicate is ignored)
+                    self._add_debt(key, receipt, size, price)
+                if not future.done():
+                    future.set_result(None)
+            if paid_meanwhile:
+                await asyncio.to_thread(self.store.drop_pending, paid_meanwhile)
+
+    def _record_debts(
+        self, receipts: list[dict[str, Any]]
+    ) -> list[tuple[ReceiptKey, int, int] | InvalidReceipt]:
+        checked: list[tuple[ReceiptKey, int, int] | InvalidReceipt] = []
+        rows = []
+        now = time.time()
+        for receipt in receipts:
+            try:
+                key, raw, price = self._check_debt(receipt)
+            except InvalidReceipt as exc:
+                checked.append(exc)
+                continue
+            rows.append((key, raw, now))
+            checked.append((key, len(raw), price))
+        self.store.add_pending_many(rows)
+        return checked
+
+    def _check_debt(self, receipt: dict[str, Any]) -> tuple[ReceiptKey, bytes, int]:
+        body = check_receipt(receipt)
+        me = self.node.identity.node_id
+        if body["entry"] != me:
+            raise InvalidReceipt("the receipt names another entry node: not this node's debt")
+        if body["id"] == me:
+            raise InvalidReceipt("a receipt signed by this node: a node does not pay itself")
+        return receipt_key(body), canonical(receipt), price_micro(body, self.params)
+
+    def _add_debt(self, key: ReceiptKey, receipt: dict[str, Any], size: int, price: int) -> None:
+        first = not self._pending
+        self._pending[key] = _Debt(receipt, size, price, asyncio.get_running_loop().time())
+        self._owed += price
+        if len(self._pending) >= self.params.payment_batch_max:
+            self._kick_flush(whole_batches=True)
+        elif first:
+            self._arm_flush(self.params.payment_batch_window_s)
+
+    def _drop_debt(self, key: ReceiptKey) -> None:
+        debt = self._pending.pop(key, None)
+        if debt is not None:
+            self._owed -= debt.price
+
+    def _is_paid(self, key: ReceiptKey) -> bool:
+        """Whether a pay operation held (and folded) already pays this receipt key."""
+        return self.balances.is_paid(key)
+
+    async def _load_pending(self) -> None:
+        """Mirror the debts on disk (left by a crash, or by a replica sharing the database)."""
+        me = self.node.identity.node_id
+        rows = await asyncio.to_thread(self.store.pending, me)
+        bad: list[ReceiptKey] = []
+        for raw, _created in rows:
+            receipt = orjson.loads(raw)
+            try:
+                body = check_receipt(receipt)
+            except InvalidReceipt as exc:
+                log.error("dropping a pending receipt that fails its check", error=str(exc))
+                with contextlib.suppress(Exception):
+                    body = receipt["body"]
+                    bad.append(receipt_key(body))
+                continue
+            key = receipt_key(body)
+            if key not in self._pending:
+                self._pending[key] = _Debt(receipt, len(raw), price_micro(body, self.params), 0.0)
+                self._owed += self._pending[key].price
+        if bad:
+            await asyncio.to_thread(self.store.drop_pending, bad)
+
+    def _arm_flush(self, delay: float) -> None:
+        if self._stopped or self._flush_timer is not None:
+            return
+        self._flush_timer = asyncio.get_running_loop().call_later(delay, self._on_flush_timer)
+
+    def _disarm_flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+
+    def _on_flush_timer(self) -> None:
+        self._flush_timer = None
+        self._kick_flush(whole_batches=False)
+
+    def _kick_flush(self, whole_batches: bool) -> None:
+        """Start a background flush unless one runs (a running flush ends by paying the full
+        batches that arrived meanwhile, and by arming the timer for the rest)."""
+        if self._stopped or (self._flushing is not None and not self._flushing.done()):
+            return
+        self._flushing = asyncio.get_running_loop().create_task(self._flush_in_background(whole_batches))
+
+    async def _flush_in_background(self, whole_batches: bool) -> None:
+        try:
+            await self._flush(whole_batches)
+        except Exception as exc:  # the debts stay on disk and in memory: try again a window later
+            log.warning("paying pending receipts failed; retrying later", error=str(exc))
+            self._arm_flush(self.params.payment_batch_window_s)
+
+    async def _flush(self, whole_batches: bool = False) -> None:
+        """Pay the debts pending now (with whole_batches, only as many full batches of
+        payment_batch_max as they make), in pay operations of at most payment_batch_max receipts."""
+        async with self._flush_lock:
+            self._disarm_flush()
+            keys = self._full_batches() if whole_batches else list(self._pending)
+            while keys:
+                while keys:
+                    batch, keys = self._next_batch(keys)
+                    await self._pay(batch)
+                keys = self._full_batches()  # arrived during this flush
+            # No await from here on: a debt settled now sees this timer, or an empty table.
+            if self._pending:
+                oldest = min(debt.since for debt in self._pending.values())
+                now = asyncio.get_running_loop().time()
+                self._arm_flush(max(0.0, oldest + self.params.payment_batch_window_s - now))
+
+    def _full_batches(self) -> list[ReceiptKey]:
+        keys = list(self._pending)
+        return keys[: len(keys) - len(keys) % self.params.payment_batch_max]
+
+    def _next_batch(self, keys: list[ReceiptKey]) -> tuple[list[ReceiptKey], list[ReceiptKey]]:
+        """As many of `keys` (oldest first) as one pay operation may carry: by count, and by bytes."""
+        room = MAX_OP_BYTES - PAY_OVERHEAD_BYTES
+        taken = 0
+        for key in keys[: self.params.payment_batch_max]:
+            room -= self._pending[key].size + PAY_BYTES_PER_PAYMENT
+            if room < 0 and taken:
+                break
+            taken += 1
+        return keys[:taken], keys[taken:]
+
+    async def _pay(self, keys: list[ReceiptKey]) -> None:
+        """One pay operation for `keys` (one payment per executor), the rows deleted with it."""
+        for _attempt in range(3):
+            keys = [k for k in keys if k in self._pending]
+            fresh = [k for k in keys if not self._is_paid(k)]
+            try:
+                if fresh:
+                    by_executor: dict[str, list[dict[str, Any]]] = {}
+                    for key in fresh:
+                        by_executor.setdefault(key[0], []).append(self._pending[key].receipt)
+                    payments = await asyncio.gather(
+                        *(self._payment(to, receipts) for to, receipts in sorted(by_executor.items()))
+                    )
+                    await self._append_own("pay", {"payments": list(payments)}, settled=keys)
+                elif keys:  # all paid already: the rows are only dropped
+                    await asyncio.to_thread(self.store.drop_pending, keys)
+            except PendingGone as exc:
+                # A replica sharing the database paid (or dropped) some of them: forget those.
+                for key in exc.missing:
+                    self._drop_debt(key)
+                continue
+            for key in keys:
+                self._drop_debt(key)
+            self.payments += len(fresh)
+            return
+        raise RuntimeError("pending receipts kept changing under this flush")
+
+    async def _payment(self, to: str, receipts: list[dict[str, Any]]) -> dict[str, Any]:
+        """A payment to one executor: compact if it countersigns the batch, else by its receipts."""
+        amount = payment_amount(receipts, self.params)
+        items = batch_items(receipts)
+        try:
+            reply = await self.node.overlay.request(
+                to, COUNTERSIGN_KIND, {"receipts": receipts}, timeout=COUNTERSIGN_TIMEOUT_S
+            )
+            sig = reply.get("sig")
+            if not isinstance(sig, str):
+                raise InvalidOperation("no signature in the answer")
+            verify(to, canonical(batch_body(to, self.node.identity.node_id, items)), bytes.fromhex(sig))
+        except Exception as exc:
+            log.debug("paying by receipts: no countersignature", executor=to[:16], error=str(exc))
+            return {"to": to, "amount": amount, "receipts": receipts}
+        return {"to": to, "amount": amount, "items": items, "sig": sig}
+
+    async def _serve_countersign(self, peer_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """An entry asks this node to sign, once, the batch of its receipts it is about to pay."""
+        records = body.get("receipts")
+        if not isinstance(records, list) or not 0 < len(records) <= self.params.payment_batch_max:
+            raise ValueError("ledger.countersign takes {receipts: 1..payment_batch_max signed receipts}")
+        me = self.node.identity.node_id
+        # Signature checks cost ~70 us each: off the event loop.
+        await asyncio.to_thread(self._check_own_receipts, records, peer_id)
+        items = batch_items(records)
+        return {"sig": self.node.identity.sign(canonical(batch_body(me, peer_id, items))).hex()}
+
+    def _check_own_receipts(self, records: list[Any], entry: str) -> None:
+        me = self.node.identity.node_id
+        for record in records:
+            receipt = check_receipt(record)
+            if receipt["id"] != me or receipt["entry"] != entry:
+                raise ValueError("only this node's receipts for the asking entry are countersigned")
+
+    # -- gossip delegate -----------------------------------------------------------------------------
+    def local_digest(self) -> dict[str, Any]:
+        """Constant-size: one hash per bucket of authors' heads, whatever the number of authors."""
+        return {"buckets": bucket_hashes(self.store.heads())}
+
+    def merge_remote_digest(self, peer_id: str, digest: dict[str, Any]) -> None:
+        theirs = digest.get("buckets") if isinstance(digest, dict) else None
+        if not isinstance(theirs, list) or len(theirs) != BUCKETS:
+            return
+        differing = [
+            i
+            for i, (a, b) in enumerate(zip(bucket_hashes(self.store.heads()), theirs, strict=True))
+            if a != b
+        ]
+        if differing:
+            asyncio.get_running_loop().create_task(self._compare_heads(peer_id, differing))
+
+    async def _compare_heads(self, peer_id: str, buckets: list[int]) -> None:
+        """Fetch the peer's heads in the buckets that differ and pull each chain it is ahead on."""
+        try:
+            reply = await self.node.overlay.request(
+                peer_id, HEADS_KIND, {"buckets": buckets}, timeout=PULL_TIMEOUT_S
+            )
+        except Exception as exc:
+            log.info("ledger heads request failed", peer=peer_id[:16], error=str(exc))
+            return
+        heads = reply.get("heads") if isinstance(reply, dict) else None
+        if not isinstance(heads, dict):
+            return
+        mine = self.store.heads()
+        for author, entry in heads.items():
+            if not (isinstance(author, str) and isinstance(entry, list) and len(entry) == 2):
+                continue
+            seq, head = entry
+            if not isinstance(seq, int) or not isinstance(head, str):
+                continue
+            local = mine.get(author)
+            if local is None or seq > local[0] or (seq == local[0] and head != local[1]):
+                self._schedule_pull(peer_id, author)
+
+    async def _serve_heads(self, peer_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        wanted = body.get("buckets")
+        if not isinstance(wanted, list) or not all(isinstance(i, int) for i in wanted):
+            raise ValueError("ledger.heads takes {buckets: [int]}")
+        wanted_set = set(wanted)
+        heads = self.store.heads()
+        return {"heads": {a: [seq, h] for a, (seq, h) in heads.items() if bucket_of(a) in wanted_set}}
+
+    def _schedule_pull(self, peer_id: str, author: str) -> None:
+        key = f"{peer_id}:{author}"
+        if key in self._pulling:
+            return
+        self._pulling.add(key)
+        task = asyncio.get_running_loop().create_task(self._pull(peer_id, author))
+        task.add_done_callback(lambda _: self._pull_done(key))
+
+    def _pull_done(self, key: str) -> None:
+        self._pulling.discard(key)
+        if not self._pulling and self._stale:
+            self._schedule_refold()
+
+    async def _pull(self, peer_id: str, author: str) -> None:
+        """Fetch and store what the peer holds beyond our head of `author`'s chain."""
+        while True:
+            head = self.store.head(author)
+            start = head[0] + 1 if head else 1
+            # Ask from one before our head: a different op there means an equivocation.
+            ask_from = max(1, start - 1)
+            try:
+                reply = await self.node.overlay.request(
+                    peer_id,
+                    RANGE_KIND,
+                    {"author": author, "from": ask_from, "limit": RANGE_LIMIT},
+                    timeout=PULL_TIMEOUT_S,
+                )
+                raw_ops = reply.get("ops")
+                if not isinstance(raw_ops, list):
+                    raise InvalidOperation("ledger.range answer without an ops list")
+                # Signature checks cost ~100 us each: off the event loop (across processes for catch-up).
+                ops = await self._verifier.verify(raw_ops)
+            except InvalidOperation as exc:
+                log.warning("peer sent invalid ledger operations", peer=peer_id[:16], error=str(exc))
+                return
+            except Exception as exc:
+                log.info("ledger pull failed", peer=peer_id[:16], author=author[:16], error=str(exc))
+                return
+            new = [op for op in ops if op.author == author and op.seq >= start]
+            overlap = [op for op in ops if op.author == author and op.seq < start]
+            for op in overlap:
+                stored = self.store.ops(author, op.seq, op.seq)
+                if stored and stored[0].hash != op.hash:
+                    await self._report_fraud(stored[0], op)
+                    return
+            if not new:
+                return
+            try:
+                async with self._lock:
+                    await asyncio.to_thread(self.store.append, new)
+                    # Usually the new operations sort after all folded ones (a peer's latest
+                    # payments): fold them at once. Otherwise the stored set is refolded later.
+                    if not self._stale and len(new) <= INCREMENTAL_MAX and self.balances.extend(new):
+                        continue
+                self._stale = True
+            except Conflict as exc:
+                await self._report_fraud(exc.stored, exc.offered)
+                return
+            except (ChainError, InvalidOperation) as exc:
+                log.warning(
+                    "refused ledger operations", peer=peer_id[:16], author=author[:16], error=str(exc)
+                )
+                return
+
+    def _schedule_refold(self) -> None:
+        if self._refold is not None:
+            self._refold.cancel()
+        loop = asyncio.get_running_loop()
+        self._refold = loop.call_later(REFOLD_AFTER_S, self._start_refold)
+
+    def _start_refold(self) -> None:
+        if self._pulling:  # more ranges are arriving: their last pull schedules the refold
+            return
+        self._refolding = asyncio.get_running_loop().create_task(self._refold_now())
+
+    async def _refold_now(self) -> None:
+        """Fold everything stored, off the event loop, and swap the result in."""
+        self._stale = False
+        async with self._lock:
+            ops = await asyncio.to_thread(lambda: list(self.store.all_ops()))
+            self.balances = await asyncio.to_thread(Balances.fold, ops, self.params)
+
+    async def _report_fraud(self, a: Operation, b: Operation) -> None:
+        if self.balances.is_barred(a.author):
+            return
+        log.warning("equivocation detected", author=a.author[:16], seq=a.seq)
+        await self.append_own("fraud", {"a": a.signed, "b": b.signed})
+
+    async def _serve_range(self, peer_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        author, start, limit = body.get("author"), body.get("from", 1), body.get("limit", RANGE_LIMIT)
+        if not isinstance(author, str) or not isinstance(start, int) or not isinstance(limit, int):
+            raise ValueError("ledger.range takes {author: str, from: int, limit: int}")
+        ops = await asyncio.to_thread(self.store.ops, author, max(1, start), None, min(limit, RANGE_LIMIT))
+        answer, size = [], 0
+        for op in ops:
+            size += len(op.raw)
+            if answer and size > RANGE_MAX_BYTES:
+                break
+            answer.append(op.signed)
+        return {"ops": answer}
+
+    # -- views ---------------------------------------------------------------------------------------
+    def balances_view(self) -> dict[str, dict[str, Any]]:
+        return self.balances.view(time.time())
+
+    def ops_view(self, author: str, start: int, limit: int) -> list[dict[str, Any]]:
+        return [dict(op.op, hash=op.hash, sig=op.sig) for op in self.store.ops(author, start, None, limit)]
+
+    def account(self, node_id: str) -> dict[str, Any]:
+        """{"liquid", "bonded", "unbonding" (credits), "barred"} of one node; zeros if unknown.
+
+        Folded operations only: this node's pending debts are not in its liquid balance until paid.
+        """
+        return self.balances.account(node_id, time.time())
+
+    def can_delegate(self, node_id: str) -> bool:
+        """Liquid balance >= 0 and not barred; for this node, after its pending (unpaid) debts."""
+        now = time.time()
+        if node_id != self.node.identity.node_id:
+            return self.balances.can_delegate(node_id, now)
+        view = self.balances.account(node_id, now)
+        return not view["barred"] and to_micro(view["liquid"]) - self._owed >= 0
+
+    @property
+    def pending_receipts(self) -> int:
+        return len(self._pending)
+
+    @property
+    def owed(self) -> float:
+        """Credits this node owes for receipts not paid yet."""
+        return self._owed / MICRO
+
+
+class _LedgerCollector:
+    """Payment metrics, read from the ledger at scrape time."""
+
+    def __init__(self, ledger: ChainLedger) -> None:
+        self.ledger = ledger
+
+    def collect(self):
+        yield GaugeMetricFamily(
+            "wwwserve_ledger_pending_receipts",
+            "Receipts this node owes for, stored and not yet paid",
+            value=self.ledger.pending_receipts,
+        )
+        yield CounterMetricFamily(
+            "wwwserve_ledger_payments",
+            "Receipts paid by this node's pay operations",
+            value=self.ledger.payments,
+        )
+
+
+def bucket_of(author: str) -> int:
+    return int(author[:4], 16) % BUCKETS
+
+
+def bucket_hashes(heads: Mapping[str, tuple[int, str]]) -> list[str]:
+    """A short hash per bucket over its authors' (author, seq, head): equal buckets need no exchange."""
+    entries: list[list[str]] = [[] for _ in range(BUCKETS)]
+    for author, (seq, head) in heads.items():
+        entries[bucket_of(author)].append(f"{author}:{seq}:{head}")
+    return [hashlib.sha256("\n".join(sorted(e)).encode()).hexdigest()[:16] for e in entries]

@@ -1,0 +1,320 @@
+"""Balances as a deterministic fold over a set of valid ledger operations.
+
+Fold order (canonical). Each operation gets the key `(eff_ts, author, seq, hash)` where `eff_ts` is
+the largest `ts` among its author's operations with seq <= its own (a running maximum along the
+chain). The fold processes operations in increasing key order.
+
+Why this is independent of arrival order: a key depends only on the operation and its author's chain
+prefix, which is in the set whenever the operation is (the ledger stores chains contiguously); so
+the set alone fixes every key, and keys are unique (author, seq and hash identify an operation).
+Sorting by them is a total order that the set determines; processing is a deterministic function of
+that sequence. `eff_ts` never decreases along a chain, so an author's operations are always folded
+in seq order even if its clock went backwards, and chains from different authors interleave by time.
+Duplicates collapse by hash.
+
+Forks. An author is barred from the smallest seq at which the set proves an equivocation: the
+evidence of any `fraud` operation in the set (wherever it sits: two signed operations prove it on
+their own), or two different operations of the author with the same seq held in the set. The
+author's operations at seq >= that fork seq are skipped entirely, except `fraud` operations, whose
+only effect is evidence. Replicas that hold different branches of a fork therefore agree as soon as
+they share the proof: the branches themselves never count. The slash (fraud_slash_fraction of bonded
+stake and of unbonding stake still pending at the proof's ts) is applied once, at the first fraud
+operation about the author in fold order.
+
+Amounts are integer micro-credits (see ledger_rules) so sums are exact; overspending only makes a
+balance negative. Unbonding stake is kept as (matures_at, amount) entries and counted as liquid by
+the views once `now` has passed `matures_at`, so the fold itself needs no clock.
+
+Incremental use: `apply` folds an operation that sorts after everything folded so far (the common
+case: appending one's own chain) and raises NeedsRefold otherwise; `add` / `add_many` fall back to
+a full refold from the operations held.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from wwwserve_gateway.network.genesis import LedgerParams
+from wwwserve_gateway.plugins.ledger.ops import Operation
+from wwwserve_gateway.plugins.ledger.rules import (
+    DEFAULT_DUEL_RULE,
+    MICRO,
+    DuelRule,
+    Transfer,
+    duel_request,
+    fraud_evidence,
+    payment_entries,
+)
+
+Key = tuple[float, str, int, str]
+
+
+class NeedsRefold(Exception):
+    """The operation does not sort after everything folded so far (or changes what was folded)."""
+
+
+@dataclass(slots=True)
+class Account:
+    liquid: int = 0  # micro-credits; may be negative
+    bonded: int = 0
+    unbonding: list[list[Any]] = field(default_factory=list)  # [matures_at, micro-credits]
+    barred: bool = False
+
+
+def _take(amount: int, fraction: float) -> int:
+    """floor(fraction x amount) in exact arithmetic (nothing is taken from a negative amount)."""
+    return math.floor(Fraction(fraction) * amount) if amount > 0 else 0
+
+
+class Balances:
+    def __init__(
+        self, params: LedgerParams, now: float | None = None, duel_rule: DuelRule = DEFAULT_DUEL_RULE
+    ) -> None:
+        self.params = params
+        self.now = now  # default time for the views; None: no unbonding has matured
+        self.duel_rule = duel_rule
+        # Signature checks are the costly part of a refold: their results are kept across refolds.
+        self._settlements: dict[str, list[Transfer]] = {}  # duel op hash -> transfers
+        self._evidence: dict[str, tuple[str, int]] = {}  # fraud op hash -> (culprit, seq)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._accounts: dict[str, Account] = {}
+        self._ops: dict[str, Operation] = {}  # every operation given, by hash
+        self._seqs: dict[str, dict[int, str]] = defaultdict(dict)  # author -> seq -> hash
+        self._max_ts: dict[str, float] = {}  # author -> largest ts folded
+        self._top: dict[str, int] = {}  # author -> highest seq held
+        self._last: Key | None = None
+        self._forks: dict[str, int] = {}  # author -> smallest equivocating seq
+        self._paid: set[tuple[str, str, str]] = set()  # receipt keys already paid
+        self._duels: set[tuple[str, str]] = set()  # (entry, request) already settled
+        self._slashed: set[str] = set()
+
+    # -- folding ---------------------------------------------------------------------------------------
+    @classmethod
+    def fold(
+        cls,
+        ops: Iterable[Operation],
+        params: LedgerParams,
+        now: float | None = None,
+        duel_rule: DuelRule = DEFAULT_DUEL_RULE,
+    ) -> Balances:
+        """Balances of a set of valid operations (duplicates and arrival order do not matter)."""
+        balances = cls(params, now, duel_rule)
+        balances._fold_all(ops)
+        return balances
+
+    def _fold_all(self, ops: Iterable[Operation]) -> None:
+        self._reset()
+        self._ops = {op.hash: op for op in ops}
+        by_author: dict[str, list[Operation]] = defaultdict(list)
+        for op in self._ops.values():
+            by_author[op.author].append(op)
+        keyed: list[tuple[Key, Operation]] = []
+        for author, chain in by_author.items():
+            chain.sort(key=lambda o: (o.seq, o.hash))
+            # eff_ts covers every op with seq <= op.seq, including a conflicting one at op.seq.
+            seq_ts: dict[int, float] = {}
+            for op in chain:
+                seq_ts[op.seq] = max(seq_ts.get(op.seq, -math.inf), op.ts)
+                if self._seqs[author].setdefault(op.seq, op.hash) != op.hash:
+                    self._forks[author] = min(self._forks.get(author, op.seq), op.seq)
+            running, eff = -math.inf, {}
+            for seq in sorted(seq_ts):
+                running = eff[seq] = max(running, seq_ts[seq])
+            keyed += [((eff[op.seq], author, op.seq, op.hash), op) for op in chain]
+            self._max_ts[author] = running
+            self._top[author] = chain[-1].seq
+        for op in self._ops.values():
+            if op.kind == "fraud":
+                culprit, seq = self._fraud(op)
+                self._forks[culprit] = min(self._forks.get(culprit, seq), seq)
+        for culprit in self._forks:
+            self._account(culprit).barred = True
+        keyed.sort(key=lambda pair: pair[0])
+        for key, op in keyed:
+            self._step(op)
+            self._last = key
+
+    def apply(self, op: Operation) -> None:
+        """Fold `op` if it sorts after everything folded so far; raise NeedsRefold otherwise.
+
+        Applying an operation already held is a no-op. Nothing changes when NeedsRefold is raised.
+        """
+        if op.hash in self._ops:
+            return
+        if op.seq != self._top.get(op.author, 0) + 1:
+            raise NeedsRefold("not the next operation of its author's chain (or a fork)")
+        key = (max(self._max_ts.get(op.author, -math.inf), op.ts), op.author, op.seq, op.hash)
+        if self._last is not None and key < self._last:
+            raise NeedsRefold("operation sorts before operations already folded")
+        if op.kind == "fraud":
+            culprit, seq = self._fraud(op)
+            if seq < self._forks.get(culprit, math.inf) and self._top.get(culprit, 0) >= seq:
+                raise NeedsRefold("fraud proof voids operations already folded")
+            self._forks[culprit] = min(self._forks.get(culprit, seq), seq)
+            self._account(culprit).barred = True
+        self._ops[op.hash] = op
+        self._seqs[op.author][op.seq] = op.hash
+        self._max_ts[op.author] = key[0]
+        self._top[op.author] = op.seq
+        self._step(op)
+        self._last = key
+
+    def add(self, op: Operation) -> None:
+        """Fold `op` wherever it sorts: incrementally when possible, else by a full refold."""
+        self.add_many([op])
+
+    def add_many(self, ops: Iterable[Operation]) -> None:
+        """Fold a batch: incrementally when it all sorts after what is folded, else by one refold."""
+        new = self._in_fold_order(ops)
+        for i, op in enumerate(new):
+            try:
+                self.apply(op)
+            except NeedsRefold:
+                self._fold_all([*self._ops.values(), *new[i:]])
+                return
+
+    def extend(self, ops: Iterable[Operation]) -> bool:
+        """Fold a batch only as far as it can be done incrementally; False if a refold is needed
+        for the rest (the caller refolds later, off the event loop)."""
+        for op in self._in_fold_order(ops):
+            try:
+                self.apply(op)
+            except NeedsRefold:
+                return False
+        return True
+
+    def _in_fold_order(self, ops: Iterable[Operation]) -> list[Operation]:
+        fresh = {op.hash: op for op in ops if op.hash not in self._ops}
+        running = dict(self._max_ts)
+        keyed = []
+        for op in sorted(fresh.values(), key=lambda o: (o.author, o.seq)):  # the keys `apply` will use
+            running[op.author] = max(running.get(op.author, -math.inf), op.ts)
+            keyed.append(((running[op.author], op.author, op.seq, op.hash), op))
+        return [op for _, op in sorted(keyed, key=lambda pair: pair[0])]
+
+    def _fraud(self, op: Operation) -> tuple[str, int]:
+        evidence = self._evidence.get(op.hash)
+        if evidence is None:
+            evidence = self._evidence[op.hash] = fraud_evidence(op)
+        return evidence
+
+    def _account(self, node: str) -> Account:
+        account = self._accounts.get(node)
+        if account is None:
+            account = self._accounts[node] = Account()
+        return account
+
+    def _step(self, op: Operation) -> None:
+        """One operation's effect, in fold order."""
+        fork = self._forks.get(op.author)
+        if fork is not None and op.seq >= fork and op.kind != "fraud":
+            return  # after its author's fork: never counts, on any branch
+        me = self._account(op.author)
+        body = op.body
+        if op.kind == "join":
+            me.liquid += body["grant"] * MICRO
+        elif op.kind == "bond":
+            me.liquid -= body["amount"] * MICRO
+            me.bonded += body["amount"] * MICRO
+        elif op.kind == "unbond":
+            # Only stake actually bonded can be unbonded: otherwise stake would be minted from nothing.
+            amount = min(body["amount"] * MICRO, max(me.bonded, 0))
+            me.bonded -= amount
+            me.unbonding.append([op.ts + self.params.unbonding_delay_s, amount])
+        elif op.kind == "pay":
+            for payment in body["payments"]:
+                total = 0
+                for key, price in payment_entries(payment, op.author, self.params):
+                    if key not in self._paid:  # a request paid again later in fold order is ignored
+                        self._paid.add(key)
+                        total += price
+                me.liquid -= total
+                self._account(payment["to"]).liquid += total
+        elif op.kind == "duel":
+            duel = (op.author, duel_request(op))
+            if duel not in self._duels:  # a duel is settled once
+                self._duels.add(duel)
+                settled = self._settlements.get(op.hash)
+                if settled is None:
+                    settled = self._settlements[op.hash] = self.duel_rule.settle(op, self.params)
+                for transfer in settled:
+                    self._transfer(transfer)
+        elif op.kind == "fraud":
+            culprit, _ = self._fraud(op)
+            if culprit not in self._slashed:
+                self._slashed.add(culprit)
+                self._slash(self._account(culprit), op.ts)
+
+    def _transfer(self, transfer: Transfer) -> None:
+        source = self._account(transfer.source)
+        amount = _take(source.bonded, transfer.fraction)
+        if transfer.to:
+            share = amount // len(transfer.to)
+            amount = share * len(transfer.to)  # the indivisible remainder stays with the source
+            for node in transfer.to:
+                self._account(node).liquid += share
+        source.bonded -= amount
+
+    def _slash(self, account: Account, ts: float) -> None:
+        fraction = self.params.fraud_slash_fraction
+        account.bonded -= _take(account.bonded, fraction)
+        for entry in account.unbonding:
+            if entry[0] > ts:  # still pending when the proof was made: penalties still apply
+                entry[1] -= _take(entry[1], fraction)
+
+    # -- views -----------------------------------------------------------------------------------------
+    def account(self, node: str, now: float | None = None) -> dict[str, Any]:
+        """{"liquid", "bonded", "unbonding" (credits), "barred"} of `node` at time `now`."""
+        when = self.now if now is None else now
+        acc = self._accounts.get(node) or Account()
+        matured = sum(a for t, a in acc.unbonding if when is not None and t <= when)
+        pending = sum(a for t, a in acc.unbonding) - matured
+        return {
+            "liquid": (acc.liquid + matured) / MICRO,
+            "bonded": acc.bonded / MICRO,
+            "unbonding": pending / MICRO,
+            "barred": acc.barred,
+        }
+
+    def view(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        return {node: self.account(node, now) for node in sorted(self._accounts)}
+
+    def is_paid(self, key: tuple[str, str, str]) -> bool:
+        """Whether a receipt key (executor, entry, request) is paid by an operation held."""
+        return key in self._paid
+
+    def is_barred(self, node: str) -> bool:
+        acc = self._accounts.get(node)
+        return acc is not None and acc.barred
+
+    def stake(self, node: str) -> float:
+        """Bonded stake in credits (what proof-of-stake draws weigh)."""
+        acc = self._accounts.get(node)
+        return acc.bonded / MICRO if acc else 0.0
+
+    def can_delegate(self, node: str, now: float | None = None) -> bool:
+        """A node may delegate (and be drawn) while its liquid balance is >= 0 and it is not barred."""
+        view = self.account(node, now)
+        return view["liquid"] >= 0 and not view["barred"]
+
+    @property
+    def ops(self) -> list[Operation]:
+        """The operations held (a refold's input)."""
+        return list(self._ops.values())
+
+
+def fold(
+    ops: Iterable[Operation],
+    params: LedgerParams,
+    now: float | None = None,
+    duel_rule: DuelRule = DEFAULT_DUEL_RULE,
+) -> Balances:
+    """Module-level alias of Balances.fold."""
+    return Balances.fold(ops, params, now, duel_rule)

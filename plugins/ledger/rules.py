@@ -1,0 +1,310 @@
+"""Kind rules for ledger operations: what each operation's body must say to be believed.
+
+`ledger_ops.parse_op` checks shape and signature; the ledger checks seq contiguity and prev linkage;
+`check_op` here checks the body of one operation against the network parameters. Everything is pure:
+the only state-dependent parts (duplicate receipts, stake-proportional duel transfers, slashing)
+belong to the fold (`ledger_fold`), which sees the whole set of operations.
+
+Amounts. Bodies carry credits (join grant and stake as integers, payment amounts as numbers), but
+the fold counts integer micro-credits (`MICRO` per credit) so sums are exact and associative: a
+payment's amount must equal, in micro-credits, the sum of its receipts' prices, each rounded once to
+a whole micro-credit (`price_micro`). `payment_amount` gives writers the amount to put in the body.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from wwwserve_gateway.network import receipts
+from wwwserve_gateway.network.canonical import canonical
+from wwwserve_gateway.network.genesis import LedgerParams
+from wwwserve_gateway.network.identity import NODE_ID, InvalidSignature, verify, verify_record
+from wwwserve_gateway.network.receipts import HASH
+from wwwserve_gateway.plugins.ledger.ops import InvalidOperation, Operation, parse_op
+
+MICRO = 1_000_000  # micro-credits per credit
+VOTE_KEYS = frozenset({"id", "kind", "duel", "choice"})
+CHOICES = ("A", "B", "tie")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def to_micro(credits: float) -> int:
+    """Credits as a whole number of micro-credits (rounded to the nearest)."""
+    return round(credits * MICRO)
+
+
+def price_micro(receipt: dict[str, Any], params: LedgerParams) -> int:
+    """A receipt's price in micro-credits (see tokens_price_micro)."""
+    return tokens_price_micro(receipt["prompt_tokens"], receipt["completion_tokens"], params)
+
+
+def tokens_price_micro(prompt: int, completion: int, params: LedgerParams) -> int:
+    """One request's price in micro-credits: per request plus per 1k tokens, each rate rounded to
+    micro. Integer arithmetic after the rates are rounded, so every node computes the same price."""
+    per_request = to_micro(params.price_per_request)
+    per_1k = to_micro(params.price_per_1k_tokens)
+    return per_request + (per_1k * (prompt + completion) + 500) // 1000  # per-token part rounded half up
+
+
+def batch_body(executor: str, entry: str, items: list[list[Any]]) -> dict[str, Any]:
+    """What an executor countersigns for a batch payment: the requests it served for `entry`, each
+    as [request hash, prompt tokens, completion tokens] (what the price and the once-only rule need;
+    the full receipts stay with the entry and its apps)."""
+    return {"kind": "batch", "id": executor, "entry": entry, "items": items}
+
+
+def batch_items(receipts: list[dict[str, Any]]) -> list[list[Any]]:
+    """The items of a batch payment for these signed receipts, in their order."""
+    return [
+        [r["body"]["request"], r["body"]["prompt_tokens"], r["body"]["completion_tokens"]] for r in receipts
+    ]
+
+
+def payment_entries(
+    payment: dict[str, Any], payer: str, params: LedgerParams
+) -> list[tuple[ReceiptKey, int]]:
+    """(receipt key, price in micro-credits) of each request a checked payment pays, either form."""
+    if "receipts" in payment:
+        return [(receipt_key(r["body"]), price_micro(r["body"], params)) for r in payment["receipts"]]
+    to = payment["to"]
+    return [((to, payer, item[0]), tokens_price_micro(item[1], item[2], params)) for item in payment["items"]]
+
+
+def payment_amount(receipts: list[dict[str, Any]], params: LedgerParams) -> float:
+    """The `amount` a payment of these signed receipts must carry, in credits."""
+    return sum(price_micro(r["body"], params) for r in receipts) / MICRO
+
+
+ReceiptKey = tuple[str, str, str]
+
+
+def receipt_key(receipt: dict[str, Any]) -> ReceiptKey:
+    """What a receipt is paid once for: (executor, entry, request hash).
+
+    The executor is part of the key because a duel sends one request to two executors, and the
+    entry pays both; paying the same executor twice for the same request is a double payment.
+    """
+    return (receipt["id"], receipt["entry"], receipt["request"])
+
+
+def check_receipt(record: Any) -> dict[str, Any]:
+    """The body of a signed receipt, after checking its signature and fields."""
+    try:
+        return receipts.check_receipt(record)
+    except receipts.InvalidReceipt as exc:
+        raise InvalidOperation(str(exc)) from None
+
+
+def check_vote(record: Any) -> dict[str, Any]:
+    """The body of a signed judge vote, after checking its signature and fields."""
+    try:
+        body = verify_record(record)
+    except InvalidSignature as exc:
+        raise InvalidOperation(f"vote: {exc}") from None
+    if set(body) != VOTE_KEYS or body["kind"] != "vote":
+        raise InvalidOperation(f"a vote has exactly the keys {sorted(VOTE_KEYS)} and kind 'vote'")
+    if body["choice"] not in CHOICES:
+        raise InvalidOperation(f"vote choice must be one of {CHOICES}")
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """`source` loses floor(fraction x its bonded stake), in micro-credits, at the settling op's place
+    in fold order; the amount is split equally into the liquid balances of `to` (the indivisible
+    remainder stays with the source). Empty `to` destroys the amount."""
+
+    source: str
+    fraction: float
+    to: tuple[str, ...]
+
+
+class DuelRule(Protocol):
+    """How a duel operation settles. `settle` raises InvalidOperation when the evidence does not
+    support the body; it is pure (no stake at hand): transfers are fractions of stake, resolved
+    by the fold. The judge plugin may supply its own rule."""
+
+    def settle(self, op: Operation, params: LedgerParams) -> list[Transfer]: ...
+
+
+def duel_request(op: Operation) -> str:
+    """The request hash a duel operation settles (the fold settles each (entry, request) once)."""
+    return op.body["receipts"][0]["body"]["request"]
+
+
+class MajorityDuelRule:
+    """Default rule: the choice with strictly more valid votes than each other choice decides.
+
+    A decides for receipts[0]'s executor, B for receipts[1]'s; a decision of "tie" (or no single top
+    choice) has no winner, so a duel op naming one is invalid. The loser transfers duel_gamma of its
+    bonded stake to the winner; every judge who voted otherwise than the decision loses
+    judge_minority_slash of its bonded stake, split equally among the judges who voted the decision.
+    """
+
+    def settle(self, op: Operation, params: LedgerParams) -> list[Transfer]:
+        body = op.body
+        if set(body) != {"receipts", "votes", "winner", "loser"}:
+            raise InvalidOperation("a duel body is {receipts, votes, winner, loser}")
+        receipts, votes = body["receipts"], body["votes"]
+        if not isinstance(receipts, list) or len(receipts) != 2:
+            raise InvalidOperation("a duel carries exactly two receipts")
+        a, b = (check_receipt(r) for r in receipts)
+        if a["entry"] != op.author or b["entry"] != op.author:
+            raise InvalidOperation("a duel is settled by the entry node of both receipts")
+        if a["request"] != b["request"]:
+            raise InvalidOperation("both duel receipts must answer the same request")
+        if a["id"] == b["id"]:
+            raise InvalidOperation("a duel needs two different executors")
+        if not isinstance(votes, list) or not votes:
+            raise InvalidOperation("a duel carries at least one vote")
+        ballots: dict[str, str] = {}
+        for record in votes:
+            vote = check_vote(record)
+            judge = vote["id"]
+            if vote["duel"] != a["request"]:
+                raise InvalidOperation("a vote is about another duel")
+            if judge in (op.author, a["id"], b["id"]):
+                raise InvalidOperation("a judge cannot be the entry or an executor of its duel")
+            if judge in ballots:
+                raise InvalidOperation("a judge voted twice")
+            ballots[judge] = vote["choice"]
+        counts = Counter(ballots.values()).most_common()
+        top, top_n = counts[0]
+        if (len(counts) > 1 and counts[1][1] == top_n) or top == "tie":
+            raise InvalidOperation("the votes decide no winner")
+        winner, loser = (a["id"], b["id"]) if top == "A" else (b["id"], a["id"])
+        if body["winner"] != winner or body["loser"] != loser:
+            raise InvalidOperation("winner/loser do not match the judges' majority")
+        majority = tuple(sorted(j for j, c in ballots.items() if c == top))
+        transfers = [Transfer(loser, params.duel_gamma, (winner,))]
+        transfers += [
+            Transfer(j, params.judge_minority_slash, majority) for j in sorted(ballots) if ballots[j] != top
+        ]
+        return transfers
+
+
+DEFAULT_DUEL_RULE: DuelRule = MajorityDuelRule()
+
+
+def fraud_evidence(op: Operation) -> tuple[str, int]:
+    """(author, seq) that a fraud op proves equivocated at; raise InvalidOperation otherwise."""
+    body = op.body
+    if set(body) != {"a", "b"}:
+        raise InvalidOperation("a fraud body is {a, b}")
+    try:
+        a, b = parse_op(body["a"]), parse_op(body["b"])
+    except InvalidOperation as exc:
+        raise InvalidOperation(f"fraud evidence: {exc}") from None
+    if a.author != b.author or a.seq != b.seq:
+        raise InvalidOperation("fraud evidence must be two operations with the same author and seq")
+    if a.hash == b.hash:
+        raise InvalidOperation("fraud evidence must be two different operations")
+    return a.author, a.seq
+
+
+def _positive_amount(body: dict[str, Any], kind: str) -> None:
+    if set(body) != {"amount"} or not _is_int(body["amount"]) or body["amount"] <= 0:
+        raise InvalidOperation(f"a {kind} body is {{amount: integer > 0}}")
+
+
+def _check_pay(op: Operation, params: LedgerParams) -> None:
+    """A payment is one of two forms:
+    - {to, amount, receipts}: the executor's signed receipts, one signature each;
+    - {to, amount, items, sig}: [request hash, prompt, completion] per request and one signature by
+      the executor over batch_body(to, payer, items): the compact form (about 80 bytes a request).
+    """
+    body = op.body
+    if set(body) != {"payments"} or not isinstance(body["payments"], list) or not body["payments"]:
+        raise InvalidOperation("a pay body is {payments: non-empty list}")
+    seen: set[ReceiptKey] = set()
+    for payment in body["payments"]:
+        if not isinstance(payment, dict) or set(payment) not in (PAYMENT_KEYS, BATCH_PAYMENT_KEYS):
+            raise InvalidOperation("a payment is {to, amount, receipts} or {to, amount, items, sig}")
+        to, amount = payment["to"], payment["amount"]
+        if not isinstance(to, str) or not NODE_ID.fullmatch(to) or to == op.author:
+            raise InvalidOperation("a payment goes to another node's id")
+        if not _is_number(amount) or amount < 0:
+            raise InvalidOperation("a payment amount is a number >= 0")
+        if "receipts" in payment:
+            _check_receipts(payment["receipts"], to, op.author)
+        else:
+            _check_batch(payment, op.author)
+        total = 0
+        for key, price in payment_entries(payment, op.author, params):
+            if key in seen:
+                raise InvalidOperation("a request is paid twice in one operation")
+            seen.add(key)
+            total += price
+        if to_micro(amount) != total:
+            raise InvalidOperation(f"payment amount {amount} != price of its requests {total / MICRO}")
+    if len(seen) > params.payment_batch_max:
+        raise InvalidOperation(f"more than {params.payment_batch_max} requests in one pay operation")
+
+
+PAYMENT_KEYS = frozenset({"to", "amount", "receipts"})
+BATCH_PAYMENT_KEYS = frozenset({"to", "amount", "items", "sig"})
+
+
+def _check_receipts(receipts: Any, to: str, payer: str) -> None:
+    if not isinstance(receipts, list) or not receipts:
+        raise InvalidOperation("a payment carries at least one receipt")
+    for record in receipts:
+        receipt = check_receipt(record)
+        if receipt["id"] != to:
+            raise InvalidOperation("a receipt is signed by another node than the payee")
+        if receipt["entry"] != payer:
+            raise InvalidOperation("a receipt names another entry node than the payer")
+
+
+def _check_batch(payment: dict[str, Any], payer: str) -> None:
+    items, sig = payment["items"], payment["sig"]
+    if not isinstance(items, list) or not items:
+        raise InvalidOperation("a batch payment carries at least one item")
+    for item in items:
+        if (
+            not isinstance(item, list)
+            or len(item) != 3
+            or not isinstance(item[0], str)
+            or not HASH.fullmatch(item[0])
+            or not all(_is_int(n) and n >= 0 for n in item[1:])
+        ):
+            raise InvalidOperation("a batch item is [request sha256 hex, prompt tokens, completion tokens]")
+    if not isinstance(sig, str):
+        raise InvalidOperation("a batch payment's sig is hex")
+    try:
+        verify(payment["to"], canonical(batch_body(payment["to"], payer, items)), bytes.fromhex(sig))
+    except (InvalidSignature, ValueError) as exc:
+        raise InvalidOperation(f"batch payment: {exc}") from None
+
+
+def check_op(op: Operation, params: LedgerParams, duel_rule: DuelRule = DEFAULT_DUEL_RULE) -> None:
+    """Raise InvalidOperation unless `op`'s body obeys its kind's rules.
+
+    The caller has checked the signature (parse_op) and the chain (seq contiguity, prev linkage), so
+    `op.seq` is the operation's position in its author's chain.
+    """
+    body = op.body
+    if op.kind == "join":
+        if op.seq != 1:
+            raise InvalidOperation("join must be an author's first operation (seq 1)")
+        if set(body) != {"grant"} or not _is_int(body["grant"]) or body["grant"] != params.initial_grant:
+            raise InvalidOperation(f"a join body is {{grant: {params.initial_grant}}} (the initial grant)")
+    elif op.kind in ("bond", "unbond"):
+        _positive_amount(body, op.kind)
+    elif op.kind == "pay":
+        _check_pay(op, params)
+    elif op.kind == "duel":
+        duel_rule.settle(op, params)
+    elif op.kind == "fraud":
+        fraud_evidence(op)
+    else:  # parse_op already refuses unknown kinds; kept so a new kind cannot slip through unchecked
+        raise InvalidOperation(f"unknown kind {op.kind!r}")

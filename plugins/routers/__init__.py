@@ -1,0 +1,1 @@
+"""The built-in routers: `pos`, the proof-of-stake draw."""

@@ -1,0 +1,2 @@
+"""Simulators that drive the built-in plugins' code without sockets, for tests and benchmarks.
+Not part of the installed package."""

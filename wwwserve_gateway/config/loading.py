@@ -1,0 +1,105 @@
+"""Loading the policy file, in two passes.
+
+The first validates the file's shape with pydantic (unknown keys are errors); the second validates
+each model's `litellm_params` with the settings model of the backend its provider prefix selects,
+because only the backend knows which keys it takes. Both passes report errors as `ConfigError`
+entries that name the key and what is expected there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from wwwserve_gateway.backend_registry import validate_backend_params
+from wwwserve_gateway.config.problems import ConfigError, ConfigProblem, problems_from_validation
+from wwwserve_gateway.config.schema import GatewayConfig
+
+ENV_PREFIX = "os.environ/"
+
+
+def resolve_env_refs(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[Any, list[ConfigProblem]]:
+    """Replace every 'os.environ/VAR' string with the variable's value, as LiteLLM does."""
+    problems: list[ConfigProblem] = []
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out[k], sub = resolve_env_refs(v, (*loc, k))
+            problems += sub
+        return out, problems
+    if isinstance(value, list):
+        items = []
+        for i, v in enumerate(value):
+            item, sub = resolve_env_refs(v, (*loc, i))
+            items.append(item)
+            problems += sub
+        return items, problems
+    if isinstance(value, str) and value.startswith(ENV_PREFIX):
+        var = value[len(ENV_PREFIX) :]
+        if var not in os.environ:
+            problems.append(
+                ConfigProblem(loc, f"environment variable {var} is not set; export it or put the value here")
+            )
+            return None, problems
+        return os.environ[var], problems
+    return value, problems
+
+
+def parse_config(raw: Any, *, source: str = "config") -> GatewayConfig:
+    """Validate a parsed YAML document; raises ConfigError listing every problem found."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [ConfigProblem((), "the file must be a YAML mapping of sections")])
+    resolved, problems = resolve_env_refs(raw)
+    if problems:
+        raise ConfigError(source, problems)
+    try:
+        config = GatewayConfig.model_validate(resolved)
+    except ValidationError as exc:
+        raise ConfigError(source, problems_from_validation(exc, GatewayConfig)) from None
+    # Second pass: each backend validates its own params.
+    problems = []
+    names: set[str] = set()
+    for i, entry in enumerate(config.model_list):
+        problems += validate_backend_params(entry, ("model_list", i, "litellm_params"))
+        if entry.deployment_id in names:
+            problems.append(
+                ConfigProblem(
+                    ("model_list", i, "model_info", "id"),
+                    f"deployment id {entry.deployment_id!r} is used twice; give each entry a unique id",
+                )
+            )
+        names.add(entry.deployment_id)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigProblem((), f"cannot read the file: {exc.strerror}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(str(path), [ConfigProblem((), f"not valid YAML{where}: {exc}")]) from None
+    config = parse_config(raw, source=str(path))
+
+    def beside(p: Path) -> Path:
+        # Relative paths are relative to the config file, so a node starts the same from any cwd.
+        p = p.expanduser()
+        return p if p.is_absolute() else (path.parent / p).resolve()
+
+    paths = {"data_dir": beside(config.node.data_dir)}
+    if config.node.network is not None:
+        paths["network"] = beside(config.node.network)
+    return config.model_copy(update={"node": config.node.model_copy(update=paths)})

@@ -1,0 +1,113 @@
+"""The provider's policy file, as pydantic models: a LiteLLM-style `model_list`, a `node` section and
+the plugin slots. Loading it (YAML, environment references, each plugin's own settings) is
+`config.loading`'s job."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def default_home() -> Path:
+    """Where node state and pulled models live unless the config says otherwise."""
+    return Path(os.environ.get("WWWSERVE_HOME", Path.home() / ".wwwserve"))
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(StrictModel):
+    host: str = Field("127.0.0.1", description="address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+    port: int = Field(4000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)")
+    data_dir: Path = Field(
+        default_factory=default_home, description="directory for node state and pulled models"
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="keys apps must send as 'Authorization: Bearer KEY'; empty means no auth",
+    )
+    admin_key: str | None = Field(
+        None, description="key for the /wwwserve/admin endpoints; unset disables them"
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="largest accepted request body, in bytes (413 above it)"
+    )
+    request_timeout: float = Field(
+        600.0, gt=0, description="seconds to wait for a backend's next byte before answering 504"
+    )
+    load_poll_interval: float = Field(1.0, gt=0, description="seconds between polls of each backend's load")
+    network: Path | None = Field(
+        None,
+        description="the network genesis file (wwwserve network init); unset uses the default parameters",
+    )
+    bootstrap: list[str] = Field(
+        default_factory=list, description="URLs of nodes to join through, e.g. http://127.0.0.1:4001"
+    )
+    public_url: str | None = Field(
+        None, description="the URL peers reach this node at (default: http://HOST:PORT)"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["console", "json"] = "console"
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: list[str]) -> list[str]:
+        if any(not k for k in keys):
+            raise ValueError("an API key is empty (is its environment variable set to '')?")
+        return keys
+
+
+class ModelInfo(BaseModel):
+    """LiteLLM's free-form `model_info`; `id` names the deployment (generated when absent)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    id: str | None = Field(None, description="a unique id for this deployment")
+
+
+class ModelEntry(StrictModel):
+    model_name: str = Field(..., min_length=1, description="the public model name apps ask for")
+    litellm_params: dict[str, Any] = Field(
+        ..., description="backend parameters; 'model' is 'provider/name', e.g. 'openai/gpt-4o-mini'"
+    )
+    model_info: ModelInfo = Field(default_factory=ModelInfo)
+
+    @field_validator("litellm_params")
+    @classmethod
+    def _needs_model(cls, params: dict[str, Any]) -> dict[str, Any]:
+        model = params.get("model")
+        if not isinstance(model, str) or "/" not in model:
+            raise ValueError(
+                "litellm_params.model must be 'provider/name', e.g. 'openai/gpt-4o-mini' or 'llamacpp/smollm2'"
+            )
+        return params
+
+    @property
+    def provider(self) -> str:
+        return self.litellm_params["model"].split("/", 1)[0]
+
+    @property
+    def deployment_id(self) -> str:
+        return self.model_info.id or f"{self.model_name}:{self.litellm_params['model']}"
+
+
+class PluginSlot(StrictModel):
+    """A plugin slot (policy, router, gossip, ledger, judge): which plugin and its settings."""
+
+    plugin: str | None = Field(
+        None, description="an entry-point name or 'module:Class'; unset selects the built-in"
+    )
+    settings: dict[str, Any] = Field(default_factory=dict, description="settings for that plugin")
+
+
+class GatewayConfig(StrictModel):
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    model_list: list[ModelEntry] = Field(default_factory=list, description="the models this node serves")
+    policy: PluginSlot = Field(default_factory=PluginSlot)
+    router: PluginSlot = Field(default_factory=PluginSlot)
+    gossip: PluginSlot = Field(default_factory=PluginSlot)
+    ledger: PluginSlot = Field(default_factory=PluginSlot)
+    judge: PluginSlot = Field(default_factory=PluginSlot)

@@ -1,0 +1,81 @@
+"""Admin API: list, add and remove backends on a running node, or reload them from the config file.
+
+Enabled only when `node.admin_key` is set; callers send it as a Bearer token.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from wwwserve_gateway.config.problems import ConfigError, problems_from_validation
+from wwwserve_gateway.config.schema import ModelEntry
+from wwwserve_gateway.http.auth import KeyCheck
+from wwwserve_gateway.http.errors import Conflict, GatewayError, InvalidRequest, NotFound
+from wwwserve_gateway.openai.api_router import parse_json_object
+
+if TYPE_CHECKING:
+    from wwwserve_gateway.node import Node
+
+
+class AdminDisabled(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "admin_disabled"
+
+
+def admin_routes(node: Node) -> list[Route]:
+    admin_key = node.config.node.admin_key
+    keys = KeyCheck([admin_key] if admin_key else [])
+
+    def authorize(request: Request) -> None:
+        if not keys.enabled:
+            raise AdminDisabled("The admin API is disabled; set node.admin_key in the config to enable it.")
+        keys.check(request.scope)
+
+    async def list_backends(request: Request) -> Response:
+        authorize(request)
+        return JSONResponse({"backends": [b.describe() for b in node.registry]})
+
+    async def add_backend(request: Request) -> Response:
+        authorize(request)
+        raw = parse_json_object(await request.body())
+        try:
+            entry = ModelEntry.model_validate(raw)
+        except ValidationError as exc:
+            problems = problems_from_validation(exc, ModelEntry)
+            raise InvalidRequest("; ".join(map(str, problems)), param=problems[0].key) from None
+        try:
+            backend = await node.add_backend(entry)
+        except ConfigError as exc:
+            raise InvalidRequest("; ".join(map(str, exc.problems)), param=exc.problems[0].key) from None
+        except ValueError as exc:
+            raise Conflict(str(exc)) from None
+        return JSONResponse(backend.describe(), status_code=201)
+
+    async def remove_backend(request: Request) -> Response:
+        authorize(request)
+        deployment = request.path_params["id"]
+        if node.registry.get(deployment) is None:
+            raise NotFound(f"No backend with id '{deployment}'", param="id")
+        await node.remove_backend(deployment)
+        return Response(status_code=204)
+
+    async def reload(request: Request) -> Response:
+        authorize(request)
+        try:
+            added, removed = await node.reload()
+        except ConfigError as exc:
+            raise InvalidRequest(exc.render(), code="invalid_config") from None
+        return JSONResponse({"added": added, "removed": removed})
+
+    return [
+        Route("/wwwserve/admin/backends", list_backends, methods=["GET"]),
+        Route("/wwwserve/admin/backends", add_backend, methods=["POST"]),
+        Route("/wwwserve/admin/backends/{id:path}", remove_backend, methods=["DELETE"]),
+        Route("/wwwserve/admin/reload", reload, methods=["POST"]),
+    ]

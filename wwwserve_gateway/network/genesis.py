@@ -1,0 +1,104 @@
+"""The network genesis: one YAML file of network parameters whose canonical hash is the network id.
+
+Nodes whose genesis differs in any value have different network ids and refuse each other's
+handshakes, so nodes with different rules never mix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from wwwserve_gateway.config.problems import ConfigError, ConfigProblem, problems_from_validation
+from wwwserve_gateway.network.canonical import digest
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GossipParams(_Strict):
+    interval_s: float = Field(1.0, gt=0, description="seconds between gossip rounds")
+    fanout: int = Field(3, ge=1, description="peers contacted per round")
+    probe_timeout_s: float = Field(0.5, gt=0, description="seconds to wait for a probe's answer")
+    indirect_probes: int = Field(3, ge=0, description="peers asked to probe a silent member on our behalf")
+    suspect_timeout_s: float = Field(
+        3.0, gt=0, description="seconds a suspect member has to refute before it is declared dead"
+    )
+    refresh_s: float = Field(
+        30.0, gt=0, description="seconds between re-publications of a node's own record (heartbeat)"
+    )
+    tombstone_ttl_s: float = Field(
+        300.0,
+        gt=0,
+        description="seconds a dead or departed id is remembered so it cannot come back as a ghost",
+    )
+    max_piggyback: int = Field(16, ge=1, description="record updates carried per gossip message")
+    retransmit_mult: int = Field(
+        2, ge=1, description="a node relays each update retransmit_mult * ceil(log2(N + 1)) times"
+    )
+    # Anti-entropy repairs what piggybacking missed (records whose retransmit budget ran out while the
+    # network was still small); its digest is constant-size, so syncing often stays flat in N.
+    sync_every_rounds: int = Field(
+        3, ge=1, description="rounds between push-pull anti-entropy syncs with one random member"
+    )
+
+
+class LedgerParams(_Strict):
+    initial_grant: int = Field(1000, ge=0, description="credits a node receives with its join operation")
+    price_per_request: float = Field(
+        1.0, ge=0, description="credits an entry node pays per delegated request"
+    )
+    price_per_1k_tokens: float = Field(
+        0.0, ge=0, description="credits paid per 1,000 tokens (prompt + completion)"
+    )
+    unbonding_delay_s: float = Field(
+        3600.0,
+        ge=0,
+        description="seconds before unbonded stake is liquid again (penalties still apply meanwhile)",
+    )
+    fraud_slash_fraction: float = Field(
+        1.0, ge=0, le=1, description="fraction of an equivocating node's bonded and unbonding stake destroyed"
+    )
+    duel_gamma: float = Field(
+        1.0, ge=0, le=1, description="fraction of a duel loser's bonded stake transferred to the winner"
+    )
+    judge_minority_slash: float = Field(
+        0.2, ge=0, le=1, description="fraction of a minority judge's bonded stake taken in a duel settlement"
+    )
+    payment_batch_window_s: float = Field(
+        5.0, gt=0, description="seconds an entry node gathers receipts before paying them in one operation"
+    )
+    payment_batch_max: int = Field(100, ge=1, description="receipts paid at most by one pay operation")
+
+
+class NetworkGenesis(_Strict):
+    name: str = Field("wwwserve-local", min_length=1, description="a human-readable network name")
+    version: int = Field(1, ge=1, description="protocol version of this network")
+    gossip: GossipParams = Field(default_factory=GossipParams)
+    ledger: LedgerParams = Field(default_factory=LedgerParams)
+
+    @property
+    def network_id(self) -> str:
+        return digest(self.model_dump(mode="json"))
+
+
+def load_genesis(path: str | Path) -> NetworkGenesis:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigProblem((), f"cannot read the file: {exc.strerror}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [ConfigProblem((), f"not valid YAML: {exc}")]) from None
+    try:
+        return NetworkGenesis.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(str(path), problems_from_validation(exc, NetworkGenesis)) from None
+
+
+def write_genesis(genesis: NetworkGenesis, path: Path) -> None:
+    header = f"# WWW.Serve network genesis. Network id (sha256 of the canonical form): {genesis.network_id}\n"
+    path.write_text(header + yaml.safe_dump(genesis.model_dump(mode="json"), sort_keys=True))
