@@ -31,7 +31,14 @@ from wwwserve_gateway.http.errors import (
     UpstreamError,
 )
 from wwwserve_gateway.http.sse import DONE
-from wwwserve_gateway.plugin_api.backend import Backend, BackendParams, Endpoint, JSONReply, SSEStream, Usage
+from wwwserve_gateway.plugin_api.backend import (
+    Backend,
+    BackendSettings,
+    Endpoint,
+    JSONReply,
+    SSEStream,
+    Usage,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -82,7 +89,7 @@ def load_litellm() -> ModuleType:
     return _litellm
 
 
-class LiteLLMParams(BackendParams):
+class LiteLLMSettings(BackendSettings):
     """Keys beyond the common ones (api_version, aws_region_name, num_retries, custom_llm_provider,
     default sampling settings, ...) are passed to LiteLLM as they are, as LiteLLM's proxy does."""
 
@@ -96,8 +103,8 @@ class LiteLLMParams(BackendParams):
 
 
 class LiteLLMBackend(Backend):
-    Params = LiteLLMParams
-    params: LiteLLMParams
+    Settings = LiteLLMSettings
+    settings: LiteLLMSettings
 
     async def start(self) -> None:
         # In a thread, so the import does not stall the node's event loop (health checks, other backends).
@@ -107,7 +114,7 @@ class LiteLLMBackend(Backend):
     def _kwargs(self, body: dict[str, Any]) -> dict[str, Any]:
         # Extra litellm_params are defaults the request may override, as in LiteLLM's Router; the keys a
         # request may not set are refused below, so it can only change sampling and similar settings.
-        kwargs: dict[str, Any] = dict(self.params.model_extra or {})
+        kwargs: dict[str, Any] = dict(self.settings.model_extra or {})
         for key, value in body.items():
             if key in OWN_KEYS or key in DROPPED_KEYS:
                 continue
@@ -120,8 +127,8 @@ class LiteLLMBackend(Backend):
             kwargs[key] = value
         kwargs.update(
             model=self.upstream_model,
-            api_base=self.params.api_base,
-            api_key=self.params.api_key,
+            api_base=self.settings.api_base,
+            api_key=self.settings.api_key,
             timeout=self.timeout,
         )
         return kwargs

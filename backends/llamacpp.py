@@ -17,10 +17,10 @@ import aiohttp
 import structlog
 from pydantic import Field
 
-from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
+from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatSettings
 from wwwserve_gateway.config.schema import ModelEntry
 from wwwserve_gateway.model_store import ModelStoreError, find_model, models_dir, pull
-from wwwserve_gateway.plugin_api.backend import BackendContext, BackendLoad, BackendParams, Endpoint
+from wwwserve_gateway.plugin_api.backend import BackendContext, BackendLoad, BackendSettings, Endpoint
 from wwwserve_gateway.prom_text import gauge_values
 
 log = structlog.get_logger(__name__)
@@ -30,7 +30,7 @@ PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
 RUNNING, WAITING = "llamacpp:requests_processing", "llamacpp:requests_deferred"
 
 
-class LlamaCppParams(OpenAICompatParams):
+class LlamaCppSettings(OpenAICompatSettings):
     api_base: str | None = Field(  # type: ignore[assignment]
         None, description="URL of a running llama-server's /v1; unset runs an embedded server"
     )
@@ -51,34 +51,34 @@ class LlamaCppParams(OpenAICompatParams):
 
 
 class LlamaCppBackend(OpenAICompatBackend):
-    Params = LlamaCppParams
-    params: LlamaCppParams
+    Settings = LlamaCppSettings
+    settings: LlamaCppSettings
     # llama.cpp closes the connection after each stream although its headers offer keep-alive.
     reuse_stream_connections = False
 
-    def __init__(self, entry: ModelEntry, params: BackendParams, ctx: BackendContext) -> None:
+    def __init__(self, entry: ModelEntry, settings: BackendSettings, ctx: BackendContext) -> None:
         self._server: EmbeddedServer | None = None
-        super().__init__(entry, params, ctx)
+        super().__init__(entry, settings, ctx)
         chat = frozenset({Endpoint.CHAT, Endpoint.COMPLETION})
-        self.endpoints = frozenset({Endpoint.EMBEDDING}) if self.params.embedding else chat
-        self._slots = self.params.n_parallel
+        self.endpoints = frozenset({Endpoint.EMBEDDING}) if self.settings.embedding else chat
+        self._slots = self.settings.n_parallel
         self._slots_known = False
 
     @property
     def base_url(self) -> str:
-        if self.params.api_base:
-            return self.params.api_base
+        if self.settings.api_base:
+            return self.settings.api_base
         return f"{self._server.url}/v1" if self._server and self._server.url else "http://127.0.0.1:0/v1"
 
     @property
     def upstream_model(self) -> str:
-        return self.model_name if self._server else self.params.upstream_model
+        return self.model_name if self._server else self.settings.upstream_model
 
     def _root(self) -> str:
         return re.sub(r"/v1/?$", "", self.base_url)
 
     async def start(self) -> None:
-        if self.params.api_base:
+        if self.settings.api_base:
             await super().start()
             return
         model = await asyncio.to_thread(self._model_file)
@@ -86,11 +86,11 @@ class LlamaCppBackend(OpenAICompatBackend):
         await self._server.start()
 
     def _model_file(self) -> Path:
-        name = self.params.model_path or self.params.upstream_model
+        name = self.settings.model_path or self.settings.upstream_model
         found = find_model(name, self.ctx.data_dir)
         if found is not None:
             return found
-        if self.params.model_path is None and self.params.auto_pull:
+        if self.settings.model_path is None and self.settings.auto_pull:
             try:
                 log.info("pulling model", model=name)
                 return pull(name, models_dir())  # shared by every node of this user
@@ -114,7 +114,7 @@ class LlamaCppBackend(OpenAICompatBackend):
 
     async def probe_load(self) -> BackendLoad | None:
         try:
-            if self.params.api_base and self._slots_known is False:
+            if self.settings.api_base and self._slots_known is False:
                 # An external server's slot count is its own setting, not ours: ask it once.
                 async with self.session().get(f"{self._root()}/props", timeout=PROBE_TIMEOUT) as resp:
                     props = await resp.json() if resp.status == 200 else {}
@@ -153,9 +153,12 @@ class EmbeddedServer:
         self._stopping = False
 
     def _command(self) -> list[str]:
-        p = self.backend.params
+        p = self.backend.settings
         cmd = [
             sys.executable,
+            # -P: the working directory stays off sys.path, so a source checkout there cannot
+            # shadow the installed package (whose backends/ lives inside wwwserve_gateway).
+            "-P",
             "-m",
             "wwwserve_gateway.backends.llamacpp_server",
             "--model",
@@ -192,7 +195,7 @@ class EmbeddedServer:
                 stderr=log_file,
             )
         assert self._proc.stdout is not None
-        timeout = self.backend.params.startup_timeout
+        timeout = self.backend.settings.startup_timeout
         try:
             line = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
         except TimeoutError:

@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 from pydantic import Field
 
-from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
+from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatSettings
 from wwwserve_gateway.plugin_api.backend import BackendLoad
 
 DEFAULT_ROOT = "http://127.0.0.1:11434"
@@ -31,7 +31,7 @@ DEFAULT_ROOT = "http://127.0.0.1:11434"
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
-class OllamaParams(OpenAICompatParams):
+class OllamaSettings(OpenAICompatSettings):
     api_base: str = Field(
         DEFAULT_ROOT,
         description="Ollama's root URL, e.g. http://127.0.0.1:11434 (a trailing /v1 is accepted)",
@@ -61,14 +61,14 @@ def loaded_models(data: Any) -> set[str] | None:
 
 
 class OllamaBackend(OpenAICompatBackend):
-    Params = OllamaParams
-    params: OllamaParams
+    Settings = OllamaSettings
+    settings: OllamaSettings
 
     loaded: bool | None = None  # whether /api/ps lists the upstream model; None until a probe succeeds
 
     @property
     def root(self) -> str:
-        return ollama_root(self.params.api_base)
+        return ollama_root(self.settings.api_base)
 
     @property
     def base_url(self) -> str:

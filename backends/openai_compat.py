@@ -26,7 +26,7 @@ from wwwserve_gateway.plugin_api.backend import (
     Backend,
     BackendContext,
     BackendLoad,
-    BackendParams,
+    BackendSettings,
     Endpoint,
     JSONReply,
     SSEStream,
@@ -36,7 +36,7 @@ from wwwserve_gateway.plugin_api.backend import (
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-class OpenAICompatParams(BackendParams):
+class OpenAICompatSettings(BackendSettings):
     api_base: str = Field("https://api.openai.com/v1", description="base URL ending in /v1")
     inject_stream_usage: bool = Field(
         True,
@@ -47,14 +47,14 @@ class OpenAICompatParams(BackendParams):
 
 
 class OpenAICompatBackend(Backend):
-    Params = OpenAICompatParams
-    params: OpenAICompatParams
+    Settings = OpenAICompatSettings
+    settings: OpenAICompatSettings
     # False for servers that close the connection after a stream while offering keep-alive: aiohttp
     # would pool it as soon as the body ends, and the next request on it fails.
     reuse_stream_connections: ClassVar[bool] = True
 
-    def __init__(self, entry: ModelEntry, params: BackendParams, ctx: BackendContext) -> None:
-        super().__init__(entry, params, ctx)
+    def __init__(self, entry: ModelEntry, settings: BackendSettings, ctx: BackendContext) -> None:
+        super().__init__(entry, settings, ctx)
         self._session: aiohttp.ClientSession | None = None
         self._fresh_session: aiohttp.ClientSession | None = None
         self._urls = {e: self.url(e.value) for e in Endpoint}
@@ -64,7 +64,7 @@ class OpenAICompatBackend(Backend):
 
     @property
     def base_url(self) -> str:
-        return self.params.api_base or OpenAICompatParams.model_fields["api_base"].default
+        return self.settings.api_base or OpenAICompatSettings.model_fields["api_base"].default
 
     def session(self, *, fresh: bool = False) -> aiohttp.ClientSession:
         """The pooled session, or with `fresh` one that opens a new connection per request."""
@@ -77,11 +77,11 @@ class OpenAICompatBackend(Backend):
         return self._session
 
     def _new_session(self, *, force_close: bool) -> aiohttp.ClientSession:
-        headers = dict(self.params.extra_headers)
-        if self.params.api_key:
-            headers["Authorization"] = f"Bearer {self.params.api_key}"
+        headers = dict(self.settings.extra_headers)
+        if self.settings.api_key:
+            headers["Authorization"] = f"Bearer {self.settings.api_key}"
         keepalive = {"force_close": True} if force_close else {"keepalive_timeout": 60}
-        connector = aiohttp.TCPConnector(limit=self.params.max_connections, **keepalive)
+        connector = aiohttp.TCPConnector(limit=self.settings.max_connections, **keepalive)
         return aiohttp.ClientSession(
             connector=connector,
             headers=headers,
@@ -151,7 +151,7 @@ class OpenAICompatBackend(Backend):
 
     async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> SSEStream:
         hide_usage = False
-        if self.params.inject_stream_usage and endpoint is not Endpoint.EMBEDDING:
+        if self.settings.inject_stream_usage and endpoint is not Endpoint.EMBEDDING:
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
                 body["stream_options"] = {**(options or {}), "include_usage": True}
@@ -173,7 +173,7 @@ class PassThroughSSE(SSEStream):
 
     def __init__(self, resp: aiohttp.ClientResponse, *, hide_usage: bool, backend_id: str, timeout: float):
         self._resp = resp
-        self._cutter = SSECutter(hide_usage=hide_usage)
+        self._cutter = SSECutter(Usage.from_dict, hide_usage=hide_usage)
         self._backend_id = backend_id
         self._timeout = timeout
         self._finished = False

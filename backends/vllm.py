@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import aiohttp
 from pydantic import Field
 
-from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatParams
+from wwwserve_gateway.backends.openai_compat import OpenAICompatBackend, OpenAICompatSettings
 from wwwserve_gateway.plugin_api.backend import BackendLoad
 from wwwserve_gateway.prom_text import gauge_values
 
@@ -34,17 +34,17 @@ from wwwserve_gateway.prom_text import gauge_values
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
-class MetricsProbeParams(OpenAICompatParams):
+class MetricsProbeSettings(OpenAICompatSettings):
     metrics_url: str | None = Field(
         None, description="the server's Prometheus endpoint (default: api_base without /v1, plus /metrics)"
     )
 
 
-class VLLMParams(MetricsProbeParams):
+class VLLMSettings(MetricsProbeSettings):
     api_base: str = Field("http://127.0.0.1:8000/v1", description="the vLLM server's base URL, ending in /v1")
 
 
-class SGLangParams(MetricsProbeParams):
+class SGLangSettings(MetricsProbeSettings):
     api_base: str = Field(
         "http://127.0.0.1:30000/v1", description="the SGLang server's base URL, ending in /v1"
     )
@@ -53,8 +53,8 @@ class SGLangParams(MetricsProbeParams):
 class MetricsProbedBackend(OpenAICompatBackend):
     """A pass-through whose load comes from three Prometheus gauges named by the subclass."""
 
-    Params = MetricsProbeParams
-    params: MetricsProbeParams
+    Settings = MetricsProbeSettings
+    settings: MetricsProbeSettings
     continuation_params: ClassVar[dict[str, Any]] = {
         "continue_final_message": True,
         "add_generation_prompt": False,
@@ -66,8 +66,8 @@ class MetricsProbedBackend(OpenAICompatBackend):
 
     @property
     def metrics_url(self) -> str:
-        if self.params.metrics_url:
-            return self.params.metrics_url
+        if self.settings.metrics_url:
+            return self.settings.metrics_url
         return re.sub(r"/v1/?$", "", self.base_url.rstrip("/")) + "/metrics"
 
     async def probe_load(self) -> BackendLoad | None:
@@ -87,16 +87,16 @@ class MetricsProbedBackend(OpenAICompatBackend):
 
 
 class VLLMBackend(MetricsProbedBackend):
-    Params = VLLMParams
-    params: VLLMParams
+    Settings = VLLMSettings
+    settings: VLLMSettings
     running_metric = "vllm:num_requests_running"
     waiting_metric = "vllm:num_requests_waiting"
     usage_metrics = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 
 
 class SGLangBackend(MetricsProbedBackend):
-    Params = SGLangParams
-    params: SGLangParams
+    Settings = SGLangSettings
+    settings: SGLangSettings
     running_metric = "sglang:num_running_reqs"
     waiting_metric = "sglang:num_queue_reqs"
     usage_metrics = ("sglang:token_usage",)

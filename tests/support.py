@@ -38,7 +38,11 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
 class NodeProcess:
     """`wwwserve node` in a subprocess, with a config written from a dict."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, name: str = "node") -> None:
+    def __init__(
+        self, config: dict[str, Any], workdir: Path, name: str = "node", command: list[str] | None = None
+    ) -> None:
+        # What runs it, ending in `--config`: this interpreter's package, unless told otherwise.
+        self.command = command or [sys.executable, "-m", "wwwserve_gateway", "node", "--config"]
         self.port = config.setdefault("node", {}).setdefault("port", free_port())
         config["node"].setdefault("host", "127.0.0.1")
         config["node"].setdefault("data_dir", str(workdir / f"{name}-data"))
@@ -56,7 +60,7 @@ class NodeProcess:
         self.started_at = time.monotonic()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "wwwserve_gateway", "node", "--config", str(self.config_path)],
+                [*self.command, str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=os.environ.copy(),

@@ -11,13 +11,15 @@ import yaml
 
 from wwwserve_gateway.config.loading import load_config, parse_config
 from wwwserve_gateway.config.problems import ConfigError
+from wwwserve_gateway.plugin_api.loading import check_plugins
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def problems(raw: dict) -> list[str]:
+    """Every problem a node would refuse the config for: its own sections' and its plugins'."""
     with pytest.raises(ConfigError) as info:
-        parse_config(raw)
+        parse_config(raw, checks=(check_plugins,))
     return [str(p) for p in info.value.problems]
 
 

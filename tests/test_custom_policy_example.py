@@ -17,10 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.fakes.plugins import FakeLedger, build, node_api
 from tests.support import REPO, NodeProcess, wait_until
 from wwwserve_gateway.network.genesis import GossipParams, NetworkGenesis, write_genesis
-from wwwserve_gateway.plugin_api import POLICY_GROUP, Decision, Policy, RequestInfo
-from wwwserve_gateway.plugin_api.loading import load_entry_point
+from wwwserve_gateway.plugin_api import POLICY, Account, Decision, Policy, RequestInfo
+from wwwserve_gateway.plugin_api.loading import plugin_class
 
 EXAMPLE = REPO / "examples" / "custom_policy"
 
@@ -42,19 +43,6 @@ from wwwserve_custom_policy import QuotaPolicy  # noqa: E402
 NODE_ID = "ab" * 32
 
 
-class FakeLedger:
-    def __init__(self, bonded: float = 0.0) -> None:
-        self.bonded = bonded
-        self.appended: list[tuple[str, dict[str, Any]]] = []
-
-    def account(self, node_id: str) -> dict[str, Any]:
-        assert node_id == NODE_ID
-        return {"liquid": 1000.0, "bonded": self.bonded, "unbonding": 0.0, "barred": False}
-
-    async def append_own(self, kind: str, body: dict[str, Any]) -> None:
-        self.appended.append((kind, body))
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -64,12 +52,9 @@ class Clock:
 
 
 def make_policy(ledger: FakeLedger | None = None, models: tuple[str, ...] = ("m",), **settings: Any):
-    node = SimpleNamespace(
-        identity=SimpleNamespace(node_id=NODE_ID),
-        backends=[SimpleNamespace(model_name=m) for m in models],
-        ledger=ledger,
-    )
-    policy = QuotaPolicy(node, settings)  # type: ignore[arg-type]
+    backends = [SimpleNamespace(model_name=m) for m in models]
+    node = node_api(node_id=NODE_ID, backends=backends, ledger=ledger)
+    policy = build(QuotaPolicy, node, **settings)
     clock = Clock()
     policy.clock = clock
     return policy, clock
@@ -89,26 +74,26 @@ def peer_request(model: str = "m") -> RequestInfo:
 
 
 def test_entry_point_resolves_to_the_class() -> None:
-    cls = load_entry_point(POLICY_GROUP, "quota")
+    cls = plugin_class(POLICY, "quota")
     assert cls is QuotaPolicy
     assert issubclass(cls, Policy)
-    assert load_entry_point(POLICY_GROUP, "wwwserve_custom_policy:QuotaPolicy") is QuotaPolicy
+    assert plugin_class(POLICY, "wwwserve_custom_policy:QuotaPolicy") is QuotaPolicy
 
 
 @pytest.mark.parametrize(
     ("settings", "named"),
     [
-        ({}, "requests_per_minute: required"),
+        ({}, "requests_per_minute: required key is missing"),
         ({"requests_per_minute": "5"}, "requests_per_minute"),
         ({"requests_per_minute": 0}, "requests_per_minute"),
         ({"requests_per_minute": 5, "window_s": 0}, "window_s"),
         ({"requests_per_minute": 5, "over_quota": "drop"}, "over_quota"),
         ({"requests_per_minute": 5, "bond": -1}, "bond"),
-        ({"requests_per_minute": 5, "rpm": 5}, "rpm: unknown setting (known: requests_per_minute"),
+        ({"requests_per_minute": 5, "rpm": 5}, "rpm: unknown key; allowed keys here: bond, over_quota"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(settings: dict[str, Any], named: str) -> None:
-    with pytest.raises(ValueError, match="quota policy settings") as info:
+    with pytest.raises(ValueError, match="settings") as info:
         make_policy(**settings)
     assert named in str(info.value)
 
@@ -179,16 +164,14 @@ def test_stake_is_offered_only_while_there_is_room() -> None:
 
 
 async def test_start_bonds_only_what_is_missing() -> None:
-    ledger = FakeLedger(bonded=30.0)
+    ledger = FakeLedger({NODE_ID: Account(1000.0, 30.0)}, owner=NODE_ID)
     policy, _ = make_policy(ledger, requests_per_minute=1, bond=100)
     await policy.start()
-    assert ledger.appended == [("bond", {"amount": 70})]
-    ledger = FakeLedger(bonded=100.0)
+    assert ledger.ops == [("bond", {"amount": 70})]
+    ledger = FakeLedger({NODE_ID: Account(1000.0, 100.0)}, owner=NODE_ID)
     policy, _ = make_policy(ledger, requests_per_minute=1, bond=100)
     await policy.start()
-    assert ledger.appended == []
-    policy, _ = make_policy(None, requests_per_minute=1, bond=100)
-    await policy.start()  # no ledger: nothing to do
+    assert ledger.ops == []
 
 
 # -- in a real node ------------------------------------------------------------------------------

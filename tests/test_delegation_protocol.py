@@ -282,7 +282,11 @@ class Net:
     def delegator(self, stall_timeout: float = 5.0) -> Delegator:
         router = SimpleNamespace(candidates=self.candidates)
         api = SimpleNamespace(
-            identity=self.entry.identity, overlay=self.entry.overlay, router=router, ledger=self.ledger
+            identity=self.entry.identity,
+            node_id=self.entry.identity.node_id,
+            overlay=self.entry.overlay,
+            router=router,
+            ledger=self.ledger,
         )
         return Delegator(api, self.metrics, stall_timeout)  # type: ignore[arg-type]
 

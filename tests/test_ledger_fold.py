@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from wwwserve_gateway.network.canonical import canonical
 from wwwserve_gateway.network.genesis import LedgerParams
 from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.plugin_api import Account
 from wwwserve_gateway.plugins.ledger.fold import Balances, NeedsRefold, fold
 from wwwserve_gateway.plugins.ledger.ops import InvalidOperation, Operation, parse_op, sign_op
 from wwwserve_gateway.plugins.ledger.rules import (
@@ -342,10 +343,10 @@ def test_unbonding_matures_after_the_delay() -> None:
     a.append("unbond", {"amount": 10}, 1000)
     a.append("unbond", {"amount": 1000}, 1001)  # more than bonded: only the 30 bonded unbond
     balances = fold(a.ops, PARAMS)
-    assert balances.account(a.id, 1050) == {"liquid": 60.0, "bonded": 0.0, "unbonding": 40.0, "barred": False}
-    assert balances.account(a.id, 1100)["liquid"] == 70.0
-    assert balances.account(a.id, 1101) == {"liquid": 100.0, "bonded": 0.0, "unbonding": 0.0, "barred": False}
-    assert balances.account(a.id)["unbonding"] == 40.0  # no `now`: nothing has matured
+    assert balances.account(a.id, 1050) == Account(60.0, 0.0, 40.0, False)
+    assert balances.account(a.id, 1100).liquid == 70.0
+    assert balances.account(a.id, 1101) == Account(100.0, 0.0, 0.0, False)
+    assert balances.account(a.id).unbonding == 40.0  # no `now`: nothing has matured
 
 
 def test_negative_balance_blocks_delegation() -> None:
@@ -355,7 +356,7 @@ def test_negative_balance_blocks_delegation() -> None:
     receipts = [receipt(x.identity, e.id, h(f"q{i}")) for i in range(3)]  # 3 x 0.509 credits
     e.append("pay", pay_body(x.identity, receipts), 2)
     balances = fold(all_ops(e, x), PARAMS)
-    assert balances.account(e.id)["liquid"] == pytest.approx(1 - 3 * 0.509)
+    assert balances.account(e.id).liquid == pytest.approx(1 - 3 * 0.509)
     assert not balances.can_delegate(e.id)
     assert balances.can_delegate(x.id)
 
@@ -380,13 +381,13 @@ def test_fraud_slashes_and_bars_and_voids_the_forked_suffix() -> None:
     c.append("bond", {"amount": 5}, 4)
     r.append("fraud", fraud_body(c, 4), 5)
     balances = fold(all_ops(c, r), PARAMS)
-    assert balances.account(c.id, 10) == {"liquid": 50.0, "bonded": 0.0, "unbonding": 0.0, "barred": True}
+    assert balances.account(c.id, 10) == Account(50.0, 0.0, 0.0, True)
     assert balances.is_barred(c.id) and not balances.can_delegate(c.id)
     assert not balances.is_barred(r.id)
     # A second proof (an earlier fork, by the culprit itself) bars from the earlier seq, slashes once.
     c.append("fraud", fraud_body(c, 2), 6)
     balances = fold(all_ops(c, r), PARAMS)
-    assert balances.account(c.id, 10) == {"liquid": 100.0, "bonded": 0.0, "unbonding": 0.0, "barred": True}
+    assert balances.account(c.id, 10) == Account(100.0, 0.0, 0.0, True)
 
 
 def test_partial_fraud_slash_spares_matured_unbonding() -> None:
@@ -398,7 +399,7 @@ def test_partial_fraud_slash_spares_matured_unbonding() -> None:
     c.append("bond", {"amount": 1}, 210, params)  # seq 5, the forked one: void
     r.append("fraud", fraud_body(c, 5), 250, params)
     view = fold(all_ops(c, r), params).account(c.id, 1000)
-    assert view == {"liquid": 50.0 + 10 + 10, "bonded": 10.0, "unbonding": 0.0, "barred": True}
+    assert view == Account(50.0 + 10 + 10, 10.0, 0.0, True)
 
 
 def test_duel_moves_stake_to_the_winner_and_from_minority_judges() -> None:
@@ -454,7 +455,7 @@ def test_clock_running_backwards_keeps_chain_order() -> None:
     (a,) = joined(IDS[0], ts=100)
     a.append("bond", {"amount": 100}, 50)  # earlier ts than the join: still folded after it
     a.append("unbond", {"amount": 100}, 10)
-    assert fold(reversed(a.ops), PARAMS).account(a.id, 200)["liquid"] == 100
+    assert fold(reversed(a.ops), PARAMS).account(a.id, 200).liquid == 100
 
 
 # -- compact (countersigned) payments ------------------------------------------------------------

@@ -24,9 +24,9 @@ from wwwserve_gateway.network.genesis import LedgerParams, NetworkGenesis
 from wwwserve_gateway.network.identity import NodeIdentity
 from wwwserve_gateway.network.receipts import InvalidReceipt, sign_receipt
 from wwwserve_gateway.overlay.overlay import Overlay
-from wwwserve_gateway.plugin_api import NodeAPI
+from wwwserve_gateway.plugin_api import NodeAPI, PluginSettings
 from wwwserve_gateway.plugins.gossip.swim import SwimGossip
-from wwwserve_gateway.plugins.ledger.chains import ChainLedger
+from wwwserve_gateway.plugins.ledger.chains import ChainLedger, ChainSettings
 from wwwserve_gateway.plugins.ledger.fold import Balances
 from wwwserve_gateway.plugins.ledger.ops import Operation
 from wwwserve_gateway.plugins.ledger.rules import MICRO, payment_amount, price_micro, receipt_key
@@ -88,7 +88,7 @@ def node_api(identity: NodeIdentity, net: NetworkGenesis, data_dir: Path) -> Nod
         bootstrap=(),
         data_dir=data_dir,
     )
-    api.gossip = SwimGossip(api, {})
+    api.bind(gossip=SwimGossip(api, PluginSettings()))
     return api
 
 
@@ -145,7 +145,7 @@ class Ledgers:
         self.open: list[ChainLedger] = []
 
     async def start(self, net: NetworkGenesis) -> ChainLedger:
-        ledger = ChainLedger(node_api(self.me, net, self.data_dir), {"database_url": self.url})
+        ledger = ChainLedger(node_api(self.me, net, self.data_dir), ChainSettings(database_url=self.url))
         self.open.append(ledger)
         await ledger.start()
         return ledger
@@ -217,10 +217,10 @@ async def test_batches_by_count_one_payment_per_executor(ledgers: Ledgers) -> No
         # Balances folded from the database: the entry paid each executor its receipts' price.
         folded = Balances.fold(list(store.all_ops()), net.ledger)
         total = sum(price(r) for r in receipts)
-        assert folded.account(me)["liquid"] == pytest.approx(1000 - total, abs=1e-6)
+        assert folded.account(me).liquid == pytest.approx(1000 - total, abs=1e-6)
         for executor in EXECUTORS:
             earned = sum(price(r) for r in receipts if r["body"]["id"] == executor.node_id)
-            assert folded.account(executor.node_id)["liquid"] == pytest.approx(earned, abs=1e-6)
+            assert folded.account(executor.node_id).liquid == pytest.approx(earned, abs=1e-6)
     finally:
         store.close()
 
@@ -270,7 +270,7 @@ async def test_pending_debts_survive_a_crash_and_are_paid_once(ledgers: Ledgers)
     assert paid_keys(ops) == Counter(receipt_key(r["body"]) for r in receipts)
     assert second.pending_receipts == 0 and second.store.pending(me) == []
     assert second.payments == 5
-    assert second.account(me)["liquid"] == pytest.approx(1000 - sum(price(r) for r in receipts), abs=1e-6)
+    assert second.account(me).liquid == pytest.approx(1000 - sum(price(r) for r in receipts), abs=1e-6)
     # The same receipts settled again (an app retrying after the crash) are not paid twice.
     for r in receipts:
         await second.settle(r)
@@ -334,20 +334,20 @@ async def test_can_delegate_counts_own_pending_debts(ledgers: Ledgers) -> None:
     for r in receipts[:3]:
         await ledger.settle(r)
     assert ledger.owed == pytest.approx(3 * 0.509)
-    assert ledger.account(me)["liquid"] == 2  # not paid yet
+    assert ledger.account(me).liquid == 2  # not paid yet
     assert ledger.can_delegate(me)  # 2 - 1.527 >= 0
     await ledger.settle(receipts[3])
-    assert ledger.account(me)["liquid"] == 2
+    assert ledger.account(me).liquid == 2
     assert not ledger.can_delegate(me)  # 2 - 2.036 < 0
     # Other nodes: their folded balance only (an executor that never joined holds 0).
     assert ledger.can_delegate(EXECUTORS[0].node_id)
     await ledgers.stop(ledger)
 
     again = await ledgers.start(net)
-    assert again.account(me)["liquid"] == pytest.approx(2 - 4 * 0.509, abs=1e-6)
+    assert again.account(me).liquid == pytest.approx(2 - 4 * 0.509, abs=1e-6)
     assert not again.can_delegate(me)
     assert again.can_delegate(EXECUTORS[0].node_id)
-    assert again.account(EXECUTORS[0].node_id)["liquid"] == pytest.approx(2 * 0.509, abs=1e-6)
+    assert again.account(EXECUTORS[0].node_id).liquid == pytest.approx(2 * 0.509, abs=1e-6)
     # The ledger's balances agree with a fold of what the database holds.
     now = time.time()
     folded = Balances.fold(list(again.store.all_ops()), net.ledger)
@@ -405,7 +405,7 @@ CRASH_SCRIPT = textwrap.dedent(
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout is for acks
     from tests.test_ledger_settle import genesis, node_api, receipt
     from wwwserve_gateway.network.identity import NodeIdentity
-    from wwwserve_gateway.plugins.ledger.chains import ChainLedger
+    from wwwserve_gateway.plugins.ledger.chains import ChainLedger, ChainSettings
 
     url, data_dir = sys.argv[1], Path(sys.argv[2])
     me = NodeIdentity.load_or_create(data_dir)
@@ -413,7 +413,7 @@ CRASH_SCRIPT = textwrap.dedent(
 
     async def main():
         # Small batches and a short window: payments run all the time, the kill lands anywhere.
-        ledger = ChainLedger(node_api(me, genesis(window=0.01, batch=3), data_dir), {"database_url": url})
+        ledger = ChainLedger(node_api(me, genesis(window=0.01, batch=3), data_dir), ChainSettings(database_url=url))
         await ledger.start()
         n = 0
         while True:
@@ -455,7 +455,7 @@ async def test_debts_acknowledged_before_sigkill_are_paid_exactly_once(url: str,
         await proc.wait()
 
     me = NodeIdentity.load_or_create(data_dir)
-    ledger = ChainLedger(node_api(me, net, data_dir), {"database_url": url})
+    ledger = ChainLedger(node_api(me, net, data_dir), ChainSettings(database_url=url))
     await ledger.start()  # pays what the kills left pending
     try:
         paid = paid_keys(pay_ops(ledger.store, me.node_id))

@@ -255,18 +255,18 @@ class Recorder:
         self.value = value
         self.seen: dict[str, dict[str, Any]] = {}
 
-    def local_digest(self) -> dict[str, Any]:
+    def local_state(self) -> dict[str, Any]:
         return {"head": self.value}
 
-    def merge_remote_digest(self, peer_id: str, digest: dict[str, Any]) -> None:
+    def merge_remote_state(self, peer_id: str, digest: dict[str, Any]) -> None:
         self.seen[peer_id] = digest
 
 
 class Broken:
-    def local_digest(self) -> dict[str, Any]:
+    def local_state(self) -> dict[str, Any]:
         raise RuntimeError("boom")
 
-    def merge_remote_digest(self, peer_id: str, digest: dict[str, Any]) -> None:
+    def merge_remote_state(self, peer_id: str, digest: dict[str, Any]) -> None:
         raise RuntimeError("boom")
 
 

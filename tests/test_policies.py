@@ -3,34 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from pydantic import Field
 
+from tests.fakes.plugins import ME, FakeLedger, build, node_api, peer_view
 from wwwserve_gateway.config.schema import ModelEntry
-from wwwserve_gateway.plugin_api import Decision, NodeAPI, PeerView, RequestInfo
-from wwwserve_gateway.plugin_api.backend import Backend, BackendContext, BackendLoad, BackendParams, JSONReply
-from wwwserve_gateway.plugins.policies.completion_time import CompletionTimePolicy, infer_slots
-from wwwserve_gateway.plugins.policies.frequency import (
-    FrequencyPolicy,
-    backend_capacity,
-    backend_usage,
-    ensure_bond,
+from wwwserve_gateway.plugin_api import Account, Decision, PeerState, PeerView, RequestInfo
+from wwwserve_gateway.plugin_api.backend import (
+    Backend,
+    BackendContext,
+    BackendLoad,
+    BackendSettings,
+    JSONReply,
 )
+from wwwserve_gateway.plugins.policies.base import backend_capacity, backend_usage, ensure_bond
+from wwwserve_gateway.plugins.policies.completion_time import CompletionTimePolicy, infer_slots
+from wwwserve_gateway.plugins.policies.frequency import FrequencyPolicy
 
-ME = "me" * 16
 APP = RequestInfo(id="a" * 32, model="m", endpoint="chat/completions", stream=False, route=())
 PEER_REQ = RequestInfo(id="b" * 32, model="m", endpoint="chat/completions", stream=False, route=("p" * 32,))
 
 
-class SlotParams(BackendParams):
+class SlotSettings(BackendSettings):
     n_parallel: int | None = Field(1, gt=0)
 
 
 class FakeBackend(Backend):
-    Params = SlotParams
+    Settings = SlotSettings
 
     async def complete(self, endpoint: Any, body: dict[str, Any]) -> JSONReply:
         raise NotImplementedError
@@ -46,7 +47,7 @@ def backend(
     n_parallel: int | None = 1,
 ) -> FakeBackend:
     entry = ModelEntry(model_name=model, litellm_params={"model": f"fake/{model}"})
-    params = SlotParams(model=f"fake/{model}", max_parallel_requests=parallel, n_parallel=n_parallel)
+    params = SlotSettings(model=f"fake/{model}", max_parallel_requests=parallel, n_parallel=n_parallel)
     made = FakeBackend(entry, params, BackendContext(data_dir=Path("."), request_timeout=10.0))
     made.state.in_flight = in_flight
     made.state.load = load
@@ -55,30 +56,8 @@ def backend(
     return made
 
 
-class FakeLedger:
-    def __init__(self, liquid: float = 1000.0, bonded: float = 100.0, can_delegate: bool = True) -> None:
-        self.liquid, self.bonded, self.delegate = liquid, bonded, can_delegate
-        self.ops: list[tuple[str, dict[str, Any]]] = []
-
-    def account(self, node_id: str) -> dict[str, Any]:
-        assert node_id == ME
-        return {"liquid": self.liquid, "bonded": self.bonded, "unbonding": 0.0, "barred": False}
-
-    def can_delegate(self, node_id: str) -> bool:
-        return self.delegate
-
-    async def append_own(self, kind: str, body: dict[str, Any]) -> Any:
-        self.ops.append((kind, body))
-        self.liquid -= body["amount"]
-        self.bonded += body["amount"]
-
-
-class FakeGossip:
-    def __init__(self, peers: list[PeerView] | None = None) -> None:
-        self.list = peers or []
-
-    def peers(self) -> list[PeerView]:
-        return self.list
+def ledger(liquid: float = 1000.0, bonded: float = 100.0, can_delegate: bool = True) -> FakeLedger:
+    return FakeLedger({ME: Account(liquid, bonded)}, delegate=can_delegate)
 
 
 def peer(
@@ -88,42 +67,28 @@ def peer(
     waiting: int = 0,
     usage: float = 0.0,
     model: str = "m",
-    state: str = "alive",
+    state: PeerState = PeerState.ALIVE,
     stake: float = 10.0,
 ) -> PeerView:
-    record = {
-        "models": [{"name": model}],
-        "load": {"running": running, "waiting": waiting, "usage": usage},
-        "stake": stake,
-    }
-    return PeerView(pid, f"http://{pid}", state, 1, 1, 0.0, record)
+    load = {"running": running, "waiting": waiting, "usage": usage}
+    return peer_view(pid, state=state, models=[{"name": model}], load=load, stake=stake)
 
 
-def make_node(backends: list[Backend], ledger: FakeLedger | None = None, peers: list[PeerView] | None = None):
-    node = NodeAPI(
-        identity=SimpleNamespace(node_id=ME),  # type: ignore[arg-type]
-        genesis=None,  # type: ignore[arg-type]
-        overlay=None,  # type: ignore[arg-type]
-        backends=backends,  # type: ignore[arg-type]
-        metrics=None,  # type: ignore[arg-type]
-        public_url="http://me",
-        bootstrap=(),
-        data_dir=Path("."),
-    )
-    node.ledger = FakeLedger() if ledger is None else ledger  # type: ignore[assignment]
-    node.gossip = FakeGossip(peers)  # type: ignore[assignment]
-    return node
+def make_node(
+    backends: list[Backend], fake_ledger: FakeLedger | None = None, peers: list[PeerView] | None = None
+):
+    return node_api(backends=backends, ledger=fake_ledger or ledger(), peers=peers or [])
 
 
 def frequency(
     backends: list[Backend],
-    ledger: FakeLedger | None = None,
+    fake_ledger: FakeLedger | None = None,
     peers: list[PeerView] | None = None,
     **settings: Any,
 ) -> FrequencyPolicy:
     """A frequency policy on a node with, by default, one alive staked peer serving "m"."""
     peers = [peer("p" * 64)] if peers is None else peers
-    return FrequencyPolicy(make_node(backends, ledger, peers), {"seed": 7, **settings})
+    return build(FrequencyPolicy, make_node(backends, fake_ledger, peers), **{"seed": 7, **settings})
 
 
 BUSY = BackendLoad(running=1, waiting=0, usage=0.9)
@@ -156,20 +121,21 @@ def test_capacity_and_usage_take_the_quicker_signal() -> None:
     ],
 )
 def test_frequency_settings_errors_name_the_key(settings: dict[str, Any], key: str) -> None:
-    with pytest.raises(ValueError, match=f"'{key}'") as caught:
-        FrequencyPolicy(make_node([]), settings)
-    assert "frequency" in str(caught.value)
+    with pytest.raises(ValueError, match=rf"settings\.{key}: "):
+        build(FrequencyPolicy, make_node([]), **settings)
 
 
 def test_unknown_setting_lists_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"remove it .*offload_frequency"):
-        FrequencyPolicy(make_node([]), {"offload_frequncy": 0.5})
+    with pytest.raises(
+        ValueError, match=r"did you mean 'offload_frequency'\? allowed keys here: .*queue_frequency"
+    ):
+        build(FrequencyPolicy, make_node([]), offload_frequncy=0.5)
 
 
 @pytest.mark.parametrize(("settings", "key"), [({"margin": -1}, "margin"), ({"service_s": 0}, "service_s")])
 def test_completion_time_settings_errors_name_the_key(settings: dict[str, Any], key: str) -> None:
-    with pytest.raises(ValueError, match=f"policy 'completion_time': setting '{key}'"):
-        CompletionTimePolicy(make_node([]), settings)
+    with pytest.raises(ValueError, match=rf"settings\.{key}: "):
+        build(CompletionTimePolicy, make_node([]), **settings)
 
 
 def test_settings_accept_target_mapping_and_never_local() -> None:
@@ -216,7 +182,7 @@ def test_decide_busy_branches() -> None:
 
 
 def test_decide_never_delegates_without_credit_or_when_not_buying() -> None:
-    broke = FakeLedger(can_delegate=False)
+    broke = ledger(can_delegate=False)
     policy = frequency([backend(load=BUSY)], broke, offload_frequency=1.0, queue_frequency=1.0)
     assert policy.decide(APP) is Decision.LOCAL
     policy = frequency([backend(load=BUSY)], offload_frequency=1.0, queue_frequency=0.0, buy_models=["x"])
@@ -228,7 +194,7 @@ def test_decide_without_a_ready_local_backend() -> None:
     assert frequency([backend(ready=False)]).decide(APP) is Decision.DELEGATE
     assert frequency([backend("other")]).decide(APP) is Decision.DELEGATE
     assert frequency([], buy_models=[]).decide(APP) is Decision.REJECT
-    assert frequency([], FakeLedger(can_delegate=False)).decide(APP) is Decision.REJECT
+    assert frequency([], ledger(can_delegate=False)).decide(APP) is Decision.REJECT
 
 
 def test_decide_target_minus_one_never_serves_locally() -> None:
@@ -282,7 +248,7 @@ def test_accept_declines_busy_queueing_or_unshared() -> None:
 def test_accept_relays_onward() -> None:
     policy = frequency([backend(load=BUSY)], accept_frequency=1.0, relay_frequency=1.0)
     assert policy.accept(PEER_REQ) is Decision.DELEGATE
-    policy = frequency([backend(load=BUSY)], FakeLedger(can_delegate=False), relay_frequency=1.0)
+    policy = frequency([backend(load=BUSY)], ledger(can_delegate=False), relay_frequency=1.0)
     assert policy.accept(PEER_REQ) is Decision.REJECT
 
 
@@ -321,7 +287,7 @@ def test_stake_score_averages_usage_and_target() -> None:
 
 def test_advertised_stake_moves_at_most_half_the_bond_per_call() -> None:
     idle = backend()
-    policy = frequency([idle], FakeLedger(bonded=100))
+    policy = frequency([idle], ledger(bonded=100))
     assert policy.advertised_stake() == 50
     assert policy.advertised_stake() == 100
     assert policy.advertised_stake() == 100
@@ -334,43 +300,40 @@ def test_advertised_stake_moves_at_most_half_the_bond_per_call() -> None:
 
 
 def test_advertised_stake_never_exceeds_bonded() -> None:
-    ledger = FakeLedger(bonded=100)
-    policy = frequency([backend()], ledger)
+    fake = ledger(bonded=100)
+    policy = frequency([backend()], fake)
     policy.advertised_stake()
     policy.advertised_stake()
-    ledger.bonded = 20  # slashed
+    fake.accounts[ME] = Account(1000, 20)  # slashed
     assert policy.advertised_stake() == 20
-    no_ledger = frequency([backend()])
-    no_ledger.node.ledger = None
-    assert no_ledger.advertised_stake() == 0
 
 
 # -- bonding -------------------------------------------------------------------------------------
 
 
 async def test_start_bonds_what_is_missing() -> None:
-    ledger = FakeLedger(liquid=1000, bonded=30)
-    await frequency([], ledger, bond=100).start()
-    assert ledger.ops == [("bond", {"amount": 70})]
-    await frequency([], ledger, bond=100).start()  # already bonded: nothing more
-    assert len(ledger.ops) == 1
+    fake = ledger(liquid=1000, bonded=30)
+    await frequency([], fake, bond=100).start()
+    assert fake.ops == [("bond", {"amount": 70})]
+    await frequency([], fake, bond=100).start()  # already bonded: nothing more
+    assert len(fake.ops) == 1
 
 
 async def test_start_bonds_only_what_liquid_allows() -> None:
-    ledger = FakeLedger(liquid=40.5, bonded=0)
-    await CompletionTimePolicy(make_node([], ledger), {"bond": 100}).start()
-    assert ledger.ops == [("bond", {"amount": 40})]
-    broke = FakeLedger(liquid=0, bonded=0)
+    fake = ledger(liquid=40.5, bonded=0)
+    await build(CompletionTimePolicy, make_node([], fake), bond=100).start()
+    assert fake.ops == [("bond", {"amount": 40})]
+    broke = ledger(liquid=0, bonded=0)
     await frequency([], broke).start()
     assert broke.ops == []
-    assert await ensure_bond(make_node([], FakeLedger()), 0) == 0
+    assert await ensure_bond(make_node([], ledger()), 0) == 0
 
 
 # -- completion time -----------------------------------------------------------------------------
 
 
 def completion(backends: list[Backend], peers: list[PeerView], **settings: Any) -> CompletionTimePolicy:
-    return CompletionTimePolicy(make_node(backends, peers=peers), settings)
+    return build(CompletionTimePolicy, make_node(backends, peers=peers), **settings)
 
 
 def test_infer_slots() -> None:

@@ -7,15 +7,15 @@ import math
 import random
 from collections import Counter
 from collections.abc import Mapping
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pytest
 
+from tests.fakes.plugins import FakeLedger, build, node_api, peer_view
 from wwwserve_gateway.network.identity import NodeIdentity
-from wwwserve_gateway.plugin_api import ROUTER_GROUP, NodeAPI, PeerView, RequestInfo, RouterPlugin
-from wwwserve_gateway.plugin_api.loading import load_entry_point
+from wwwserve_gateway.plugin_api import ROUTER, Account, PeerState, PeerView, RequestInfo, Router
+from wwwserve_gateway.plugin_api.loading import plugin_class
 from wwwserve_gateway.plugins.routers.pos import StakeRouter, weighted_order
 
 MODEL = "smollm2"
@@ -25,33 +25,18 @@ MODEL = "smollm2"
 CHI2_999 = {2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515}
 
 
-class FakeGossip:
-    def __init__(self, peers: list[PeerView]) -> None:
-        self._peers = peers
-
-    def peers(self) -> list[PeerView]:
-        return list(self._peers)
-
-
-class FakeLedger:
-    def __init__(self, bonded: Mapping[str, float], barred: frozenset[str] = frozenset()) -> None:
-        self.bonded = dict(bonded)
-        self.barred = barred
-
-    def account(self, node_id: str) -> dict[str, Any]:
-        barred = node_id in self.barred
-        return {"liquid": 0.0, "bonded": self.bonded.get(node_id, 0.0), "unbonding": 0.0, "barred": barred}
-
-    def can_delegate(self, node_id: str) -> bool:
-        return node_id not in self.barred
-
-
 def peer(
-    node_id: str, stake: Any = 1.0, models: Any = None, state: str = "alive", record: Any = None
+    node_id: str,
+    stake: Any = 1.0,
+    models: Any = None,
+    state: PeerState = PeerState.ALIVE,
+    record: Any = None,
 ) -> PeerView:
     if record is None:
         record = {"models": [{"name": MODEL}] if models is None else models, "stake": stake}
-    return PeerView(node_id, f"http://{node_id}", state, 1, 1, 0.0, record)
+    if not isinstance(record, dict):  # a record that is not even a mapping reads as an empty one
+        record = {}
+    return peer_view(node_id, record, state=state)
 
 
 def make_router(
@@ -63,13 +48,12 @@ def make_router(
 ) -> StakeRouter:
     """A router over `peers`; the ledger bonds each peer's advertised stake unless `bonded` says."""
     if bonded is None:
-        bonded = {p.id: p.record["stake"] for p in peers if isinstance(p.record.get("stake"), int | float)}
-    node = SimpleNamespace(
-        identity=identity or NodeIdentity.generate(),
-        gossip=FakeGossip(peers),
-        ledger=FakeLedger(bonded, barred),
-    )
-    return StakeRouter(cast(NodeAPI, node), settings)
+        bonded = {p.id: p.stake for p in peers}
+    accounts = {n: Account(bonded=b) for n, b in bonded.items()}
+    accounts.update({n: Account(bonded=bonded.get(n, 0.0), barred=True) for n in barred})
+    identity = identity or NodeIdentity.generate()
+    node = node_api(identity=identity, peers=peers, ledger=FakeLedger(accounts, owner=identity.node_id))
+    return build(StakeRouter, node, **settings)
 
 
 def request(route: tuple[str, ...] = ()) -> RequestInfo:
@@ -157,9 +141,9 @@ def test_filters() -> None:
         peer("good", 5),
         peer("capped", 1000),  # advertises more than it has bonded
         peer("under", 3),  # advertises less than it has bonded
-        peer("suspect", 5, state="suspect"),
-        peer("dead", 5, state="dead"),
-        peer("left", 5, state="left"),
+        peer("suspect", 5, state=PeerState.SUSPECT),
+        peer("dead", 5, state=PeerState.DEAD),
+        peer("left", 5, state=PeerState.LEFT),
         peer(me.node_id, 5),
         peer("relay", 5),
         peer("entry", 5),
@@ -213,8 +197,8 @@ def test_seed_makes_draws_reproducible() -> None:
 
 
 def test_is_the_pos_entry_point_and_a_router_plugin() -> None:
-    assert load_entry_point(ROUTER_GROUP, "pos") is StakeRouter
-    assert isinstance(make_router([]), RouterPlugin)
+    assert plugin_class(ROUTER, "pos") is StakeRouter
+    assert isinstance(make_router([]), Router)
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -224,16 +208,15 @@ def test_is_the_pos_entry_point_and_a_router_plugin() -> None:
     ("settings", "needles"),
     [
         ({"max_attempt": 3}, ["max_attempt", "did you mean 'max_attempts'"]),
-        ({"max_attempts": 0}, ["router.settings.max_attempts", "greater than or equal to 1"]),
+        ({"max_attempts": 0}, ["settings.max_attempts", "greater than or equal to 1"]),
         ({"max_attempts": "3"}, ["max_attempts", "integer"]),
         ({"max_attempts": 2.0}, ["max_attempts", "integer"]),
-        ({"seed": "abc"}, ["router.settings.seed", "integer"]),
+        ({"seed": "abc"}, ["settings.seed", "integer"]),
     ],
 )
 def test_bad_settings_name_the_key(settings: dict[str, Any], needles: list[str]) -> None:
-    node = SimpleNamespace(identity=NodeIdentity.generate(), gossip=FakeGossip([]), ledger=FakeLedger({}))
     with pytest.raises(ValueError) as caught:
-        StakeRouter(cast(NodeAPI, node), settings)
+        make_router([], **settings)
     for needle in needles:
         assert needle in str(caught.value)
 

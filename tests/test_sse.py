@@ -32,7 +32,7 @@ USAGE_EVENT = (
 
 
 def relay(raw: bytes, cuts: list[int], hide_usage: bool) -> tuple[bytes, SSECutter]:
-    cutter = SSECutter(hide_usage=hide_usage)
+    cutter = SSECutter(Usage.from_dict, hide_usage=hide_usage)
     out = []
     bounds = sorted({min(c, len(raw)) for c in cuts})
     start = 0
@@ -67,4 +67,4 @@ def test_last_event_without_blank_line_is_delivered() -> None:
 
 def test_malformed_usage_event_is_an_error() -> None:
     with pytest.raises(MalformedEvent):
-        SSECutter().feed(b'data: {"usage": \n\n')
+        SSECutter(Usage.from_dict).feed(b'data: {"usage": \n\n')

@@ -1,60 +1,42 @@
-"""The node's backends: loaded through entry points, chosen per request, added and removed live."""
+"""The node's deployments: built from their entry points, chosen per request, leased while they
+serve one, and added or removed while the node runs."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from importlib.metadata import entry_points
-from importlib.util import find_spec
+from collections.abc import Iterator
 
 import structlog
-from pydantic import ValidationError
 
-from wwwserve_gateway.config.problems import ConfigProblem, problems_from_validation
 from wwwserve_gateway.config.schema import ModelEntry
 from wwwserve_gateway.http.errors import BackendUnavailable, ModelNotFound, RateLimited
-from wwwserve_gateway.plugin_api.backend import Backend, BackendContext, BackendLoad
-from wwwserve_gateway.plugin_api.loading import PluginLoadError, load_entry_point
+from wwwserve_gateway.plugin_api.backend import Backend, BackendContext, BackendLoad, Usage
+from wwwserve_gateway.plugin_api.loading import backend_class
 
 log = structlog.get_logger(__name__)
 
-BACKENDS_GROUP = "wwwserve.backends"
-FALLBACK_PROVIDER = "litellm"
 WINDOW_S = 60.0
-
-
-def backend_names() -> list[str]:
-    return sorted(ep.name for ep in entry_points(group=BACKENDS_GROUP))
-
-
-def backend_class(provider: str) -> type[Backend]:
-    """The backend registered for a provider prefix; other prefixes go to the LiteLLM SDK adapter."""
-    names = backend_names()
-    if provider in names:
-        return load_entry_point(BACKENDS_GROUP, provider)
-    if find_spec("litellm") is None:
-        raise PluginLoadError(
-            f"provider prefix '{provider}/' needs the LiteLLM SDK (pip install 'wwwserve[litellm]'), "
-            f"or use one of the built-in prefixes: {', '.join(names)}"
-        )
-    return load_entry_point(BACKENDS_GROUP, FALLBACK_PROVIDER)
-
-
-def validate_backend_params(entry: ModelEntry, loc: tuple[str | int, ...]) -> list[ConfigProblem]:
-    try:
-        cls = backend_class(entry.provider)
-    except PluginLoadError as exc:
-        return [ConfigProblem((*loc, "model"), str(exc))]
-    try:
-        cls.Params.model_validate(entry.litellm_params)
-    except ValidationError as exc:
-        return problems_from_validation(exc, cls.Params, loc)
-    return []
 
 
 def build_backend(entry: ModelEntry, ctx: BackendContext) -> Backend:
     cls = backend_class(entry.provider)
-    return cls(entry, cls.Params.model_validate(entry.litellm_params), ctx)
+    return cls(entry, cls.Settings.model_validate(entry.litellm_params), ctx)
+
+
+class Lease:
+    """One request's hold on a deployment: counted in flight and against its rpm while held; its
+    tokens count against its tpm once known."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def used(self, usage: Usage | None) -> None:
+        if usage is not None and self.backend.settings.tpm and usage.total_tokens:
+            self.backend.state.recent_tokens.append((time.monotonic(), usage.total_tokens))
 
 
 class BackendRegistry:
@@ -66,7 +48,7 @@ class BackendRegistry:
         self._by_model: dict[str, list[Backend]] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Backend]:
         return iter(list(self._by_id.values()))
 
     def get(self, deployment_id: str) -> Backend | None:
@@ -139,14 +121,17 @@ class BackendRegistry:
         )
 
     @staticmethod
-    def record_request(backend: Backend) -> None:
-        if backend.params.rpm:
-            backend.state.recent_requests.append(time.monotonic())
-
-    @staticmethod
-    def record_tokens(backend: Backend, tokens: int) -> None:
-        if backend.params.tpm and tokens:
-            backend.state.recent_tokens.append((time.monotonic(), tokens))
+    @contextlib.contextmanager
+    def lease(backend: Backend) -> Iterator[Lease]:
+        """Hold `backend` for one request: local serving and peers' requests alike go through here."""
+        state = backend.state
+        state.in_flight += 1
+        if backend.settings.rpm:
+            state.recent_requests.append(time.monotonic())
+        try:
+            yield Lease(backend)
+        finally:
+            state.in_flight -= 1
 
     async def poll_loads(self, interval: float, on_load) -> None:
         """Refresh each backend's load every `interval` seconds; `on_load(backend)` sees each result."""
@@ -165,19 +150,19 @@ class BackendRegistry:
 
 
 def _within_limits(backend: Backend, now: float) -> bool:
-    params, state = backend.params, backend.state
-    if params.max_parallel_requests and state.in_flight >= params.max_parallel_requests:
+    settings, state = backend.settings, backend.state
+    if settings.max_parallel_requests and state.in_flight >= settings.max_parallel_requests:
         return False
-    if params.rpm:
+    if settings.rpm:
         recent = state.recent_requests
         while recent and now - recent[0] > WINDOW_S:
             recent.popleft()
-        if len(recent) >= params.rpm:
+        if len(recent) >= settings.rpm:
             return False
-    if params.tpm:
+    if settings.tpm:
         tokens = state.recent_tokens
         while tokens and now - tokens[0][0] > WINDOW_S:
             tokens.popleft()
-        if sum(t for _, t in tokens) >= params.tpm:
+        if sum(t for _, t in tokens) >= settings.tpm:
             return False
     return True

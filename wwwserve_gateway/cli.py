@@ -39,8 +39,11 @@ ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="the node's p
 
 
 def _load(path: Path) -> GatewayConfig:
+    """The config at `path` with every plugin's settings checked; exit 2 naming each bad key."""
+    from wwwserve_gateway.plugin_api.loading import check_plugins
+
     try:
-        return load_config(path)
+        return load_config(path, checks=(check_plugins,))
     except ConfigError as exc:
         console.print(f"[red]config error[/red] {exc.render()}", highlight=False)
         raise typer.Exit(2) from None
@@ -371,24 +374,65 @@ def ledger_verify(
 ) -> None:
     """Re-check a whole ledger database offline: signatures, hashes, chain links, heads."""
     from wwwserve_gateway.network.genesis import NetworkGenesis, load_genesis
-    from wwwserve_gateway.plugins.ledger.store import LedgerStore, LedgerStoreError, default_url
+    from wwwserve_gateway.plugin_api.loading import PluginLoadError, plugin_class, validate_settings
+    from wwwserve_gateway.plugin_api.slots import LEDGER
 
-    cfg = _load(config) if config else None
-    if db is None and cfg is None:
+    if db is None and config is None:
         console.print("[red]error[/red] give --config FILE or --db URL")
         raise typer.Exit(2)
-    url = db or cfg.ledger.settings.get("database_url") or default_url(cfg.node.data_dir)
-    genesis = load_genesis(cfg.node.network) if cfg and cfg.node.network else NetworkGenesis()
+    cfg = _load(config) if config else GatewayConfig()
+    genesis = load_genesis(cfg.node.network) if cfg.node.network else NetworkGenesis()
     try:
-        store = LedgerStore(url, genesis.network_id, check_on_open=False)
-    except LedgerStoreError as exc:
-        console.print(f"[red]error[/red] {exc}")
+        ledger = plugin_class(LEDGER, cfg.ledger.plugin)
+    except PluginLoadError as exc:
+        console.print(f"[red]error[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    settings, problems = validate_settings(ledger.Settings, cfg.ledger.settings, ("ledger", "settings"))
+    if settings is None:
+        console.print("[red]config error[/red] " + "; ".join(map(str, problems)), highlight=False)
+        raise typer.Exit(2)
+    try:
+        with console.status("verifying every operation"):
+            where, problems_found = ledger.verify_offline(settings, cfg.node.data_dir, genesis, db)
+    except Exception as exc:  # an unreachable database, a ledger of another network
+        console.print(f"[red]error[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
-    with console.status(f"verifying {store.count():,} operations"):
-        problems = store.verify()
-    store.close()
-    for problem in problems:
+    for problem in problems_found:
         console.print(f"[red]✗[/red] {problem}", highlight=False)
-    if problems:
+    if problems_found:
         raise typer.Exit(1)
-    typer.echo(f"OK: {url}")
+    typer.echo(f"OK: {where}")
+
+
+@app.command("emulate-engine")
+def emulate_engine(
+    profile: Annotated[
+        str, typer.Option(help="a built-in profile (e.g. qwen3-8b-rtx3090) or a YAML/JSON profile file")
+    ],
+    port: Annotated[int, typer.Option(help="listen port; 0 picks a free one (printed on stdout)")],
+    host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
+    time_scale: Annotated[
+        float, typer.Option(min=0.001, help="run this many times faster than the modelled hardware")
+    ] = 1.0,
+    model: Annotated[str | None, typer.Option(help="the model name served (default: the profile's)")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="seed of the output lengths drawn when a request sets none")
+    ] = None,
+) -> None:
+    """Emulate a GPU inference engine (vLLM's OpenAI API and /metrics) from a timing model.
+
+    Prints 'listening http://HOST:PORT' on stdout once bound. docs/emulator.md describes the model.
+    """
+    from wwwserve_gateway.emulator.profiles import load_profile
+    from wwwserve_gateway.emulator.server import serve
+
+    try:
+        chosen = load_profile(profile)
+    except ValueError as exc:
+        console.print(f"[red]error[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    import uvloop
+
+    uvloop.run(
+        serve(chosen, model or chosen.model, host, port, time_scale, seed, lambda s: print(s, flush=True))
+    )

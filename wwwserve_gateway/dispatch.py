@@ -1,8 +1,11 @@
 """Each app request's way: the policy decides local, delegate, retry or reject; the core carries it out.
 
+route (openai.api_router) -> Dispatcher -> local serving (openai.serving) | delegation (delegation.entry)
+
 A request for a model this node does not serve goes to peers (if the policy buys it); a delegation
 nobody accepts falls back to a local backend, or answers 503 with Retry-After. Every answer names
-its route in `x-wwwserve-route` (node ids only, never addresses).
+its route in `x-wwwserve-route` (node ids only, never addresses). The request-level counters
+(in flight, status, latency, tokens) are kept here, once for both ways.
 """
 
 from __future__ import annotations
@@ -10,20 +13,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-import uuid
-from typing import Any
 
 import structlog
 
-from wwwserve_gateway.delegation import wire
+from wwwserve_gateway.backend_registry import BackendRegistry
 from wwwserve_gateway.delegation.entry import ROUTE_HEADER, Delegator, NoExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
-from wwwserve_gateway.http.asgi import ClientDisconnected, Receive, Send, cancel_on_disconnect, send_bytes
+from wwwserve_gateway.http.asgi import ClientDisconnected, cancel_on_disconnect, send_bytes
 from wwwserve_gateway.http.errors import BackendUnavailable, GatewayError, ModelNotFound, RateLimited
 from wwwserve_gateway.metrics import GatewayMetrics
-from wwwserve_gateway.openai.serving import OpenAIServing
-from wwwserve_gateway.plugin_api import Decision, NodeAPI, RequestInfo
-from wwwserve_gateway.plugin_api.backend import Endpoint, Usage
+from wwwserve_gateway.openai.request import AppRequest
+from wwwserve_gateway.openai.serving import LocalServing
+from wwwserve_gateway.plugin_api.backend import Usage
+from wwwserve_gateway.plugin_api.node import NodeAPI
+from wwwserve_gateway.plugin_api.policy import Decision
+from wwwserve_gateway.plugin_api.requests import RequestInfo
 
 log = structlog.get_logger(__name__)
 
@@ -32,81 +36,85 @@ class Dispatcher:
     def __init__(
         self,
         api: NodeAPI,
-        serving: OpenAIServing,
+        registry: BackendRegistry,
+        local: LocalServing,
         delegator: Delegator,
         metrics: GatewayMetrics,
         delegation_metrics: DelegationMetrics,
         request_timeout: float,
     ) -> None:
         self.api = api
-        self.me = api.identity.node_id
-        self.serving = serving
-        self.registry = serving.registry
+        self.me = api.node_id
+        self.registry = registry
+        self.local = local
         self.delegator = delegator
         self.metrics = metrics
         self.dm = delegation_metrics
         self.request_timeout = request_timeout
         self.local_route = [(ROUTE_HEADER, self.me.encode())]
 
+    # -- the catalog: what apps may ask this node for ---------------------------------------------
     def model_names(self) -> list[str]:
         """Local models and the models peers offer that this node's policy buys."""
-        return sorted(set(self.registry.model_names()) | set(self.network_models()))
+        return sorted(set(self.registry.model_names()) | self._network_models())
 
     def serves(self, model: str) -> bool:
-        assert self.api.policy is not None
-        return self.registry.serves(model) or (self.api.policy.buys(model) and self.network_serves(model))
+        return self.registry.serves(model) or model in self._network_models()
 
-    def network_serves(self, model: str) -> bool:
-        assert self.api.gossip is not None
-        return any(
-            p.state == "alive" and p.id != self.me and model in p.models for p in self.api.gossip.peers()
-        )
-
-    def network_models(self) -> list[str]:
-        """Models that peers offer and this node's policy buys."""
-        assert self.api.gossip is not None and self.api.policy is not None
+    def _network_models(self) -> set[str]:
+        policy = self.api.policy
         names: set[str] = set()
         for peer in self.api.gossip.peers():
-            if peer.state == "alive" and peer.id != self.me:
-                names |= peer.models
-        return sorted(n for n in names if self.api.policy.buys(n))
+            if peer.alive and peer.id != self.me:
+                names.update(peer.models)
+        return {n for n in names if policy.buys(n)}
 
-    async def serve(
-        self,
-        endpoint: Endpoint,
-        body: dict[str, Any],
-        stream: bool,
-        receive: Receive,
-        send: Send,
-        started: float,
-    ) -> None:
-        policy = self.api.policy
-        assert policy is not None
-        model = body["model"]
-        local = self.registry.serves(model)
+    # -- serving ------------------------------------------------------------------------------------
+    async def serve(self, request: AppRequest) -> None:
+        model = request.model
         if not self.serves(model):
             raise ModelNotFound(f"The model '{model}' does not exist on this node", param="model")
-        info = wire.describe(uuid.uuid4().hex, endpoint.value, body, stream, ())
-        deadline = started + self.request_timeout
+        m = self.metrics
+        m.in_flight.inc()
+        status = 200
+        usage: Usage | None = None
+        try:
+            usage = await self._answer(request)
+        except ClientDisconnected:
+            status = 499
+            m.client_disconnects.inc()
+            raise
+        except GatewayError as exc:
+            status = exc.status
+            raise
+        finally:
+            m.in_flight.dec()
+            m.request_done(request.endpoint.value, model, status, time.perf_counter() - request.started)
+        if usage is not None:
+            m.count_tokens(model, usage.prompt_tokens, usage.completion_tokens)
+
+    async def _answer(self, request: AppRequest) -> Usage | None:
+        policy = self.api.policy
+        model = request.model
+        local = self.registry.serves(model)
+        info = request.info()
+        deadline = request.started + self.request_timeout
         while True:
             decision = policy.decide(info)
             if decision is Decision.LOCAL and not local:
                 decision = Decision.DELEGATE
             if decision is Decision.LOCAL:
-                await self._local(info, endpoint, body, stream, receive, send, started)
-                return
+                return await self._local(info, request)
             if decision is Decision.DELEGATE:
                 try:
-                    await self._delegate(info, endpoint, body, stream, receive, send, started)
-                    return
+                    return await self._delegate(info, request)
                 except NoExecutor as exc:
                     self.dm.delegations.labels(model, "no_executor").inc()
                     if not local:
                         raise BackendUnavailable(
                             f"{exc}; retry shortly", headers={"retry-after": "1"}
                         ) from None
-                await self._local(info, endpoint, body, stream, receive, send, started)
-                return
+                return await self._local(info, request)
             if decision is Decision.REJECT:
                 raise RateLimited(
                     f"this node is not taking requests for '{model}' now; retry later",
@@ -117,73 +125,45 @@ class Dispatcher:
                 raise BackendUnavailable(
                     f"no capacity for '{model}' within the request timeout", headers={"retry-after": "1"}
                 )
-            await cancel_on_disconnect(receive, asyncio.sleep(wait))
+            await cancel_on_disconnect(request.receive, asyncio.sleep(wait))
             info = dataclasses.replace(info, attempt=info.attempt + 1)
 
-    async def _local(
-        self,
-        info: RequestInfo,
-        endpoint: Endpoint,
-        body: dict[str, Any],
-        stream: bool,
-        receive: Receive,
-        send: Send,
-        started: float,
-    ) -> None:
+    async def _local(self, info: RequestInfo, request: AppRequest) -> Usage | None:
         ok = False
         try:
-            await self.serving.serve(endpoint, body, stream, receive, send, started, self.local_route)
+            usage = await self.local.serve(request, self.local_route)
             ok = True
+            return usage
         finally:
-            assert self.api.policy is not None
-            self.api.policy.on_request_done(info, "local", time.perf_counter() - started, ok)
+            self.api.policy.on_request_done(info, "local", time.perf_counter() - request.started, ok)
 
-    async def _delegate(
-        self,
-        info: RequestInfo,
-        endpoint: Endpoint,
-        body: dict[str, Any],
-        stream: bool,
-        receive: Receive,
-        send: Send,
-        started: float,
-    ) -> None:
-        assert self.api.ledger is not None and self.api.policy is not None
+    async def _delegate(self, info: RequestInfo, request: AppRequest) -> Usage | None:
+        """Hand the request to peers. NoExecutor (nobody took it, nothing sent) leaves no trace:
+        the caller falls back."""
         if not self.api.ledger.can_delegate(self.me):
             raise NoExecutor("this node's balance does not allow delegating")
-        m = self.metrics
-        model = info.model
-        status = 200
-        usage: Usage | None = None
-        receipts: list[dict[str, Any]] = []
-        m.in_flight.inc()
+        send = request.send
+        outcome: bool | None = None
         try:
-            if stream:
-                relay = self.delegator.stream(info, endpoint, body, send)
-                usage, receipts = await cancel_on_disconnect(receive, relay)
+            if request.stream:
+                relay = self.delegator.stream(info, request.endpoint, request.body, send)
+                usage, receipts = await cancel_on_disconnect(request.receive, relay)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
-                work = self.delegator.complete(info, endpoint, body)
-                answer, headers, usage, receipts = await cancel_on_disconnect(receive, work)
+                work = self.delegator.complete(info, request.endpoint, request.body)
+                answer, headers, usage, receipts = await cancel_on_disconnect(request.receive, work)
                 await send_bytes(send, 200, answer, headers)
-            for receipt in receipts:
-                await self.delegator.pay(receipt)
+            outcome = True
         except NoExecutor:
-            status = 0
             raise
-        except ClientDisconnected:
-            status = 499
-            m.client_disconnects.inc()
-            raise
-        except GatewayError as exc:
-            status = exc.status
+        except BaseException:
+            outcome = False
             raise
         finally:
-            m.in_flight.dec()
-            seconds = time.perf_counter() - started
-            if status:
-                m.request_done(endpoint.value, model, status, seconds)
-                self.dm.delegations.labels(model, "ok" if status == 200 else "failed").inc()
-                self.api.policy.on_request_done(info, "peer", seconds, status == 200)
-        if usage is not None:
-            m.count_tokens(model, usage.prompt_tokens, usage.completion_tokens)
+            if outcome is not None:
+                self.dm.delegations.labels(info.model, "ok" if outcome else "failed").inc()
+                seconds = time.perf_counter() - request.started
+                self.api.policy.on_request_done(info, "peer", seconds, outcome)
+        for receipt in receipts:
+            await self.delegator.pay(receipt)
+        return usage

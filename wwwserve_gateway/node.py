@@ -1,4 +1,5 @@
-"""A node: the config, the backends, the HTTP app, and their lifecycle."""
+"""A node: the composition root. It builds the services, the plugins and the HTTP app from the
+config, hands each part exactly what it uses, and runs their lifecycle."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from wwwserve_gateway.backend_registry import BackendRegistry, validate_backend_params
+from wwwserve_gateway.backend_registry import BackendRegistry
 from wwwserve_gateway.config.loading import load_config
 from wwwserve_gateway.config.problems import ConfigError, ConfigProblem
 from wwwserve_gateway.config.schema import GatewayConfig, ModelEntry
@@ -17,35 +19,69 @@ from wwwserve_gateway.delegation.entry import Delegator
 from wwwserve_gateway.delegation.executor import PeerExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
 from wwwserve_gateway.dispatch import Dispatcher
-from wwwserve_gateway.http.app import create_app
-from wwwserve_gateway.http.auth import KeyCheck
 from wwwserve_gateway.metrics import GatewayMetrics
-from wwwserve_gateway.network.wiring import NodeNetwork
-from wwwserve_gateway.openai.serving import OpenAIServing
+from wwwserve_gateway.network.genesis import NetworkGenesis, load_genesis
+from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.offer import BackendOffer
+from wwwserve_gateway.openai.serving import LocalServing
+from wwwserve_gateway.overlay.overlay import Overlay
 from wwwserve_gateway.plugin_api.backend import Backend, BackendContext
+from wwwserve_gateway.plugin_api.base import Plugin
+from wwwserve_gateway.plugin_api.loading import build_plugin, check_backend, check_plugins, require_valid
+from wwwserve_gateway.plugin_api.node import NodeAPI
+from wwwserve_gateway.plugin_api.slots import NODE_SLOTS
+from wwwserve_gateway.web.app import AppParts, create_app
 
 log = structlog.get_logger(__name__)
+
+# Load goes into the gossip record at most this many gossip rounds apart (see BackendOffer).
+LOAD_PUBLISH_ROUNDS = 5
 
 
 class Node:
     def __init__(self, config: GatewayConfig, config_path: Path | None = None) -> None:
+        require_valid(config, str(config_path or "config"))
         self.config = config
         self.config_path = config_path
         settings = config.node
         self.metrics = GatewayMetrics()
         self.registry = BackendRegistry(BackendContext(settings.data_dir, settings.request_timeout))
-        self.keys = KeyCheck(settings.api_keys)
-        self.serving = OpenAIServing(self.registry, self.metrics)
-        self.network = NodeNetwork(config, self.registry, self.metrics)
-        api = self.network.api
-        delegation_metrics = DelegationMetrics(self.metrics.registry)
-        delegator = Delegator(api, delegation_metrics, settings.request_timeout)
-        self.executor = PeerExecutor(api, self.registry, delegator, delegation_metrics)
-        self.dispatcher = Dispatcher(
-            api, self.serving, delegator, self.metrics, delegation_metrics, settings.request_timeout
+        identity = NodeIdentity.load_or_create(settings.data_dir)
+        genesis = load_genesis(settings.network) if settings.network else NetworkGenesis()
+        self.api = NodeAPI(
+            identity=identity,
+            genesis=genesis,
+            overlay=Overlay(identity, genesis.network_id, registry=self.metrics.registry),
+            backends=self.registry,
+            metrics=self.metrics.registry,
+            public_url=settings.public_url or f"http://{settings.host}:{settings.port}",
+            bootstrap=tuple(settings.bootstrap),
+            data_dir=settings.data_dir,
         )
-        self.app = create_app(self)
+        self.plugins: dict[str, Plugin] = {
+            slot.name: build_plugin(slot, getattr(config, slot.name), self.api) for slot in NODE_SLOTS
+        }
+        self.api.bind(**self.plugins)
+        delegation_metrics = DelegationMetrics(self.metrics.registry)
+        delegator = Delegator(self.api, delegation_metrics, settings.request_timeout)
+        self.executor = PeerExecutor(self.api, self.registry, delegator, delegation_metrics)
+        self.dispatcher = Dispatcher(
+            self.api,
+            self.registry,
+            LocalServing(self.registry, self.metrics),
+            delegator,
+            self.metrics,
+            delegation_metrics,
+            settings.request_timeout,
+        )
+        self.app = create_app(
+            AppParts(settings, self.dispatcher, self.registry, self.metrics, self, self.api, self.lifespan)
+        )
         self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def node_id(self) -> str:
+        return self.api.node_id
 
     async def start(self) -> None:
         self.config.node.data_dir.mkdir(parents=True, exist_ok=True)
@@ -53,12 +89,25 @@ class Node:
             await self.registry.add(entry)
         poll = self.registry.poll_loads(self.config.node.load_poll_interval, self.metrics.observe_backend)
         self._tasks.append(asyncio.create_task(poll))
-        await self.network.start()
-        log.info("node started", models=self.registry.model_names())
+        self.executor.register()
+        load_every = LOAD_PUBLISH_ROUNDS * self.api.genesis.gossip.interval_s
+        self.api.gossip.add_delegate("offer", BackendOffer(self.registry, self.api.policy, load_every))
+        self.api.gossip.add_delegate("policy", self.api.policy)
+        for slot in NODE_SLOTS:
+            await self.plugins[slot.name].start()
+        log.info(
+            "joined the network",
+            node_id=self.node_id,
+            network=self.api.genesis.network_id[:16],
+            bootstrap=list(self.api.bootstrap),
+            models=self.registry.model_names(),
+        )
 
     async def stop(self) -> None:
         # uvicorn has drained the HTTP requests by now: leave the network, then stop the backends.
-        await self.network.stop()
+        for slot in reversed(NODE_SLOTS):
+            await self.plugins[slot.name].stop()
+        await self.api.overlay.aclose()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -67,15 +116,19 @@ class Node:
         log.info("node stopped")
 
     @contextlib.asynccontextmanager
-    async def lifespan(self, app) -> AsyncIterator[None]:
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
         await self.start()
         try:
             yield
         finally:
             await self.stop()
 
+    # -- the admin API's view of the node (web.admin.BackendAdmin) --------------------------------
+    def backends(self) -> list[Backend]:
+        return list(self.registry)
+
     async def add_backend(self, entry: ModelEntry) -> Backend:
-        problems = validate_backend_params(entry, ("litellm_params",))
+        problems = check_backend(entry, ("litellm_params",))
         if problems:
             raise ConfigError("backend", problems)
         backend = await self.registry.add(entry)
@@ -94,7 +147,7 @@ class Node:
         """
         if self.config_path is None:
             raise ConfigError("reload", [ConfigProblem((), "the node was started without a config file")])
-        fresh = load_config(self.config_path)
+        fresh = load_config(self.config_path, checks=(check_plugins,))
         wanted = {e.deployment_id: e for e in fresh.model_list}
         running = {b.id: b.entry for b in self.registry}
         removed = [i for i, e in running.items() if wanted.get(i) != e]

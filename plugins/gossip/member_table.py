@@ -17,7 +17,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
-ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
+from wwwserve_gateway.plugin_api.peers import PeerState
+
+ALIVE, SUSPECT, DEAD, LEFT = PeerState.ALIVE, PeerState.SUSPECT, PeerState.DEAD, PeerState.LEFT
 BUCKETS = 64
 _RANDOM_TRIES = 16  # rejection-sampling attempts before falling back to a scan of eligible members
 
@@ -25,7 +27,7 @@ _RANDOM_TRIES = 16  # rejection-sampling attempts before falling back to a scan 
 class Entry(NamedTuple):
     """What a node believes about one member. Immutable: a change is a new Entry."""
 
-    state: str  # alive, suspect, dead or left
+    state: PeerState
     incarnation: int  # the incarnation of the record behind `state`
     heartbeat: int  # of the alive record (0 for tombstones)
     alive: dict[str, Any] | None  # the newest signed alive record believed (kept while suspect)
@@ -47,7 +49,7 @@ STATE_CODES = {ALIVE: "a", SUSPECT: "s", DEAD: "d", LEFT: "l"}
 CODE_STATES = {code: state for state, code in STATE_CODES.items()}
 
 
-def rank(state: str, incarnation: int, heartbeat: int) -> tuple[int, int, int]:
+def rank(state: PeerState, incarnation: int, heartbeat: int) -> tuple[int, int, int]:
     """SWIM's precedence as one order: a higher incarnation wins; within one, alive < suspect <
     dead/left; within alive (or suspect), the higher heartbeat. Anti-entropy uses it to decide what
     to send and ask for; what arrives is still checked against the exact rules."""

@@ -41,7 +41,15 @@ from typing import Any, NamedTuple
 from wwwserve_gateway.network.canonical import canonical
 from wwwserve_gateway.network.genesis import GossipParams
 from wwwserve_gateway.network.identity import InvalidSignature, NodeIdentity, verify
-from wwwserve_gateway.plugin_api import GossipDelegate, PeerView
+from wwwserve_gateway.plugin_api.gossip import GossipDelegate, MembershipListener
+from wwwserve_gateway.plugin_api.peers import (
+    MembershipEvent,
+    MembershipEventKind,
+    ModelOffer,
+    PeerLoad,
+    PeerState,
+    PeerView,
+)
 from wwwserve_gateway.plugins.gossip.member_table import (
     ALIVE,
     BUCKETS,
@@ -60,9 +68,7 @@ __all__ = [
     "DEAD",
     "LEFT",
     "SUSPECT",
-    "GossipDelegate",
     "MemberTable",
-    "MemberView",
     "Membership",
     "Outgoing",
     "VerifiedCache",
@@ -92,8 +98,7 @@ class Outgoing:
     size: int = 0  # bytes of its canonical encoding (what the stats and the simulator count)
 
 
-# The views and the delegate interface are the plugin API's own: this core is written against it.
-MemberView = PeerView
+Parsed = tuple[Any, Mapping[str, ModelOffer], PeerLoad, float]  # (the record parsed, its typed fields)
 
 
 class Update(NamedTuple):
@@ -134,7 +139,7 @@ def parse_update(obj: Any) -> Update | None:
         subject = body.get("subject")
         if len(body) != 5 or not _is_id(subject):
             return None
-        return Update(kind, author, subject, inc, 0, obj)
+        return Update(PeerState(kind), author, subject, inc, 0, obj)
     if kind == LEFT and len(body) == 4:
         return Update(LEFT, author, author, inc, 0, obj)
     return None
@@ -243,6 +248,7 @@ class Membership:
         incarnation: int | None = None,
         fields: dict[str, Any] | None = None,
         verified: VerifiedCache | None = None,
+        listener: MembershipListener | None = None,
     ) -> None:
         self.identity = identity
         self.id = identity.node_id
@@ -256,6 +262,8 @@ class Membership:
         self._verified = verified if verified is not None else VerifiedCache()
         self.stats: Counter[str] = Counter()
         self._delegates: dict[str, GossipDelegate] = {}
+        self._listener = listener
+        self._parsed: dict[str, Parsed] = {}  # node id -> its alive record's typed fields
         # A restarted node rejoins with a higher incarnation without persisting anything.
         self._incarnation = incarnation if incarnation is not None else int(wall() * 1000)
         self._heartbeat = 0
@@ -384,11 +392,11 @@ class Membership:
             return []
 
     # -- views --------------------------------------------------------------------------------------
-    def member(self, node_id: str) -> MemberView | None:
+    def member(self, node_id: str) -> PeerView | None:
         entry = self._table.get(node_id)
         return None if entry is None else self._view(node_id, entry, self._clock())
 
-    def members(self) -> list[MemberView]:
+    def members(self) -> list[PeerView]:
         """Every member this node knows, itself and tombstones included."""
         now = self._clock()
         table = self._table
@@ -408,15 +416,22 @@ class Membership:
         """Updates still queued for piggybacking."""
         return len(self._queue)
 
-    def _view(self, node_id: str, e: Entry, now: float) -> MemberView:
+    def _view(self, node_id: str, e: Entry, now: float) -> PeerView:
         body = e.alive["body"] if e.alive is not None else {}
-        return MemberView(
+        # Routers read every member's view on every request: each record is parsed once.
+        parsed = self._parsed.get(node_id)
+        if parsed is None or parsed[0] is not e.alive:
+            parsed = self._parsed[node_id] = (e.alive, *PeerView.parse_fields(body))
+        return PeerView(
             id=node_id,
             url=body.get("url", ""),
             state=e.state,
             incarnation=e.incarnation,
             heartbeat=e.heartbeat,
             age_s=max(0.0, now - e.advanced),
+            models=parsed[1],
+            load=parsed[2],
+            stake=parsed[3],
             record=types.MappingProxyType(body),
         )
 
@@ -605,7 +620,7 @@ class Membership:
     def _sync_message(self, kind: str) -> dict[str, Any]:
         digest = b"".join(h.to_bytes(8, "big") for h in self._table.bucket_hashes())
         message: dict[str, Any] = {"type": kind, "h": base64.b64encode(digest).decode()}
-        digests = self._local_digests()
+        digests = self._local_states()
         if digests:
             message["d"] = digests
         return message
@@ -617,16 +632,19 @@ class Membership:
         if partner:
             out.append(self._out(partner[0], self._sync_message("sync")))
 
-    def _local_digests(self) -> dict[str, Any]:
+    def _local_states(self) -> dict[str, Any]:
         digests: dict[str, Any] = {}
         for name, delegate in self._delegates.items():
             try:
-                digests[name] = delegate.local_digest()
+                state = delegate.local_state()
             except Exception:
                 self.stats["delegate_errors"] += 1
+                continue
+            if state is not None:
+                digests[name] = state
         return digests
 
-    def _merge_digests(self, peer_id: str, digests: Any) -> None:
+    def _merge_states(self, peer_id: str, digests: Any) -> None:
         if digests is None:
             return
         if type(digests) is not dict:
@@ -640,7 +658,7 @@ class Membership:
                 self.stats["rejected.malformed-digest"] += 1
                 continue
             try:
-                delegate.merge_remote_digest(peer_id, digest)
+                delegate.merge_remote_state(peer_id, digest)
             except Exception:
                 self.stats["delegate_errors"] += 1
 
@@ -722,7 +740,7 @@ class Membership:
         if differing is None:
             self.stats["rejected.malformed-message"] += 1
             return
-        self._merge_digests(sender, message.get("d"))
+        self._merge_states(sender, message.get("d"))
         reply: dict[str, Any] = {"type": "sync-reply", "b": differing}
         # Versions, not records: in a differing bucket of a large table most entries are the same
         # on both sides, and a version costs a fifth of a signed record.
@@ -732,7 +750,7 @@ class Membership:
         ]
         if versions:
             reply["v"] = versions
-        digests = self._local_digests()
+        digests = self._local_states()
         if digests:
             reply["d"] = digests
         out.append(self._out(sender, reply))
@@ -748,7 +766,7 @@ class Membership:
         ):
             self.stats["rejected.malformed-message"] += 1
             return
-        self._merge_digests(sender, message.get("d"))
+        self._merge_states(sender, message.get("d"))
         push: list[dict[str, Any]] = []
         for node_id, e in self._table.entries_in(buckets):
             their_rank = theirs.pop(node_id, None)
@@ -870,6 +888,7 @@ class Membership:
     def _apply(self, u: Update, e: Entry | None) -> None:
         now = self._clock()
         subject = u.subject
+        before = e.state if e is not None else None
         if u.kind == ALIVE:
             if e is not None and e.state == SUSPECT and u.incarnation == e.incarnation:
                 new = e._replace(heartbeat=u.heartbeat, alive=u.signed, advanced=now)  # still suspect
@@ -887,6 +906,26 @@ class Membership:
             self._suspects.pop(subject, None)
             heapq.heappush(self._tombstones, (now + self._tombstone_left(u), subject, u.incarnation))
         self._table.put(subject, new)
+        if self._listener is not None:
+            kind = _event_kind(before, new.state)
+            if kind is not None:
+                self._notify(MembershipEvent(kind, self._view(subject, new, now), self._wall()))
+
+    def _notify(self, event: MembershipEvent) -> None:
+        try:
+            self._listener(event)  # type: ignore[misc]
+        except Exception:
+            self.stats["listener_errors"] += 1
+
+
+def _event_kind(before: PeerState | None, after: PeerState) -> MembershipEventKind | None:
+    if after == ALIVE:
+        if before is None or before in (DEAD, LEFT):
+            return MembershipEventKind.JOINED
+        return MembershipEventKind.ALIVE if before == SUSPECT else MembershipEventKind.UPDATED
+    if after == before:
+        return None  # a suspect's record refreshed while still suspect
+    return MembershipEventKind(after.value)
 
 
 _HANDLERS: dict[str, Callable[[Membership, str, dict[str, Any], list[Outgoing]], None]] = {

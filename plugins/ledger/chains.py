@@ -22,16 +22,22 @@ import hashlib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import Field
 
 from wwwserve_gateway.network.canonical import canonical
+from wwwserve_gateway.network.genesis import NetworkGenesis
 from wwwserve_gateway.network.identity import verify
 from wwwserve_gateway.network.receipts import InvalidReceipt, check_receipt
-from wwwserve_gateway.plugin_api import NodeAPI
+from wwwserve_gateway.plugin_api.base import PluginSettings
+from wwwserve_gateway.plugin_api.gossip import GossipDelegate
+from wwwserve_gateway.plugin_api.ledger import Account, LedgerPlugin
+from wwwserve_gateway.plugin_api.node import NodeAPI
 from wwwserve_gateway.plugins.ledger.fold import Balances
 from wwwserve_gateway.plugins.ledger.ops import MAX_OP_BYTES, InvalidOperation, Operation, sign_op
 from wwwserve_gateway.plugins.ledger.rules import (
@@ -85,23 +91,27 @@ class _Debt:
     since: float  # event-loop time it became pending here
 
 
-class ChainLedger:
-    def __init__(self, node: NodeAPI, settings: Mapping[str, Any]) -> None:
-        unknown = set(settings) - {"database_url", "verify_workers"}
-        if unknown:
-            raise ValueError(
-                f"unknown ledger settings {sorted(unknown)}; known: database_url, verify_workers"
-            )
-        workers = settings.get("verify_workers")
-        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
-            raise ValueError("ledger.settings.verify_workers: a whole number >= 1 (1 verifies on a thread)")
-        self.node = node
+class ChainSettings(PluginSettings):
+    database_url: str | None = Field(
+        None,
+        description="an SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite in the data dir)",
+    )
+    verify_workers: int | None = Field(
+        None, ge=1, description="processes that verify a catch-up (default: one per CPU; 1: a thread)"
+    )
+
+
+class ChainLedger(LedgerPlugin, GossipDelegate):
+    Settings = ChainSettings
+    settings: ChainSettings
+
+    def __init__(self, node: NodeAPI, settings: ChainSettings) -> None:
+        super().__init__(node, settings)
         self.params = node.genesis.ledger
+        workers = settings.verify_workers
         # Opening re-verifies each chain's latest operations: a tampered database stops the node
         # here, with the offending rows named.
-        self.store = LedgerStore(
-            settings.get("database_url") or default_url(node.data_dir), node.genesis.network_id
-        )
+        self.store = LedgerStore(settings.database_url or default_url(node.data_dir), node.genesis.network_id)
         self.balances = Balances(self.params)
         self._lock = asyncio.Lock()
         self._pulling: set[str] = set()
@@ -119,13 +129,26 @@ class ChainLedger:
         self._verifier = Verifier(self.params, workers)
         self._to_record: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._recording: asyncio.Task[None] | None = None
-        node.overlay.on_request(RANGE_KIND, self._serve_range)
-        node.overlay.on_request(HEADS_KIND, self._serve_heads)
-        node.overlay.on_request(COUNTERSIGN_KIND, self._serve_countersign)
         node.metrics.register(_LedgerCollector(self))
+
+    @classmethod
+    def verify_offline(
+        cls, settings: ChainSettings, data_dir: Path, genesis: NetworkGenesis, location: str | None = None
+    ) -> tuple[str, list[str]]:
+        """Re-check a whole stored ledger without a running node: signatures, hashes, links, heads."""
+        url = location or settings.database_url or default_url(data_dir)
+        store = LedgerStore(url, genesis.network_id, check_on_open=False)
+        try:
+            return url, store.verify()
+        finally:
+            store.close()
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
+        overlay = self.node.overlay
+        overlay.on_request(RANGE_KIND, self._serve_range)
+        overlay.on_request(HEADS_KIND, self._serve_heads)
+        overlay.on_request(COUNTERSIGN_KIND, self._serve_countersign)
         ops = await asyncio.to_thread(lambda: list(self.store.all_ops()))
         self.balances = Balances.fold(ops, self.params)
         if self.store.head(self.node.identity.node_id) is None:
@@ -407,12 +430,12 @@ class ChainLedger:
                 raise ValueError("only this node's receipts for the asking entry are countersigned")
 
     # -- gossip delegate -----------------------------------------------------------------------------
-    def local_digest(self) -> dict[str, Any]:
+    def local_state(self) -> dict[str, Any]:
         """Constant-size: one hash per bucket of authors' heads, whatever the number of authors."""
         return {"buckets": bucket_hashes(self.store.heads())}
 
-    def merge_remote_digest(self, peer_id: str, digest: dict[str, Any]) -> None:
-        theirs = digest.get("buckets") if isinstance(digest, dict) else None
+    def merge_remote_state(self, peer_id: str, state: dict[str, Any]) -> None:
+        theirs = state.get("buckets") if isinstance(state, dict) else None
         if not isinstance(theirs, list) or len(theirs) != BUCKETS:
             return
         differing = [
@@ -562,11 +585,8 @@ class ChainLedger:
     def ops_view(self, author: str, start: int, limit: int) -> list[dict[str, Any]]:
         return [dict(op.op, hash=op.hash, sig=op.sig) for op in self.store.ops(author, start, None, limit)]
 
-    def account(self, node_id: str) -> dict[str, Any]:
-        """{"liquid", "bonded", "unbonding" (credits), "barred"} of one node; zeros if unknown.
-
-        Folded operations only: this node's pending debts are not in its liquid balance until paid.
-        """
+    def account(self, node_id: str) -> Account:
+        """Folded operations only: this node's pending debts are not in its liquid balance until paid."""
         return self.balances.account(node_id, time.time())
 
     def can_delegate(self, node_id: str) -> bool:
@@ -574,8 +594,8 @@ class ChainLedger:
         now = time.time()
         if node_id != self.node.identity.node_id:
             return self.balances.can_delegate(node_id, now)
-        view = self.balances.account(node_id, now)
-        return not view["barred"] and to_micro(view["liquid"]) - self._owed >= 0
+        account = self.balances.account(node_id, now)
+        return not account.barred and to_micro(account.liquid) - self._owed >= 0
 
     @property
     def pending_receipts(self) -> int:

@@ -32,6 +32,7 @@ a full refold from the operations held.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -40,6 +41,7 @@ from fractions import Fraction
 from typing import Any
 
 from wwwserve_gateway.network.genesis import LedgerParams
+from wwwserve_gateway.plugin_api.ledger import Account
 from wwwserve_gateway.plugins.ledger.ops import Operation
 from wwwserve_gateway.plugins.ledger.rules import (
     DEFAULT_DUEL_RULE,
@@ -59,7 +61,7 @@ class NeedsRefold(Exception):
 
 
 @dataclass(slots=True)
-class Account:
+class _Funds:
     liquid: int = 0  # micro-credits; may be negative
     bonded: int = 0
     unbonding: list[list[Any]] = field(default_factory=list)  # [matures_at, micro-credits]
@@ -84,7 +86,7 @@ class Balances:
         self._reset()
 
     def _reset(self) -> None:
-        self._accounts: dict[str, Account] = {}
+        self._accounts: dict[str, _Funds] = {}
         self._ops: dict[str, Operation] = {}  # every operation given, by hash
         self._seqs: dict[str, dict[int, str]] = defaultdict(dict)  # author -> seq -> hash
         self._max_ts: dict[str, float] = {}  # author -> largest ts folded
@@ -205,10 +207,10 @@ class Balances:
             evidence = self._evidence[op.hash] = fraud_evidence(op)
         return evidence
 
-    def _account(self, node: str) -> Account:
+    def _account(self, node: str) -> _Funds:
         account = self._accounts.get(node)
         if account is None:
-            account = self._accounts[node] = Account()
+            account = self._accounts[node] = _Funds()
         return account
 
     def _step(self, op: Operation) -> None:
@@ -262,7 +264,7 @@ class Balances:
                 self._account(node).liquid += share
         source.bonded -= amount
 
-    def _slash(self, account: Account, ts: float) -> None:
+    def _slash(self, account: _Funds, ts: float) -> None:
         fraction = self.params.fraud_slash_fraction
         account.bonded -= _take(account.bonded, fraction)
         for entry in account.unbonding:
@@ -270,21 +272,16 @@ class Balances:
                 entry[1] -= _take(entry[1], fraction)
 
     # -- views -----------------------------------------------------------------------------------------
-    def account(self, node: str, now: float | None = None) -> dict[str, Any]:
-        """{"liquid", "bonded", "unbonding" (credits), "barred"} of `node` at time `now`."""
+    def account(self, node: str, now: float | None = None) -> Account:
+        """`node`'s credits at time `now` (unbonding stake past its maturity counts as liquid)."""
         when = self.now if now is None else now
-        acc = self._accounts.get(node) or Account()
+        acc = self._accounts.get(node) or _Funds()
         matured = sum(a for t, a in acc.unbonding if when is not None and t <= when)
         pending = sum(a for t, a in acc.unbonding) - matured
-        return {
-            "liquid": (acc.liquid + matured) / MICRO,
-            "bonded": acc.bonded / MICRO,
-            "unbonding": pending / MICRO,
-            "barred": acc.barred,
-        }
+        return Account((acc.liquid + matured) / MICRO, acc.bonded / MICRO, pending / MICRO, acc.barred)
 
     def view(self, now: float | None = None) -> dict[str, dict[str, Any]]:
-        return {node: self.account(node, now) for node in sorted(self._accounts)}
+        return {node: dataclasses.asdict(self.account(node, now)) for node in sorted(self._accounts)}
 
     def is_paid(self, key: tuple[str, str, str]) -> bool:
         """Whether a receipt key (executor, entry, request) is paid by an operation held."""
@@ -301,8 +298,8 @@ class Balances:
 
     def can_delegate(self, node: str, now: float | None = None) -> bool:
         """A node may delegate (and be drawn) while its liquid balance is >= 0 and it is not barred."""
-        view = self.account(node, now)
-        return view["liquid"] >= 0 and not view["barred"]
+        account = self.account(node, now)
+        return account.liquid >= 0 and not account.barred
 
     @property
     def ops(self) -> list[Operation]:

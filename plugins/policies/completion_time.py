@@ -8,8 +8,8 @@ Estimate for one more request on a server with `slots` parallel slots that holds
 id), `service_s` before any observation. The new request counts itself: a full server makes it
 wait about one service time per `slots` requests ahead of it.
 
-Peers are judged from their gossiped record, `load = {running, waiting, usage}` summed (usage: the
-maximum) over all their backends. A record does not say how many slots a peer has, so it is
+Peers are judged from their gossiped load (`PeerView.load`: running and waiting summed, usage the
+maximum, over all their backends). A record does not say how many slots a peer has, so it is
 inferred as running / usage when both are positive (exact for llama.cpp, whose usage is busy slots
 / slots; an approximation for vLLM/SGLang, whose usage is KV-cache use) and taken as 1 otherwise,
 which overestimates a busy peer's queue rather than underestimating it.
@@ -17,15 +17,15 @@ which overestimates a busy peer's queue rather than underestimating it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from pydantic import Field
 
-from wwwserve_gateway.plugin_api import Decision, NodeAPI, PeerView, RequestInfo
 from wwwserve_gateway.plugin_api.backend import Backend
-from wwwserve_gateway.plugins.policies.frequency import (
-    BaseSettings,
+from wwwserve_gateway.plugin_api.node import NodeAPI
+from wwwserve_gateway.plugin_api.peers import PeerView
+from wwwserve_gateway.plugin_api.policy import Decision
+from wwwserve_gateway.plugin_api.requests import RequestInfo
+from wwwserve_gateway.plugins.policies.base import (
+    PolicySettings,
     StakedPolicy,
     alive_peers,
     backend_busy,
@@ -55,7 +55,7 @@ def backend_slots(backend: Backend) -> int:
     return infer_slots(load.running, load.usage, backend_capacity(backend))
 
 
-class CompletionTimeSettings(BaseSettings):
+class CompletionTimeSettings(PolicySettings):
     service_s: float = Field(
         1.0, gt=0, description="seconds per request assumed before any is observed (> 0)"
     )
@@ -73,15 +73,14 @@ class CompletionTimePolicy(StakedPolicy):
     """Serve where the request should finish first; accept peers' requests while the queue is short."""
 
     Settings = CompletionTimeSettings
-    name = "completion_time"
-    config: CompletionTimeSettings
+    settings: CompletionTimeSettings
 
-    def __init__(self, node: NodeAPI, settings: Mapping[str, Any]) -> None:
+    def __init__(self, node: NodeAPI, settings: CompletionTimeSettings) -> None:
         super().__init__(node, settings)
         self.service: dict[tuple[str, str], float] = {}
 
     def service_estimate(self, model: str, where: str = LOCAL) -> float:
-        return self.service.get((model, where), self.config.service_s)
+        return self.service.get((model, where), self.settings.service_s)
 
     def on_request_done(self, request: RequestInfo, where: str, seconds: float, ok: bool) -> None:
         # Failures say nothing about service time (a refused connection is fast).
@@ -89,7 +88,7 @@ class CompletionTimePolicy(StakedPolicy):
             return
         key = (request.model, where)
         old = self.service.get(key)
-        self.service[key] = seconds if old is None else old + self.config.ewma_alpha * (seconds - old)
+        self.service[key] = seconds if old is None else old + self.settings.ewma_alpha * (seconds - old)
 
     def local_estimate(self, model: str) -> float | None:
         """Seconds one more request would take here; None without a ready local backend."""
@@ -101,12 +100,10 @@ class CompletionTimePolicy(StakedPolicy):
         return self.service_estimate(model) * wait_factor(busy, slots)
 
     def peer_estimate(self, model: str, peer: PeerView) -> float:
-        load = peer.record.get("load") or {}
-        running = _number(load.get("running"))
-        waiting = _number(load.get("waiting"))
-        slots = infer_slots(running, _number(load.get("usage")))
-        factor = wait_factor(running + waiting, slots)
-        return self.service_estimate(model, peer.id) * factor + self.config.rtt_s
+        load = peer.load
+        slots = infer_slots(load.running, load.usage)
+        factor = wait_factor(load.running + load.waiting, slots)
+        return self.service_estimate(model, peer.id) * factor + self.settings.rtt_s
 
     def best_peer_estimate(self, model: str) -> float | None:
         estimates = [self.peer_estimate(model, p) for p in alive_peers(self.node, model)]
@@ -118,7 +115,7 @@ class CompletionTimePolicy(StakedPolicy):
         if local is None:
             return Decision.DELEGATE if self.can_buy(model) else Decision.REJECT
         best = self.best_peer_estimate(model)
-        if best is None or local <= best * (1 + self.config.margin) or not self.can_buy(model):
+        if best is None or local <= best * (1 + self.settings.margin) or not self.can_buy(model):
             return Decision.LOCAL
         return Decision.DELEGATE
 
@@ -127,7 +124,7 @@ class CompletionTimePolicy(StakedPolicy):
         if not self.shares(model):
             return Decision.REJECT
         local = self.local_estimate(model)
-        limit = self.config.accept_max_s or 2 * self.service_estimate(model)
+        limit = self.settings.accept_max_s or 2 * self.service_estimate(model)
         return Decision.LOCAL if local is not None and local <= limit else Decision.REJECT
 
     def advertised_stake(self) -> float:
@@ -138,8 +135,3 @@ class CompletionTimePolicy(StakedPolicy):
             return 0.0
         free = sum(max(0, backend_slots(b) - backend_busy(b)) for b in backends)
         return self.bonded() * free / slots
-
-
-def _number(value: Any) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
-    return float(value) if ok else 0.0

@@ -1,25 +1,27 @@
-"""Loading the policy file, in two passes.
+"""Loading the policy file: YAML, `os.environ/VAR` references, the schema, paths beside the file.
 
-The first validates the file's shape with pydantic (unknown keys are errors); the second validates
-each model's `litellm_params` with the settings model of the backend its provider prefix selects,
-because only the backend knows which keys it takes. Both passes report errors as `ConfigError`
-entries that name the key and what is expected there.
+The schema pass knows the node's own sections only. Plugins' settings (each backend's
+`litellm_params`, each slot's `settings`) are validated by the plugins' own models, which this
+module does not know: callers pass those checks in (`plugin_api.loading.check_plugins`), and every
+problem of both passes is reported at once, each naming its key.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from wwwserve_gateway.backend_registry import validate_backend_params
 from wwwserve_gateway.config.problems import ConfigError, ConfigProblem, problems_from_validation
 from wwwserve_gateway.config.schema import GatewayConfig
 
 ENV_PREFIX = "os.environ/"
+
+Check = Callable[[GatewayConfig], list[ConfigProblem]]
 
 
 def resolve_env_refs(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[Any, list[ConfigProblem]]:
@@ -49,7 +51,7 @@ def resolve_env_refs(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[Any, 
     return value, problems
 
 
-def parse_config(raw: Any, *, source: str = "config") -> GatewayConfig:
+def parse_config(raw: Any, *, source: str = "config", checks: Iterable[Check] = ()) -> GatewayConfig:
     """Validate a parsed YAML document; raises ConfigError listing every problem found."""
     if raw is None:
         raw = {}
@@ -62,11 +64,9 @@ def parse_config(raw: Any, *, source: str = "config") -> GatewayConfig:
         config = GatewayConfig.model_validate(resolved)
     except ValidationError as exc:
         raise ConfigError(source, problems_from_validation(exc, GatewayConfig)) from None
-    # Second pass: each backend validates its own params.
     problems = []
     names: set[str] = set()
     for i, entry in enumerate(config.model_list):
-        problems += validate_backend_params(entry, ("model_list", i, "litellm_params"))
         if entry.deployment_id in names:
             problems.append(
                 ConfigProblem(
@@ -75,12 +75,14 @@ def parse_config(raw: Any, *, source: str = "config") -> GatewayConfig:
                 )
             )
         names.add(entry.deployment_id)
+    for check in checks:
+        problems += check(config)
     if problems:
         raise ConfigError(source, problems)
     return config
 
 
-def load_config(path: str | Path) -> GatewayConfig:
+def load_config(path: str | Path, checks: Iterable[Check] = ()) -> GatewayConfig:
     path = Path(path)
     try:
         text = path.read_text()
@@ -92,7 +94,7 @@ def load_config(path: str | Path) -> GatewayConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(str(path), [ConfigProblem((), f"not valid YAML{where}: {exc}")]) from None
-    config = parse_config(raw, source=str(path))
+    config = parse_config(raw, source=str(path), checks=checks)
 
     def beside(p: Path) -> Path:
         # Relative paths are relative to the config file, so a node starts the same from any cwd.

@@ -95,7 +95,8 @@ class ModelEntry(StrictModel):
 
 
 class PluginSlot(StrictModel):
-    """A plugin slot (policy, router, gossip, ledger, judge): which plugin and its settings."""
+    """A plugin slot (policy, router, gossip, ledger): which plugin, and its settings (validated
+    by that plugin's own `Settings` model)."""
 
     plugin: str | None = Field(
         None, description="an entry-point name or 'module:Class'; unset selects the built-in"
@@ -110,4 +111,3 @@ class GatewayConfig(StrictModel):
     router: PluginSlot = Field(default_factory=PluginSlot)
     gossip: PluginSlot = Field(default_factory=PluginSlot)
     ledger: PluginSlot = Field(default_factory=PluginSlot)
-    judge: PluginSlot = Field(default_factory=PluginSlot)

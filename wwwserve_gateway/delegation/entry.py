@@ -26,8 +26,10 @@ from wwwserve_gateway.http.errors import BackendError, UpstreamError
 from wwwserve_gateway.http.sse import DONE
 from wwwserve_gateway.network.receipts import InvalidReceipt, check_receipt, encode_receipt, request_hash
 from wwwserve_gateway.overlay.errors import OverlayError, PeerTimeout
-from wwwserve_gateway.plugin_api import NodeAPI, RequestInfo
 from wwwserve_gateway.plugin_api.backend import Endpoint, Usage
+from wwwserve_gateway.plugin_api.node import NodeAPI
+from wwwserve_gateway.plugin_api.requests import RequestInfo
+from wwwserve_gateway.plugin_api.requests import max_tokens as request_max_tokens
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +90,7 @@ def check_events(payload: str) -> None:
 class Delegator:
     def __init__(self, api: NodeAPI, metrics: DelegationMetrics, stall_timeout: float) -> None:
         self.api = api
-        self.me = api.identity.node_id
+        self.me = api.node_id
         self.metrics = metrics
         self.stall_timeout = stall_timeout
 
@@ -100,7 +102,6 @@ class Delegator:
         avoid: set[str],
     ) -> Execution:
         """Send the request to candidates in turn until one accepts."""
-        assert self.api.router is not None
         ask = dataclasses.replace(info, route=request.route, avoid=tuple(avoid))
         body = request.to_wire()
         for peer in self.api.router.candidates(ask):
@@ -148,7 +149,7 @@ class Delegator:
             self.metrics.bad_receipts.inc()
             raise ExecutorFailed(str(exc)) from None
         req = ex.request
-        max_tokens = wire.max_tokens(req.body)  # of the request sent: a continuation's is lower
+        max_tokens = request_max_tokens(req.body)  # of the request sent: a continuation's is lower
         problems = [
             body["id"] != ex.executor and "signed by another node than the executor",
             body["entry"] != self.me and "names another entry node",
@@ -164,7 +165,6 @@ class Delegator:
         return body
 
     async def pay(self, record: dict[str, Any]) -> None:
-        assert self.api.ledger is not None
         await self.api.ledger.settle(record)
 
     # -- relaying ----------------------------------------------------------------------------------

@@ -24,8 +24,10 @@ from wwwserve_gateway.http.errors import GatewayError, InvalidRequest
 from wwwserve_gateway.http.sse import DONE
 from wwwserve_gateway.network.receipts import request_hash, sign_receipt
 from wwwserve_gateway.openai.protocol import REQUEST_TYPES, validate_request
-from wwwserve_gateway.plugin_api import Decision, NodeAPI, RequestInfo
 from wwwserve_gateway.plugin_api.backend import Backend, Endpoint, Usage
+from wwwserve_gateway.plugin_api.node import NodeAPI
+from wwwserve_gateway.plugin_api.policy import Decision
+from wwwserve_gateway.plugin_api.requests import RequestInfo
 
 log = structlog.get_logger(__name__)
 
@@ -37,11 +39,14 @@ class PeerExecutor:
         self, api: NodeAPI, registry: BackendRegistry, delegator: Delegator, metrics: DelegationMetrics
     ) -> None:
         self.api = api
-        self.me = api.identity.node_id
+        self.me = api.node_id
         self.registry = registry
         self.delegator = delegator
         self.metrics = metrics
-        api.overlay.on_stream(wire.KIND, self.handle)
+
+    def register(self) -> None:
+        """Start answering peers' delegated requests."""
+        self.api.overlay.on_stream(wire.KIND, self.handle)
 
     async def handle(self, peer_id: str, raw: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         try:
@@ -53,9 +58,10 @@ class PeerExecutor:
             self.metrics.peer_requests.labels("?", "refused").inc()
             yield wire.decline(f"refused: {reason}")
             return
-        info = wire.describe(req.id, req.endpoint.value, req.body, bool(req.body.get("stream")), req.route)
+        info = RequestInfo.describe(
+            req.id, req.endpoint.value, req.body, bool(req.body.get("stream")), req.route
+        )
         model = info.model
-        assert self.api.policy is not None
         decision = self.api.policy.accept(info)
         if decision is Decision.LOCAL and self.registry.serves(model):
             try:
@@ -86,39 +92,37 @@ class PeerExecutor:
             call.update(backend.continuation_params)
         digest = hashlib.sha256()
         started = time.time()
-        state = backend.state
-        state.in_flight += 1
-        self.registry.record_request(backend)
         ok = False
+        self.metrics.peer_in_flight.inc()
         try:
-            try:
-                if body.get("stream") and req.endpoint is not Endpoint.EMBEDDING:
-                    sse = await backend.stream(req.endpoint, call)
-                    try:
-                        async for piece in sse:
-                            text = piece.decode()
-                            if text.endswith(DONE_TEXT):
-                                text = text[: -len(DONE_TEXT)]
-                            if text:
-                                digest.update(text.encode())
-                                yield {"t": "sse", "d": text}
-                    finally:
-                        await sse.aclose()
-                    usage = sse.usage
-                else:
-                    reply = await backend.complete(req.endpoint, call)
-                    text = reply.body.decode()
-                    digest.update(reply.body)
-                    yield {"t": "json", "d": text}
-                    usage = reply.usage
-            except GatewayError as exc:
-                log.info("backend failed a peer's request", backend=backend.id, error=exc.message)
-                self.metrics.peer_requests.labels(backend.model_name, "failed").inc()
-                yield {"t": "error", "status": exc.status, "d": exc.body().decode()}
-                return
-            usage = usage or Usage()
-            self.registry.record_tokens(backend, usage.total_tokens)
-            receipt = sign_receipt(
+            with self.registry.lease(backend) as lease:
+                try:
+                    if body.get("stream") and req.endpoint is not Endpoint.EMBEDDING:
+                        sse = await backend.stream(req.endpoint, call)
+                        try:
+                            async for piece in sse:
+                                text = piece.decode()
+                                if text.endswith(DONE_TEXT):
+                                    text = text[: -len(DONE_TEXT)]
+                                if text:
+                                    digest.update(text.encode())
+                                    yield wire.sse(text)
+                        finally:
+                            await sse.aclose()
+                        usage = sse.usage
+                    else:
+                        reply = await backend.complete(req.endpoint, call)
+                        digest.update(reply.body)
+                        yield wire.json_answer(reply.body.decode())
+                        usage = reply.usage
+                except GatewayError as exc:
+                    log.info("backend failed a peer's request", backend=backend.id, error=exc.message)
+                    self.metrics.peer_requests.labels(backend.model_name, "failed").inc()
+                    yield wire.error(exc.status, exc.body().decode())
+                    return
+                usage = usage or Usage()
+                lease.used(usage)
+            record = sign_receipt(
                 self.api.identity,
                 entry=req.entry,
                 request=request,
@@ -130,10 +134,9 @@ class PeerExecutor:
                 finished=time.time(),
             )
             ok = True
-            yield {"t": "receipt", "r": receipt}
+            yield wire.receipt(record)
         finally:
-            state.in_flight -= 1
-            assert self.api.policy is not None
+            self.metrics.peer_in_flight.dec()
             self.api.policy.on_request_done(info, "local", time.time() - started, ok)
 
     async def _relay(self, info: RequestInfo, req: wire.DelegatedRequest) -> AsyncIterator[dict[str, Any]]:

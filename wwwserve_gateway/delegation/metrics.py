@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 class DelegationMetrics:
@@ -29,6 +29,11 @@ class DelegationMetrics:
             "wwwserve_peer_requests",
             "Requests from peers, by model and outcome (served, relayed, declined, refused, failed)",
             ["model", "outcome"],
+            registry=registry,
+        )
+        self.peer_in_flight = Gauge(
+            "wwwserve_peer_requests_in_flight",
+            "Peers' requests this node is serving on its own backends now",
             registry=registry,
         )
         self.bad_receipts = Counter(

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from wwwserve_gateway.network.identity import NODE_ID
-from wwwserve_gateway.plugin_api import RequestInfo
 from wwwserve_gateway.plugin_api.backend import Endpoint
 
 KIND = "wwwserve.delegate"
@@ -56,33 +55,6 @@ class DelegatedRequest:
     @property
     def entry(self) -> str:
         return self.route[0]
-
-
-def max_tokens(body: dict[str, Any]) -> int | None:
-    value = body.get("max_completion_tokens", body.get("max_tokens"))
-    return value if isinstance(value, int) else None
-
-
-def prompt_chars(body: dict[str, Any]) -> int:
-    if isinstance(body.get("messages"), list):
-        return sum(len(str(m.get("content") or "")) for m in body["messages"] if isinstance(m, dict))
-    prompt = body.get("prompt", body.get("input"))
-    return len(prompt) if isinstance(prompt, str) else 0
-
-
-def describe(
-    request_id: str, endpoint: str, body: dict[str, Any], stream: bool, route: tuple[str, ...]
-) -> RequestInfo:
-    """What policies and routers see of a request."""
-    return RequestInfo(
-        id=request_id,
-        model=body["model"],
-        endpoint=endpoint,
-        stream=stream,
-        route=route,
-        prompt_chars=prompt_chars(body),
-        max_tokens=max_tokens(body),
-    )
 
 
 def parse_request(sender: str, me: str, raw: Any) -> DelegatedRequest:
@@ -146,9 +118,28 @@ def check_item(item: Any) -> tuple[str, Any]:
     return t, item.get("r")
 
 
+# -- builders: the executor's items, one per type ------------------------------------------------
+
+
 def accept(route: tuple[str, ...]) -> dict[str, Any]:
     return {"t": "accept", "route": list(route)}
 
 
 def decline(reason: str) -> dict[str, Any]:
     return {"t": "decline", "reason": reason}
+
+
+def sse(events: str) -> dict[str, Any]:
+    return {"t": "sse", "d": events}
+
+
+def json_answer(text: str) -> dict[str, Any]:
+    return {"t": "json", "d": text}
+
+
+def error(status: int, body: str) -> dict[str, Any]:
+    return {"t": "error", "status": status, "d": body}
+
+
+def receipt(record: dict[str, Any]) -> dict[str, Any]:
+    return {"t": "receipt", "r": record}

@@ -1,2 +1,2 @@
-"""The node's HTTP side: the ASGI app and its small helpers (auth, errors in OpenAI's shape, SSE),
-the admin API and the network's read-only views."""
+"""HTTP plumbing shared by every part of the node: small ASGI helpers, API-key checks, errors in
+OpenAI's shape, and the SSE cutter."""

@@ -12,6 +12,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
 T = TypeVar("T")
 
 JSON_CT = (b"content-type", b"application/json")
@@ -54,9 +55,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def send_bytes(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
+async def send_bytes(send: Send, status: int, body: bytes, headers: Headers | None = None) -> None:
     head = [JSON_CT, (b"content-length", str(len(body)).encode())]
     if headers:
         head += headers

@@ -6,9 +6,12 @@ substring search per network read, whatever the number of chunks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
 import orjson
 
-from wwwserve_gateway.plugin_api.backend import Usage
+U = TypeVar("U")
 
 EVENT_END = b"\n\n"
 USAGE_MARK = b'"usage"'
@@ -19,16 +22,18 @@ class MalformedEvent(ValueError):
     pass
 
 
-class SSECutter:
+class SSECutter(Generic[U]):
     """Feed it network reads; it returns the whole events received so far (possibly none).
 
+    `usage_of` reads an event's `usage` field (None when malformed); the last one read is `usage`.
     With `hide_usage`, the usage-only chunk (no choices) is dropped: the gateway asked for it,
     the app did not.
     """
 
-    def __init__(self, *, hide_usage: bool = False) -> None:
+    def __init__(self, usage_of: Callable[[Any], U | None], *, hide_usage: bool = False) -> None:
+        self.usage_of = usage_of
         self.hide_usage = hide_usage
-        self.usage: Usage | None = None
+        self.usage: U | None = None
         self._pending = b""
 
     def feed(self, data: bytes) -> bytes:
@@ -57,7 +62,7 @@ class SSECutter:
                     data = orjson.loads(event[5:])
                 except orjson.JSONDecodeError:
                     raise MalformedEvent(event[:200].decode("utf-8", "replace")) from None
-                usage = Usage.from_dict(data.get("usage")) if isinstance(data, dict) else None
+                usage = self.usage_of(data.get("usage")) if isinstance(data, dict) else None
                 if usage is not None:
                     self.usage = usage
                     if self.hide_usage and not data.get("choices"):

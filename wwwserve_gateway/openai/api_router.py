@@ -22,6 +22,7 @@ from wwwserve_gateway.openai.protocol import (
     ModelList,
     validate_request,
 )
+from wwwserve_gateway.openai.request import AppRequest
 from wwwserve_gateway.plugin_api.backend import Endpoint
 
 log = structlog.get_logger(__name__)
@@ -30,15 +31,7 @@ log = structlog.get_logger(__name__)
 class Serving(Protocol):
     """What answers a generation request: the node's dispatcher (local or delegated)."""
 
-    async def serve(
-        self,
-        endpoint: Endpoint,
-        body: dict[str, Any],
-        stream: bool,
-        receive: Receive,
-        send: Send,
-        started: float,
-    ) -> None: ...
+    async def serve(self, request: AppRequest) -> None: ...
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -71,9 +64,9 @@ class GenerationEndpoint:
         try:
             self.keys.check(scope)
             body = parse_json_object(await read_body(scope, receive, self.limit))
-            request = validate_request(self.request_type, body)
-            stream = bool(request.stream) and self.endpoint is not Endpoint.EMBEDDING
-            await self.serving.serve(self.endpoint, body, stream, receive, send, started)
+            parsed = validate_request(self.request_type, body)
+            stream = bool(parsed.stream) and self.endpoint is not Endpoint.EMBEDDING
+            await self.serving.serve(AppRequest(self.endpoint, body, stream, started, receive, send))
         except GatewayError as exc:
             self.metrics.count_error(self.endpoint.value, exc.type)
             await send_error(send, exc)

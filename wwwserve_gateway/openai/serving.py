@@ -1,25 +1,18 @@
-"""Serving logic shared by the OpenAI endpoints: pick a deployment, call it, relay the answer."""
+"""Serving an app's request on a local deployment: pick one, lease it, call it, relay the answer."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import orjson
 import structlog
 
 from wwwserve_gateway.backend_registry import BackendRegistry
-from wwwserve_gateway.http.asgi import (
-    SSE_HEADERS,
-    ClientDisconnected,
-    Receive,
-    Send,
-    cancel_on_disconnect,
-    send_bytes,
-)
-from wwwserve_gateway.http.errors import BackendError, GatewayError, InvalidRequest
+from wwwserve_gateway.http.asgi import SSE_HEADERS, Headers, cancel_on_disconnect, send_bytes
+from wwwserve_gateway.http.errors import BackendError, InvalidRequest
 from wwwserve_gateway.http.sse import DONE
 from wwwserve_gateway.metrics import GatewayMetrics
+from wwwserve_gateway.openai.request import AppRequest
 from wwwserve_gateway.plugin_api.backend import Backend, Endpoint, JSONReply, Usage
 
 log = structlog.get_logger(__name__)
@@ -27,85 +20,53 @@ log = structlog.get_logger(__name__)
 ESTIMATED_USAGE = [(b"x-wwwserve-usage", b"estimated")]
 
 
-class OpenAIServing:
+class LocalServing:
     def __init__(self, registry: BackendRegistry, metrics: GatewayMetrics) -> None:
         self.registry = registry
         self.metrics = metrics
 
-    async def serve(
-        self,
-        endpoint: Endpoint,
-        body: dict[str, Any],
-        stream: bool,
-        receive: Receive,
-        send: Send,
-        started: float,
-        headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
-        """Serve on a local deployment; `headers` are added to the answer's."""
-        model = body["model"]
+    async def serve(self, request: AppRequest, headers: Headers) -> Usage | None:
+        """Answer `request` from a local deployment, with `headers` added to the answer's; return
+        the usage. Errors before the answer starts are raised (the route sends them as JSON)."""
+        model = request.model
         backend = self.registry.pick(model)
-        if endpoint not in backend.endpoints:
+        if request.endpoint not in backend.endpoints:
             raise InvalidRequest(
-                f"The model '{model}' does not support /v1/{endpoint}",
+                f"The model '{model}' does not support /v1/{request.endpoint}",
                 param="model",
                 code="unsupported_endpoint",
             )
-        m = self.metrics
-        state = backend.state
-        state.in_flight += 1
-        m.in_flight.inc()
-        self.registry.record_request(backend)
-        status = 200
-        try:
-            if stream:
-                work = self._stream(backend, endpoint, body, send, model, started, headers or [])
-                usage = await cancel_on_disconnect(receive, work)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        with self.registry.lease(backend) as lease:
+            if request.stream:
+                usage = await cancel_on_disconnect(request.receive, self._stream(backend, request, headers))
+                await request.send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
-                reply = await cancel_on_disconnect(receive, backend.complete(endpoint, body))
-                usage, extra = self._ensure_usage(endpoint, reply)
-                await send_bytes(send, 200, reply.body, (headers or []) + (extra or []))
-        except ClientDisconnected:
-            status = 499
-            m.client_disconnects.inc()
-            raise
-        except GatewayError as exc:
-            status = exc.status
-            raise
-        finally:
-            state.in_flight -= 1
-            m.in_flight.dec()
-            m.request_done(endpoint.value, model, status, time.perf_counter() - started)
-        self._count_tokens(backend, model, usage)
+                call = backend.complete(request.endpoint, request.body)
+                reply = await cancel_on_disconnect(request.receive, call)
+                usage, extra = self._ensure_usage(request.endpoint, reply)
+                await send_bytes(request.send, 200, reply.body, headers + extra)
+            lease.used(usage)
+        return usage
 
-    async def _stream(
-        self,
-        backend: Backend,
-        endpoint: Endpoint,
-        body: dict[str, Any],
-        send: Send,
-        model: str,
-        started: float,
-        headers: list[tuple[bytes, bytes]],
-    ) -> Usage | None:
+    async def _stream(self, backend: Backend, request: AppRequest, headers: Headers) -> Usage | None:
         """Relay a stream. Failures before the first byte raise (a JSON error follows); after the
         headers are out, a failure becomes an SSE error event."""
-        sse = await backend.stream(endpoint, body)
+        send = request.send
+        sse = await backend.stream(request.endpoint, request.body)
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
         done = False
         first = True
         try:
             async for piece in sse:
                 if first:
-                    self.metrics.first_token(model, time.perf_counter() - started)
+                    self.metrics.first_token(request.model, time.perf_counter() - request.started)
                     first = False
                 done = piece.endswith(DONE)
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
             if not done:
                 await send({"type": "http.response.body", "body": DONE, "more_body": True})
         except BackendError as exc:
-            log.warning("stream broke off", model=model, error=exc.message)
+            log.warning("stream broke off", model=request.model, error=exc.message)
             self.metrics.count_error("stream", exc.type)
             await send(
                 {"type": "http.response.body", "body": b"data: " + exc.body() + b"\n\n", "more_body": True}
@@ -115,10 +76,10 @@ class OpenAIServing:
         return sse.usage
 
     @staticmethod
-    def _ensure_usage(endpoint: Endpoint, reply: JSONReply) -> tuple[Usage | None, list | None]:
+    def _ensure_usage(endpoint: Endpoint, reply: JSONReply) -> tuple[Usage | None, Headers]:
         """Usage is always reported; a backend that gives none gets an estimate, marked as such."""
         if reply.usage is not None or endpoint is Endpoint.EMBEDDING:
-            return reply.usage, None
+            return reply.usage, []
         data = reply.data
         text = "".join(
             str((c.get("message") or {}).get("content") or c.get("text") or "")
@@ -130,9 +91,3 @@ class OpenAIServing:
         data["usage"] = {"prompt_tokens": 0, "completion_tokens": completion, "total_tokens": completion}
         reply.body = orjson.dumps(data)
         return usage, ESTIMATED_USAGE
-
-    def _count_tokens(self, backend: Backend, model: str, usage: Usage | None) -> None:
-        if usage is None:
-            return
-        self.metrics.count_tokens(model, usage.prompt_tokens, usage.completion_tokens)
-        self.registry.record_tokens(backend, usage.total_tokens)

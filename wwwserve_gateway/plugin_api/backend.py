@@ -19,9 +19,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from wwwserve_gateway.config.schema import ModelEntry
+from wwwserve_gateway.http.errors import InvalidRequest
+from wwwserve_gateway.plugin_api.base import PluginSettings
 
 
 class Endpoint(StrEnum):
@@ -82,10 +84,12 @@ class SSEStream(ABC):
         """Release the backend connection; called whether or not the stream was read to its end."""
 
 
-class BackendParams(BaseModel):
+class BackendSettings(PluginSettings):
     """The `litellm_params` keys every backend understands; subclasses add their own."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Lax, unlike other plugins' settings: `os.environ/VAR` references resolve to strings, and
+    # LiteLLM configs rely on "600" reading as 600.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
     model: str = Field(..., description="'provider/name'; the name part is sent to the backend")
     api_base: str | None = Field(None, description="base URL of the backend's API, e.g. http://host:8000/v1")
@@ -123,27 +127,28 @@ class BackendState:
 
 
 class Backend(ABC):
-    """One deployment of a model. Subclasses set `Params` and implement the calls they support."""
+    """One deployment of a model. Subclasses set `Settings` (their `litellm_params`) and implement
+    the calls they support."""
 
-    Params: ClassVar[type[BackendParams]] = BackendParams
+    Settings: ClassVar[type[BackendSettings]] = BackendSettings
     endpoints: ClassVar[frozenset[Endpoint]] = frozenset(Endpoint)
     # Added to a chat request whose last message is an assistant prefix to be continued (failover
     # mid-stream). llama.cpp continues such a message by itself; vLLM and SGLang need to be told.
     continuation_params: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, entry: ModelEntry, params: BackendParams, ctx: BackendContext) -> None:
+    def __init__(self, entry: ModelEntry, settings: BackendSettings, ctx: BackendContext) -> None:
         self.entry = entry
-        self.params = params
+        self.settings = settings
         self.ctx = ctx
         self.id = entry.deployment_id
         self.model_name = entry.model_name
-        self.timeout = params.timeout or ctx.request_timeout
+        self.timeout = settings.timeout or ctx.request_timeout
         self.state = BackendState()
         self._ready = asyncio.Event()
 
     @property
     def upstream_model(self) -> str:
-        return self.params.upstream_model
+        return self.settings.upstream_model
 
     @property
     def ready(self) -> bool:
@@ -162,8 +167,6 @@ class Backend(ABC):
 
     async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> SSEStream:
         """Send a streamed request; errors before the first byte are raised here."""
-        from wwwserve_gateway.http.errors import InvalidRequest
-
         raise InvalidRequest(f"streaming is not supported for {endpoint}", param="stream")
 
     async def probe_load(self) -> BackendLoad | None:
@@ -177,7 +180,7 @@ class Backend(ABC):
             "model_name": self.model_name,
             "provider": self.entry.provider,
             "upstream_model": self.upstream_model,
-            "api_base": self.params.api_base,
+            "api_base": self.settings.api_base,
             "ready": self.ready,
             "in_flight": self.state.in_flight,
         }

@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from wwwserve_gateway.plugin_api import Decision, NodeAPI, Policy, RequestInfo
+from wwwserve_gateway.plugin_api import Decision, NodeAPI, PluginSettings, Policy, RequestInfo
 
 __all__ = ["QuotaPolicy", "QuotaSettings"]
 
 
-class QuotaSettings(BaseModel):
-    """The `policy.settings` this plugin takes. Unknown keys and wrong types are errors."""
-
-    # strict: "5" in a config is a mistake worth reporting, not something to coerce.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+class QuotaSettings(PluginSettings):
+    """The `policy.settings` this plugin takes. `PluginSettings` makes unknown keys and wrong types
+    errors, which the node and `wwwserve check-config` report with the key named."""
 
     requests_per_minute: int = Field(
         ..., ge=1, description="requests this node runs locally per window, an integer >= 1"
@@ -51,22 +49,21 @@ class QuotaPolicy(Policy):
     # Replaced in tests with a fake clock; time.monotonic never goes backwards.
     clock: Callable[[], float] = staticmethod(time.monotonic)
 
-    def __init__(self, node: NodeAPI, settings: Mapping[str, Any]) -> None:
+    Settings = QuotaSettings
+    settings: QuotaSettings
+
+    def __init__(self, node: NodeAPI, settings: QuotaSettings) -> None:
         super().__init__(node, settings)
-        try:
-            self.config = QuotaSettings.model_validate(dict(settings))
-        except ValidationError as exc:
-            raise ValueError(f"quota policy settings: {_describe(exc)}") from None
-        self.retry_after_s = self.config.retry_after_s
+        self.retry_after_s = settings.retry_after_s
         self._used: deque[float] = deque()  # when each local request in the window was admitted
 
     # -- the quota -----------------------------------------------------------------------------------
     def remaining(self) -> int:
         """Local requests still allowed in the current window."""
-        horizon = self.clock() - self.config.window_s
+        horizon = self.clock() - self.settings.window_s
         while self._used and self._used[0] <= horizon:
             self._used.popleft()
-        return max(self.config.requests_per_minute - len(self._used), 0)
+        return max(self.settings.requests_per_minute - len(self._used), 0)
 
     def _take(self) -> bool:
         if self.remaining() == 0:
@@ -77,11 +74,10 @@ class QuotaPolicy(Policy):
     # -- the Policy interface ------------------------------------------------------------------------
     async def start(self) -> None:
         """Bond the configured stake (only what is missing, so a restart bonds nothing twice)."""
-        ledger = self.node.ledger
-        if self.config.bond == 0 or ledger is None:
+        if self.settings.bond == 0:
             return
-        bonded = ledger.account(self.node.identity.node_id)["bonded"]
-        missing = self.config.bond - int(bonded)
+        ledger = self.node.ledger
+        missing = self.settings.bond - int(ledger.account(self.node.node_id).bonded)
         if missing > 0:
             await ledger.append_own("bond", {"amount": missing})
 
@@ -92,7 +88,7 @@ class QuotaPolicy(Policy):
         # A model with no local backend costs no quota: it can only go to a peer.
         if self.serves_locally(request.model) and self._take():
             return Decision.LOCAL
-        if self.config.over_quota == "delegate" and self.buys(request.model):
+        if self.settings.over_quota == "delegate" and self.buys(request.model):
             return Decision.DELEGATE
         return Decision.REJECT
 
@@ -103,19 +99,4 @@ class QuotaPolicy(Policy):
 
     def advertised_stake(self) -> float:
         # Offer stake only while there is room: a node over its quota would decline anyway.
-        return float(self.config.bond) if self.remaining() > 0 else 0.0
-
-
-def _describe(exc: ValidationError) -> str:
-    """One 'key: problem' per error, naming the keys this plugin knows when one is unknown."""
-    known = ", ".join(QuotaSettings.model_fields)
-    parts = []
-    for error in exc.errors():
-        key = ".".join(str(p) for p in error["loc"]) or "settings"
-        if error["type"] == "extra_forbidden":
-            parts.append(f"{key}: unknown setting (known: {known})")
-        elif error["type"] == "missing":
-            parts.append(f"{key}: required ({QuotaSettings.model_fields[key].description})")
-        else:
-            parts.append(f"{key}: {error['msg']}")
-    return "; ".join(parts)
+        return float(self.settings.bond) if self.remaining() > 0 else 0.0

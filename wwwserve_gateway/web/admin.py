@@ -5,7 +5,7 @@ Enabled only when `node.admin_key` is set; callers send it as a Bearer token.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -17,9 +17,20 @@ from wwwserve_gateway.config.schema import ModelEntry
 from wwwserve_gateway.http.auth import KeyCheck
 from wwwserve_gateway.http.errors import Conflict, GatewayError, InvalidRequest, NotFound
 from wwwserve_gateway.openai.api_router import parse_json_object
+from wwwserve_gateway.plugin_api.backend import Backend
 
-if TYPE_CHECKING:
-    from wwwserve_gateway.node import Node
+
+class BackendAdmin(Protocol):
+    """What the admin API changes on a running node (the node implements it)."""
+
+    def backends(self) -> list[Backend]: ...
+
+    async def add_backend(self, entry: ModelEntry) -> Backend: ...
+
+    async def remove_backend(self, deployment_id: str) -> None: ...
+
+    async def reload(self) -> tuple[list[str], list[str]]:
+        """Re-read model_list from the config file: (added, removed) deployment ids."""
 
 
 class AdminDisabled(GatewayError):
@@ -28,8 +39,7 @@ class AdminDisabled(GatewayError):
     code = "admin_disabled"
 
 
-def admin_routes(node: Node) -> list[Route]:
-    admin_key = node.config.node.admin_key
+def admin_routes(node: BackendAdmin, admin_key: str | None) -> list[Route]:
     keys = KeyCheck([admin_key] if admin_key else [])
 
     def authorize(request: Request) -> None:
@@ -39,7 +49,7 @@ def admin_routes(node: Node) -> list[Route]:
 
     async def list_backends(request: Request) -> Response:
         authorize(request)
-        return JSONResponse({"backends": [b.describe() for b in node.registry]})
+        return JSONResponse({"backends": [b.describe() for b in node.backends()]})
 
     async def add_backend(request: Request) -> Response:
         authorize(request)
@@ -60,9 +70,10 @@ def admin_routes(node: Node) -> list[Route]:
     async def remove_backend(request: Request) -> Response:
         authorize(request)
         deployment = request.path_params["id"]
-        if node.registry.get(deployment) is None:
-            raise NotFound(f"No backend with id '{deployment}'", param="id")
-        await node.remove_backend(deployment)
+        try:
+            await node.remove_backend(deployment)
+        except KeyError:
+            raise NotFound(f"No backend with id '{deployment}'", param="id") from None
         return Response(status_code=204)
 
     async def reload(request: Request) -> Response:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -10,15 +13,22 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from wwwserve_gateway.http.admin import admin_routes
+from wwwserve_gateway.backend_registry import BackendRegistry
+from wwwserve_gateway.config.schema import NodeSettings
+from wwwserve_gateway.dispatch import Dispatcher
+from wwwserve_gateway.http.auth import KeyCheck
 from wwwserve_gateway.http.errors import GatewayError, error_body
+from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.openai.api_router import generation_endpoints, openai_routes
+from wwwserve_gateway.overlay.overlay import PATH as OVERLAY_PATH
+from wwwserve_gateway.plugin_api.node import NodeAPI
+from wwwserve_gateway.web.admin import BackendAdmin, admin_routes
+from wwwserve_gateway.web.network_views import network_routes
 
-if TYPE_CHECKING:
-    from wwwserve_gateway.node import Node
+Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 
 log = structlog.get_logger(__name__)
 
@@ -46,36 +56,52 @@ async def on_unexpected_error(request: Request, exc: Exception) -> Response:
     return error_response(500, error_body("The gateway failed unexpectedly; see its log.", "internal_error"))
 
 
-def create_app(node: Node) -> GatewayApp:
-    settings = node.config.node
+@dataclass(frozen=True)
+class AppParts:
+    """Everything the HTTP application serves, handed over by the node that owns it."""
+
+    settings: NodeSettings
+    dispatcher: Dispatcher
+    registry: BackendRegistry
+    metrics: GatewayMetrics
+    admin: BackendAdmin
+    node: NodeAPI
+    lifespan: Lifespan
+
+
+def create_app(parts: AppParts) -> GatewayApp:
+    settings = parts.settings
+    registry, metrics = parts.registry, parts.metrics
+    keys = KeyCheck(settings.api_keys)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        backends = [{"id": b.id, "model": b.model_name, "ready": b.ready} for b in node.registry]
+        backends = [{"id": b.id, "model": b.model_name, "ready": b.ready} for b in registry]
         ok = all(b["ready"] for b in backends)
         return JSONResponse(
             {"status": "ready" if ok else "starting", "backends": backends}, 200 if ok else 503
         )
 
-    async def metrics(request: Request) -> Response:
-        for backend in node.registry:
-            node.metrics.observe_backend(backend)
-        return Response(node.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    async def render_metrics(request: Request) -> Response:
+        for backend in registry:
+            metrics.observe_backend(backend)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    fast = generation_endpoints(node.dispatcher, node.keys, node.metrics, settings.max_body_bytes)
-    routes = openai_routes(fast, node.dispatcher, node.keys)
+    fast = generation_endpoints(parts.dispatcher, keys, metrics, settings.max_body_bytes)
+    routes: list[BaseRoute] = [*openai_routes(fast, parts.dispatcher, keys)]
     routes += [
         Route("/health", health, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        Route("/metrics", render_metrics, methods=["GET"]),
+        WebSocketRoute(OVERLAY_PATH, parts.node.overlay.websocket_endpoint),
     ]
-    routes += admin_routes(node)
-    routes += node.network.routes()
+    routes += admin_routes(parts.admin, settings.admin_key)
+    routes += network_routes(parts.node)
     app = Starlette(
         routes=routes,
-        lifespan=node.lifespan,
+        lifespan=parts.lifespan,
         exception_handlers={
             GatewayError: on_gateway_error,
             HTTPException: on_http_error,

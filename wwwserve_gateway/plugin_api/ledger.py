@@ -1,0 +1,57 @@
+"""The ledger slot: the replicated credit ledger."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wwwserve_gateway.network.genesis import NetworkGenesis
+from wwwserve_gateway.plugin_api.base import Plugin, PluginSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One node's credits (unknown nodes have zeros)."""
+
+    liquid: float = 0.0
+    bonded: float = 0.0  # stake: what proof-of-stake draws weigh, and what duels and fraud slash
+    unbonding: float = 0.0  # leaving the stake; still slashable until it matures
+    barred: bool = False  # proven to have equivocated: never drawn, never paid
+
+
+class LedgerPlugin(Plugin, ABC):
+    """Operations, balances and replication."""
+
+    @abstractmethod
+    async def append_own(self, kind: str, body: dict[str, Any]) -> Any:
+        """Sign and durably store an operation of this node's own chain; return it."""
+
+    @abstractmethod
+    def account(self, node_id: str) -> Account: ...
+
+    @abstractmethod
+    def can_delegate(self, node_id: str) -> bool:
+        """Whether a node may delegate and be drawn: balance >= 0 (own debts not yet settled
+        included, for this node) and not barred."""
+
+    @abstractmethod
+    async def settle(self, receipt: dict[str, Any]) -> None:
+        """Owe an executor for a verified signed receipt; the ledger pays in batches."""
+
+    @abstractmethod
+    def balances_view(self) -> dict[str, dict[str, Any]]:
+        """Every account, for the HTTP views and the CLI."""
+
+    @abstractmethod
+    def ops_view(self, author: str, start: int, limit: int) -> list[dict[str, Any]]:
+        """Operations of one chain from seq `start`, for the HTTP views and the CLI."""
+
+    @classmethod
+    def verify_offline(
+        cls, settings: PluginSettings, data_dir: Path, genesis: NetworkGenesis, location: str | None = None
+    ) -> tuple[str, list[str]]:
+        """Re-check the stored ledger without running a node (`wwwserve ledger verify`): where it
+        looked (`location` overrides the settings' storage), and the problems found."""
+        raise NotImplementedError(f"the {cls.__name__} ledger plugin has no offline check")
