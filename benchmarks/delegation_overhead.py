@@ -51,38 +51,38 @@ import psutil
 import uvloop
 import yaml
 from bench_common import (
+    Acc,
+    Bench,
+    BenchNode,
+    Child,
+    HttpTarget,
+    Llama,
     RunStart,
+    Setting,
     added_latency,
     bench_parser,
     client_session,
+    cpu_s,
     figure_title,
     find_py_spy,
     fmt,
+    founding_allocations,
     machine_line,
     progress_bar,
     pyplot,
+    rss_mb,
+    run_load,
     save_figure,
     start_py_spy,
     stop_py_spy,
     stub_command,
+    summarize,
+    summarize_profile,
     target_result,
     targets_table,
     tear_down,
-    tiny_llama_command,
-)
-from gateway_overhead import (  # importing it sets LITELLM_LOCAL_MODEL_COST_MAP, WWWSERVE_MODELS_DIR
-    Acc,
-    Bench,
-    Child,
-    GatewayNode,
-    HttpTarget,
-    Setting,
-    cpu_s,
-    rss_mb,
-    run_load,
-    summarize,
-    summarize_profile,
-    wait_status,
+    tiny_llama,
+    wait_until,
 )
 from rich.columns import Columns
 from rich.console import Console
@@ -179,8 +179,8 @@ SETTINGS = {
 # processes
 
 
-class Node(GatewayNode):
-    """A `wwwserve node` with a network, bootstrap peers and policy settings."""
+class Node(BenchNode):
+    """A `wwwserve node` with a network, bootstrap peers and policy settings; `id` once started."""
 
     def __init__(
         self,
@@ -191,19 +191,19 @@ class Node(GatewayNode):
         network: Path,
         bootstrap: list[str],
     ) -> None:
-        super().__init__(workdir, name, model_list)
-        self.name = name
-        config = yaml.safe_load(self.config_path.read_text())
-        config["node"].update({"network": str(network), "bootstrap": bootstrap, "request_timeout": 60})
-        config["policy"] = {"settings": policy}
-        self.config_path.write_text(yaml.safe_dump(config))
+        super().__init__(
+            workdir, name, model_list, network=str(network), bootstrap=bootstrap, request_timeout=60
+        )
+        self.config["policy"] = {"settings": policy}
+        self.config_path.write_text(yaml.safe_dump(self.config))
         self.id = ""
 
-    def start(self, timeout: float = 60) -> float:
-        took = super().start(timeout)
-        peers = httpx.get(self.url + "/wwwserve/peers", timeout=5).json()
-        self.id = next(p["id"] for p in peers if p["self"])
-        return took
+    def start_measured(self) -> float:
+        """Start; seconds from the spawn until /health/ready answered (polled every 10 ms)."""
+        self.start(ready_timeout=60, interval=0.01)
+        self.id = self.own_id()
+        assert self.ready_s is not None
+        return self.ready_s
 
     def counters(self, prefix: str = "wwwserve_") -> dict[str, float]:
         out: dict[str, float] = {}
@@ -274,26 +274,21 @@ def filesystem(path: Path) -> str:
 
 
 def wait_network(entry: Node, executor: Node, timeout: float) -> float:
-    """Until the entry sees the executor alive with stake > 0 and its bond in the ledger."""
+    """Seconds until the entry sees the executor alive with stake > 0 and its bond in the ledger."""
     t0 = time.monotonic()
-    deadline = t0 + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            view = {p["id"]: p for p in httpx.get(entry.url + "/wwwserve/peers", timeout=5).json()}
-            held = httpx.get(entry.url + "/wwwserve/ledger/balances", timeout=5).json()
-            x = view.get(executor.id, {})
-            last = f"state={x.get('state')} stake={x.get('stake')} bonded={held.get(executor.id, {}).get('bonded')}"
-            if (
-                x.get("state") == "alive"
-                and (x.get("stake") or 0) > 0
-                and held.get(executor.id, {}).get("bonded") == BOND
-            ):
-                return time.monotonic() - t0
-        except httpx.HTTPError as exc:
-            last = str(exc)
-        time.sleep(0.2)
-    raise TimeoutError(f"executor not alive and staked at the entry within {timeout:g} s ({last})")
+    seen: dict[str, Any] = {}
+
+    def staked() -> bool:
+        x = entry.peers().get(executor.id, {})
+        seen.update(state=x.get("state"), stake=x.get("stake"))
+        seen["bonded"] = entry.balances().get(executor.id, {}).get("bonded")
+        return seen["state"] == "alive" and (seen["stake"] or 0) > 0 and seen["bonded"] == BOND
+
+    try:
+        wait_until(staked, timeout, 0.2, what="executor alive and staked at the entry")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc} (last seen: {seen})") from None
+    return time.monotonic() - t0
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +371,7 @@ async def measure(
     plan: Plan,
     progress: Progress,
     stub: Child,
-    llama: Child | None,
+    llama: Llama | None,
     nodes: dict[str, Node],
     profile: bool,
     out_dir: Path,
@@ -385,7 +380,7 @@ async def measure(
     if llama is not None:
         procs["llama"] = llama.ps
     idle = await idle_rates(procs, plan.idle_s)
-    bench = Bench(None, progress, procs)  # type: ignore[arg-type]
+    bench = Bench(progress, procs)
     routes: dict[str, dict[str, list[RouteTarget]]] = {}
     profiles: dict[str, Any] = {}
 
@@ -905,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     run = RunStart.now()
-    children: list[Child] = []
+    children: list[Child | Llama] = []
     nodes: dict[str, Node] = {}
     workdir = Path(tempfile.mkdtemp(prefix="delegation-overhead-", dir=args.data_dir))
     try:
@@ -918,16 +913,16 @@ def main(argv: list[str] | None = None) -> int:
             llama = None
             if plan.llama:
                 progress.update(setup, description="start llama.cpp (tiny model, 1 thread)")
-                llama = Child("llama.cpp", tiny_llama_command(LLAMA_SLOTS, "--threads", "1"), timeout=120)
+                llama = tiny_llama(LLAMA_SLOTS, "--threads", "1")
                 children.append(llama)
-                wait_status(llama.url + "/health", 120, llama.proc)
 
             # Gossip a little faster than the defaults so that X's stake reaches E within seconds;
             # probe and suspect timeouts stay at their defaults (a loaded 2-core machine is slow).
-            # A large grant so that E never runs out of credits to pay X with.
+            # A large allocation to each node (to E above all), so that E never runs out of credits.
             genesis = workdir / "network.yaml"
             gossip = GossipParams(interval_s=0.5, refresh_s=2.0)
-            ledger = LedgerParams(initial_grant=10_000_000, price_per_request=1.0)
+            allocations = founding_allocations(workdir, ["E", "X", "A"], 10_000_000)
+            ledger = LedgerParams(allocations=allocations, price_per_request=1.0)
             write_genesis(NetworkGenesis(name="delegation-bench", gossip=gossip, ledger=ledger), genesis)
             model_list = stub_entries(stub.url + "/v1")
             if llama is not None:
@@ -938,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
                 bootstrap = [nodes["E"].url] if name == "X" else []
                 node = Node(workdir, name, model_list, POLICIES[name], genesis, bootstrap)
                 nodes[name] = node
-                ready_s[name] = node.start()
+                ready_s[name] = node.start_measured()
             progress.update(setup, description="wait until E sees X alive and staked")
             network_s = wait_network(nodes["E"], nodes["X"], 60)
             rss = {n: rss_mb(node.ps) for n, node in nodes.items()}
@@ -949,8 +944,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             rss_after = {n: rss_mb(node.ps) for n, node in nodes.items()}
             counters = {n: node.counters() for n, node in nodes.items()}
-            with contextlib.suppress(httpx.HTTPError):
-                balances = httpx.get(nodes["E"].url + "/wwwserve/ledger/balances", timeout=5).json()
+            with contextlib.suppress(OSError, RuntimeError):
+                balances = nodes["E"].balances()
                 counters["ledger_at_E"] = {
                     n: balances.get(node.id) for n, node in nodes.items() if node.id in balances
                 }

@@ -22,32 +22,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-import http.client
 import json
-import os
-import select
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-os.environ.setdefault("WWWSERVE_MODELS_DIR", str(Path.home() / ".cache" / "wwwserve" / "models"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, also when imported
 
-import aiohttp
 import numpy as np
-import psutil
 import uvloop
-import yaml
 from bench_common import (
+    HERE,
+    MESSAGES,
+    Acc,
+    Bench,
+    BenchNode,
+    Child,
+    HttpTarget,
+    Llama,
     RunStart,
+    Setting,
     added_latency,
     bench_parser,
     client_session,
@@ -57,26 +54,24 @@ from bench_common import (
     machine_line,
     progress_bar,
     pyplot,
+    rss_mb,
+    run_load,
     save_figure,
     start_py_spy,
     stop_py_spy,
     stub_command,
+    summarize,
+    summarize_profile,
     target_result,
     targets_table,
     tear_down,
-    tiny_llama_command,
+    tiny_llama,
 )
 from rich.columns import Columns
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-LOOPBACK = "127.0.0.1"
-DONE = b"data: [DONE]\n\n"
-JSON_HEADERS = {"Content-Type": "application/json"}
-MESSAGES = [{"role": "user", "content": "Say hi"}]
 STREAM_CHUNKS = 20  # content chunks of an ordinary stub stream (sent at once)
 LONG_CHUNKS = 200  # content chunks of a long stub stream (one every GAP_MS, like real generation)
 GAP_MS = 1.0
@@ -123,202 +118,7 @@ class Plan:
 
 
 # --------------------------------------------------------------------------------------------
-# processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-def read_listening(proc: subprocess.Popen[bytes], timeout: float, what: str) -> str:
-    """The URL from a child's 'listening http://HOST:PORT' line."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = proc.stdout.readline().decode(errors="replace")
-        if not line:
-            break
-        if line.startswith("listening "):
-            url = line.split()[1].rstrip("/")
-            return url if url.startswith("http") else f"http://{url}"
-    raise RuntimeError(f"{what} did not start (exit code {proc.poll()})")
-
-
-def http_status(url: str, timeout: float = 1.0) -> int | None:
-    host_port, _, path = url.removeprefix("http://").partition("/")
-    host, _, port = host_port.partition(":")
-    assert host in (LOOPBACK, "localhost"), "loopback only"
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        conn.request("GET", "/" + path)
-        return conn.getresponse().status
-    except OSError:
-        return None
-    finally:
-        conn.close()
-
-
-def wait_status(
-    url: str, timeout: float, proc: subprocess.Popen[bytes] | None, interval: float = 0.01
-) -> float:
-    """Poll `url` until 200; returns the monotonic time it first answered 200."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
-        if http_status(url) == 200:
-            return time.monotonic()
-        time.sleep(interval)
-    raise TimeoutError(f"{url} not 200 within {timeout:g} s")
-
-
-class Child:
-    """A child process that prints 'listening URL' and exits when its stdin closes."""
-
-    def __init__(self, name: str, cmd: list[str], timeout: float = 60) -> None:
-        self.name = name
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO
-        )
-        try:
-            self.url = read_listening(self.proc, timeout, name)
-        except Exception:
-            self.stop()
-            raise
-        self.ps = psutil.Process(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-
-
-class GatewayNode:
-    """`wwwserve node --config FILE --port N` in a subprocess (output to a log file)."""
-
-    def __init__(self, workdir: Path, name: str, model_list: list[dict[str, Any]]) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.config_path = workdir / f"{name}.yaml"
-        self.log_path = workdir / f"{name}.log"
-        config = {
-            "node": {"host": LOOPBACK, "data_dir": str(workdir / f"{name}-data")},
-            "model_list": model_list,
-        }
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    def start(self, timeout: float = 60) -> float:
-        """Spawn and wait for /health/ready; returns seconds from spawn to the first 200."""
-        cmd = [
-            sys.executable,
-            "-m",
-            "wwwserve_gateway",
-            "node",
-            "--config",
-            str(self.config_path),
-            "--port",
-            str(self.port),
-        ]
-        t0 = time.monotonic()
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            ready_at = wait_status(self.url + "/health/ready", timeout, self.proc)
-        except Exception as exc:
-            self.stop()
-            raise RuntimeError(f"node did not get ready: {exc}\n{self.log_tail()}") from None
-        self.ps = psutil.Process(self.proc.pid)
-        return ready_at - t0
-
-    def log_tail(self, lines: int = 30) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def cpu_s(ps: psutil.Process) -> float:
-    t = ps.cpu_times()
-    return t.user + t.system
-
-
-def rss_mb(ps: psutil.Process) -> float:
-    return ps.memory_info().rss / 2**20
-
-
-# --------------------------------------------------------------------------------------------
 # load generation
-
-
-class HttpTarget:
-    def __init__(self, session: aiohttp.ClientSession, base: str, model: str, **extra: Any) -> None:
-        self.session = session
-        self.url = f"{base}/v1/chat/completions"
-        body = {"model": model, "messages": MESSAGES, **extra}
-        self.body = json.dumps(body).encode()
-        self.stream_body = json.dumps({**body, "stream": True}).encode()
-        self.retries = 0
-
-    async def one(self, stream: bool) -> tuple[float | None, str | None]:
-        for _ in range(3):
-            try:
-                return await self._one(stream)
-            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-                # llama.cpp's server closes the connection after each streamed answer although it
-                # announces keep-alive; a client that reuses it at once fails to write. Retry, and
-                # count it: the retry's time stays in the latency.
-                self.retries += 1
-        return await self._one(stream)
-
-    def answered(self, resp: aiohttp.ClientResponse) -> None:
-        """Called with each 200 answer before its body is read (for subclasses that check headers)."""
-
-    async def _one(self, stream: bool) -> tuple[float | None, str | None]:
-        async with self.session.post(
-            self.url, data=self.stream_body if stream else self.body, headers=JSON_HEADERS
-        ) as resp:
-            if resp.status != 200:
-                return None, f"HTTP {resp.status}: {(await resp.read())[:200]!r}"
-            self.answered(resp)
-            if not stream:
-                data = await resp.read()
-                return None, None if b'"usage"' in data else "answer without usage"
-            first = None
-            tail = b""
-            async for data in resp.content.iter_any():
-                if first is None:
-                    first = time.perf_counter()
-                tail = (tail + data)[-32:]
-            return first, None if tail.endswith(DONE) else "stream did not end with [DONE]"
 
 
 class LiteLLMTarget:
@@ -342,74 +142,6 @@ class LiteLLMTarget:
         return first, None if chunks else "empty stream"
 
 
-@dataclass
-class Load:
-    lat: list[float] = field(default_factory=list)
-    ttft: list[float] = field(default_factory=list)
-    errors: int = 0
-    first_error: str | None = None
-    wall: float = 0.0
-
-
-async def run_load(target: Any, stream: bool, n: int, concurrency: int, tick, limit_s: float) -> Load:
-    load = Load()
-    todo = iter(range(n))
-    perf = time.perf_counter
-
-    async def worker() -> None:
-        done = 0
-        for _ in todo:
-            t0 = perf()
-            try:
-                first, err = await target.one(stream)
-            except Exception as exc:
-                first, err = None, f"{type(exc).__name__}: {exc}"
-            t1 = perf()
-            if err is None:
-                load.lat.append(t1 - t0)
-                if first is not None:
-                    load.ttft.append(first - t0)
-            else:
-                load.errors += 1
-                load.first_error = load.first_error or err
-            done += 1
-            if done == 16:
-                tick(done)
-                done = 0
-        if done:
-            tick(done)
-
-    t0 = perf()
-    async with asyncio.timeout(limit_s):
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
-    load.wall = perf() - t0
-    return load
-
-
-@dataclass
-class Acc:
-    """Everything measured for one path in one setting, summed over rounds."""
-
-    lat: list[float] = field(default_factory=list)
-    ttft: list[float] = field(default_factory=list)
-    round_p50: list[float] = field(default_factory=list)
-    n: int = 0
-    errors: int = 0
-    retries: int = 0
-    first_error: str | None = None
-    wall: float = 0.0
-    client_cpu: float = 0.0
-    cpu: Counter = field(default_factory=Counter)  # per server process name
-
-
-@dataclass(frozen=True)
-class Setting:
-    key: str
-    concurrency: int
-    stream: bool
-    label: str
-
-
 SETTINGS = {
     s.key: s
     for s in (
@@ -425,170 +157,8 @@ SETTINGS = {
 }
 
 
-class Bench:
-    def __init__(self, plan: Plan, progress: Progress, procs: dict[str, psutil.Process]) -> None:
-        self.plan = plan
-        self.progress = progress
-        self.procs = procs
-        self.acc: dict[str, dict[str, Acc]] = {}
-
-    async def compare(
-        self, setting: Setting, paths: list[tuple[str, Any, int]], rounds: int, warmup: int
-    ) -> None:
-        """Warm each path up, then run `rounds` rounds, each path in turn (order rotated per round)."""
-        total = sum(n for _, _, n in paths) + warmup * len(paths)
-        names = "/".join(p[0] for p in paths)
-        task = self.progress.add_task(f"{setting.label:<22} {names}", total=total)
-
-        def tick(k: int) -> None:
-            self.progress.advance(task, k)
-
-        timeout = 300.0
-        for name, target, n in paths:
-            w = min(warmup, n)
-            load = await run_load(target, setting.stream, w, setting.concurrency, tick, timeout)
-            if load.errors == w:
-                raise RuntimeError(f"{name} {setting.key}: every warm-up request failed: {load.first_error}")
-        for r in range(rounds):
-            order = paths[r % len(paths) :] + paths[: r % len(paths)]
-            for name, target, n in order:
-                count = n // rounds + (1 if r < n % rounds else 0)
-                before = {k: cpu_s(p) for k, p in self.procs.items()}
-                r0 = target.retries
-                c0 = time.process_time()
-                load = await run_load(target, setting.stream, count, setting.concurrency, tick, timeout)
-                c1 = time.process_time()
-                after = {k: cpu_s(p) for k, p in self.procs.items()}
-                acc = self.acc.setdefault(name, {}).setdefault(setting.key, Acc())
-                acc.lat += load.lat
-                acc.ttft += load.ttft
-                if load.lat:
-                    acc.round_p50.append(float(np.median(load.lat)) * 1e3)
-                acc.n += count
-                acc.errors += load.errors
-                acc.retries += target.retries - r0
-                acc.first_error = acc.first_error or load.first_error
-                acc.wall += load.wall
-                acc.client_cpu += c1 - c0
-                for k in self.procs:
-                    acc.cpu[k] += after[k] - before[k]
-        self.progress.update(task, completed=total)
-
-
-def pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) * 1e3 if values else None
-
-
-def summarize(acc: Acc) -> dict[str, Any]:
-    ok = len(acc.lat)
-    per = max(acc.n, 1)
-    return {
-        "requests": acc.n,
-        "errors": acc.errors,
-        "retries": acc.retries,
-        "first_error": acc.first_error,
-        "p50_ms": pct(acc.lat, 50),
-        "p90_ms": pct(acc.lat, 90),
-        "p99_ms": pct(acc.lat, 99),
-        "mean_ms": float(np.mean(acc.lat)) * 1e3 if ok else None,
-        "max_ms": float(np.max(acc.lat)) * 1e3 if ok else None,
-        "round_p50_ms": acc.round_p50,
-        "ttft_p50_ms": pct(acc.ttft, 50),
-        "ttft_p99_ms": pct(acc.ttft, 99),
-        "rps": ok / acc.wall if acc.wall else None,
-        "wall_s": acc.wall,
-        "client_cpu_ms_per_req": acc.client_cpu / per * 1e3,
-        "process_cpu_ms_per_req": {k: v / per * 1e3 for k, v in acc.cpu.items()},
-        "process_busy": {k: v / acc.wall for k, v in acc.cpu.items()} if acc.wall else {},
-        "client_busy": acc.client_cpu / acc.wall if acc.wall else None,
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # profiling (optional)
-
-
-def package_of(filename: str) -> str:
-    if "site-packages/" in filename:
-        return filename.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
-    if filename.startswith(str(REPO)):
-        rel = Path(filename).relative_to(REPO)
-        top = rel.parts[0]
-        if top == "backends":
-            return "wwwserve_gateway.backends." + rel.stem
-        if top == "wwwserve_gateway":
-            return ".".join(rel.with_suffix("").parts)
-        return top
-    name = Path(filename).parts
-    if "lib" in name:
-        rest = name[name.index("lib") + 2 :]  # .../lib/python3.11/<module>
-        if rest:
-            return rest[0].removesuffix(".py")
-    return Path(filename).stem
-
-
-# The process's entry chain: in every stack, so it says nothing about where the time goes.
-WRAPPER_PACKAGES = {
-    "<frozen runpy>",
-    "runpy",
-    "wwwserve_gateway.__main__",
-    "typer",
-    "click",
-    "wwwserve_gateway.cli",
-    "uvloop",
-    "asyncio",
-}
-LOOP_FRAME = "Runner.run"  # a sample whose innermost Python frame is the loop runner is in uvloop's C code
-
-
-def summarize_profile(raw: Path, top: int = 25) -> dict[str, Any]:
-    """Self and inclusive sample shares from py-spy's raw (collapsed stack) output."""
-    self_counts: Counter = Counter()
-    incl_pkg: Counter = Counter()
-    incl_fn: Counter = Counter()
-    total = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count_s = line.rpartition(" ")
-        if not stack or not count_s.isdigit():
-            continue
-        count = int(count_s)
-        frames = stack.split(";")[1:]  # the first entry names the process
-        if not frames:
-            continue
-        total += count
-        self_counts[frames[-1]] += count
-        seen_pkg = set()
-        seen_fn = set()
-        for frame in frames:
-            fn, _, where = frame.rpartition(" (")
-            filename = where.rsplit(":", 1)[0]
-            pkg = package_of(filename)
-            if pkg in WRAPPER_PACKAGES:
-                continue
-            if pkg not in seen_pkg:
-                seen_pkg.add(pkg)
-                incl_pkg[pkg] += count
-            key = f"{fn} [{pkg}]"
-            if key not in seen_fn:
-                seen_fn.add(key)
-                incl_fn[key] += count
-
-    def share(counter: Counter) -> list[tuple[str, float]]:
-        return [(k, round(100 * v / total, 1)) for k, v in counter.most_common(top)] if total else []
-
-    def short(frame: str) -> str:
-        fn, _, where = frame.rpartition(" (")
-        if fn == LOOP_FRAME:
-            return "(event loop C code: epoll, socket reads/writes, callback dispatch)"
-        filename, _, line = where.rstrip(")").rpartition(":")
-        return f"{fn} [{package_of(filename)}:{Path(filename).name}:{line}]"
-
-    return {
-        "samples": total,
-        "self_pct": [(short(k), v) for k, v in share(self_counts)],
-        "inclusive_pct_by_package": share(incl_pkg),
-        "inclusive_pct_by_function": share(incl_fn),
-    }
 
 
 async def profile_gateway(
@@ -632,6 +202,13 @@ async def profile_gateway(
 # the run
 
 
+def start_node(node: BenchNode) -> float:
+    """Start `node`; seconds from its spawn to its first 200 from /health/ready, polled every 10 ms."""
+    node.start(ready_timeout=60, interval=0.01)
+    assert node.ready_s is not None
+    return node.ready_s
+
+
 def stub_entry(name: str, api_base: str) -> dict[str, Any]:
     return {
         "model_name": name,
@@ -643,9 +220,9 @@ async def measure(
     plan: Plan,
     progress: Progress,
     stub: Child,
-    node: GatewayNode,
+    node: BenchNode,
     proxy: Child,
-    llama: Child | None,
+    llama: Llama | None,
     profile: bool,
     out_dir: Path,
 ) -> tuple[dict[str, dict[str, Acc]], dict[str, Any]]:
@@ -671,7 +248,7 @@ async def measure(
     procs = {"gateway": node.ps, "aiohttp-proxy": proxy.ps, "stub": stub.ps}
     if llama is not None:
         procs["llama"] = llama.ps
-    bench = Bench(plan, progress, procs)
+    bench = Bench(progress, procs)
     async with (
         client_session(64, 60) as direct_s,
         client_session(64, 60) as gateway_s,
@@ -1060,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     run = RunStart.now()
-    children: list[Child] = []
-    nodes: list[GatewayNode] = []
+    children: list[Child | Llama] = []
+    nodes: list[BenchNode] = []
     workdir = Path(tempfile.mkdtemp(prefix="gateway-overhead-"))
     report: dict[str, Any] = {}
     try:
@@ -1076,18 +653,17 @@ def main(argv: list[str] | None = None) -> int:
             ready_rss: list[float] = []
             for i in range(plan.ready_runs):
                 progress.update(setup, description=f"node ready time, run {i + 1}/{plan.ready_runs}")
-                probe = GatewayNode(workdir, f"ready{i}", [stub_entry("stub", stub_base)])
+                probe = BenchNode(workdir, f"ready{i}", [stub_entry("stub", stub_base)])
                 nodes.append(probe)
-                ready.append(probe.start())
+                ready.append(start_node(probe))
                 ready_rss.append(rss_mb(probe.ps))
                 probe.stop()
 
             llama = None
             if not args.no_llama:
                 progress.update(setup, description="start llama.cpp (tiny model)")
-                llama = Child("llama.cpp", tiny_llama_command(LLAMA_POOL), timeout=120)
+                llama = tiny_llama(LLAMA_POOL)
                 children.append(llama)
-                wait_status(llama.url + "/health", 120, llama.proc)
 
             progress.update(setup, description="start gateway node and aiohttp proxy")
             model_list = [stub_entry("stub", stub_base), stub_entry("stub-long", stub_base)]
@@ -1102,9 +678,9 @@ def main(argv: list[str] | None = None) -> int:
                         },
                     }
                 )
-            node = GatewayNode(workdir, "gateway", model_list)
+            node = BenchNode(workdir, "gateway", model_list)
             nodes.append(node)
-            node_ready = node.start()
+            node_ready = start_node(node)
             proxy = Child(
                 "aiohttp-proxy",
                 [sys.executable, str(HERE / "aiohttp_proxy.py"), "--upstream", stub.url, "--port", "0"],

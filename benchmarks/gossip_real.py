@@ -3,82 +3,40 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, also when imported
+
+from bench_common import BenchNode, http_status, wait_until
 
 from wwwserve_gateway.network.genesis import GossipParams, NetworkGenesis, write_genesis
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def seconds_until(check: Callable[[], bool], limit_s: float, every: float = 0.05) -> float | None:
+    """Seconds until check() holds (a node not answering yet counts as not), or None after limit_s."""
 
-
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        body = resp.read()
-    return json.loads(body) if url.endswith("/peers") else body.decode()
-
-
-def _poll(check, limit_s: float, every: float = 0.05) -> float | None:
-    """Seconds until check() holds, or None after limit_s."""
-    start = time.monotonic()
-    while time.monotonic() - start < limit_s:
+    def holds() -> bool:
         try:
-            if check():
-                return time.monotonic() - start
+            return check()
         except OSError:
-            pass
-        time.sleep(every)
-    return None
+            return False
+
+    start = time.monotonic()
+    try:
+        wait_until(holds, limit_s, every)
+    except TimeoutError:
+        return None
+    return time.monotonic() - start
 
 
-def _sent_bytes(url: str) -> float:
-    for line in _get(url + "/metrics").splitlines():
-        if line.startswith('wwwserve_gossip_events_total{event="sent_bytes"}'):
-            return float(line.split()[-1])
-    return 0.0
-
-
-class _Node:
-    def __init__(self, workdir: Path, name: str, genesis: Path, bootstrap: list[str]) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = {
-            "node": {
-                "port": self.port,
-                "data_dir": str(workdir / name),
-                "network": str(genesis),
-                "bootstrap": bootstrap,
-                "log_level": "warning",
-            },
-            "model_list": [],
-        }
-        path = workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wwwserve_gateway", "node", "--config", str(path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=os.environ.copy(),
-        )
-
-    def healthy(self) -> bool:
-        return _get(self.url + "/health") is not None
-
-    def view(self) -> dict[str, str]:
-        return {p["id"]: p["state"] for p in _get(self.url + "/wwwserve/peers")}
+def states(node: BenchNode) -> dict[str, str]:
+    return {node_id: p["state"] for node_id, p in node.peers().items()}
 
 
 def run_real(n: int = 20, params: GossipParams | None = None, steady_rounds: int = 10) -> dict[str, Any]:
@@ -88,37 +46,42 @@ def run_real(n: int = 20, params: GossipParams | None = None, steady_rounds: int
         workdir = Path(tmp)
         genesis = workdir / "network.yaml"
         write_genesis(NetworkGenesis(name="bench-real", gossip=params), genesis)
+
+        def node(i: int, bootstrap: list[str]) -> BenchNode:
+            settings = {"network": str(genesis), "bootstrap": bootstrap, "log_level": "warning"}
+            return BenchNode(workdir, f"node{i}", [], **settings)
+
         spawned = time.monotonic()
-        seed = _Node(workdir, "node0", genesis, [])
-        nodes = [seed] + [_Node(workdir, f"node{i}", genesis, [seed.url]) for i in range(1, n)]
+        seed = node(0, []).spawn()
+        nodes = [seed] + [node(i, [seed.url]).spawn() for i in range(1, n)]
         try:
-            if _poll(lambda: all(node.healthy() for node in nodes), 120) is None:
+            if seconds_until(lambda: all(http_status(m.url + "/health") == 200 for m in nodes), 120) is None:
                 raise RuntimeError("nodes did not start")
             all_up = time.monotonic()
 
             def converged() -> bool:
                 return all(
-                    len(v) == n and all(s == "alive" for s in v.values())
-                    for v in (node.view() for node in nodes)
+                    len(v) == n and all(s == "alive" for s in v.values()) for v in (states(m) for m in nodes)
                 )
 
-            if _poll(converged, 60 * interval + 30) is None:
+            if seconds_until(converged, 60 * interval + 30) is None:
                 raise RuntimeError("no convergence")
             done = time.monotonic()
-            before = sum(_sent_bytes(node.url) for node in nodes)
-            time.sleep(steady_rounds * interval)
-            steady = (sum(_sent_bytes(node.url) for node in nodes) - before) / n / steady_rounds
+
+            def sent_bytes() -> float:
+                return sum(m.metric("wwwserve_gossip_events_total", event="sent_bytes") for m in nodes)
+
+            before = sent_bytes()
+            time.sleep(steady_rounds * interval)  # the measured window
+            steady = (sent_bytes() - before) / n / steady_rounds
             victim = nodes[n // 2]
-            victim_id = next(p["id"] for p in _get(victim.url + "/wwwserve/peers") if p["self"])
-            victim.proc.send_signal(signal.SIGKILL)
-            others = [node for node in nodes if node is not victim]
-            detect = _poll(
-                lambda: all(node.view().get(victim_id) == "dead" for node in others), 60, every=0.1
-            )
+            victim_id = victim.own_id()
+            victim.stop(signal.SIGKILL)
+            others = [m for m in nodes if m is not victim]
+            detect = seconds_until(lambda: all(states(m).get(victim_id) == "dead" for m in others), 60, 0.1)
         finally:
-            for node in nodes:
-                node.proc.kill()
-                node.proc.wait()
+            for m in nodes:
+                m.stop(signal.SIGKILL)
     converge_s = done - all_up
     return {
         "n": n,

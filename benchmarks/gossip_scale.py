@@ -25,18 +25,20 @@ gossip_scale.png to --out (default benchmarks/results/). All times are virtual; 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+# bench_common, also when imported (importing it puts the repository root on sys.path: simulation/, tests/)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import numpy as np
+from bench_common import bench_parser, machine_info, progress_bar, pyplot, save_figure, verdict, versions
+from gossip_real import run_real
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from simulation.gossip import FullListNetwork, SimNetwork, sample_fields
@@ -44,10 +46,6 @@ from wwwserve_gateway.network.canonical import canonical
 from wwwserve_gateway.network.genesis import GossipParams
 from wwwserve_gateway.plugins.gossip.member_table import DEAD, SUSPECT
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gossip_real import run_real
-
-HERE = Path(__file__).resolve().parent
 SEED = 2024
 FULL_SIZES = [10, 100, 1000, 10_000]
 QUICK_SIZES = [10, 100, 1000]
@@ -270,10 +268,6 @@ def evaluate(swim: dict[int, dict[str, Any]], sizes: list[int]) -> dict[str, Any
     }
 
 
-def verdict(ok: bool) -> str:
-    return "[green]PASS[/]" if ok else "[red]MISS[/]"
-
-
 def human_bytes(b: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(b) < 1000:
@@ -338,11 +332,7 @@ def print_tables(report: dict[str, Any]) -> None:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     swim = {int(k): v for k, v in report["swim"].items()}
     ref = {int(k): v for k, v in report["reference"].items()}
     ns = sorted(swim)
@@ -444,23 +434,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
 
     m = report["meta"]
-    fig.suptitle(
+    title = (
         f"wwwserve gossip at scale ({'quick' if m['quick'] else 'full'} run, simulated transport, seed {m['seed']}): "
         f"interval {report['params']['interval_s']:g} s, fanout {report['params']['fanout']}, "
-        f"max_piggyback {report['params']['max_piggyback']}, sync every {report['params']['sync_every_rounds']} rounds",
-        fontsize=11,
+        f"max_piggyback {report['params']['max_piggyback']}, sync every {report['params']['sync_every_rounds']} rounds"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="N up to 1,000 (within a minute)")
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
+    parser = bench_parser(__doc__, "N up to 1,000 (within a minute)")
     args = parser.parse_args(argv)
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     refresh_sizes = [10, 100] if args.quick else [10, 100, 1000]
@@ -475,13 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         + [("reference", n) for n in sizes]
         + [("refresh", n) for n in refresh_sizes]
     )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("starting", total=len(steps))
         for kind, n in steps:
             progress.update(task, description=f"{kind:9s} N={n:>6,}")
@@ -514,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "seed": SEED,
             "elapsed_s": round(time.perf_counter() - started, 1),
-            "machine": {"python": platform.python_version(), "platform": platform.platform()},
+            "machine": machine_info(),
+            "versions": versions(),
             "notes": [
                 "virtual time; one round = interval_s; a round has two phases (round start, +probe_timeout_s)",
                 "every node ticks before any message of a phase is delivered; replies are delivered in the phase",

@@ -26,11 +26,10 @@ Writes ledger_throughput.json and ledger_throughput.png to --out (default benchm
 
 from __future__ import annotations
 
-import argparse
+import functools
 import hashlib
 import json
 import os
-import platform
 import shutil
 import signal
 import sqlite3
@@ -43,30 +42,38 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
+# bench_common, also when imported (importing it puts the repository root on sys.path: simulation/, tests/)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import nacl.signing
 import orjson
+from bench_common import (
+    BenchNode,
+    bench_parser,
+    collapsed_stacks,
+    find_py_spy,
+    loadavg,
+    machine_info,
+    progress_bar,
+    py_spy_command,
+    pyplot,
+    save_figure,
+    verdict,
+    versions,
+    wait_until,
+)
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from wwwserve_gateway.network.canonical import canonical
 from wwwserve_gateway.network.genesis import LedgerParams, NetworkGenesis, write_genesis
 from wwwserve_gateway.network.identity import NodeIdentity
 from wwwserve_gateway.plugins.ledger.ops import Operation, parse_op, sign_op
-from wwwserve_gateway.plugins.ledger.rules import batch_body, batch_items, check_op, payment_amount
+from wwwserve_gateway.plugins.ledger.rules import batch_body, check_op, payment_amount
 from wwwserve_gateway.plugins.ledger.store import LedgerStore, default_url
 
 console = Console()
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-
-
-def _repo_on_path() -> None:
-    """tests.postgres / tests.support live at the repository root, which a script run is not on."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-
 
 TARGET_APPENDS_PER_S = 5000
 TARGET_SYNC_S = 30.0
@@ -77,6 +84,7 @@ PAY_BATCHES = (1, 10, 100)
 IDENTITIES = 100
 BASE_TS = 1_700_000_000.0  # far enough in the past that every unbonding has matured
 MODEL = "qwen2.5-7b-instruct-q4_k_m"
+BALANCES = "/wwwserve/ledger/balances"
 
 
 # -- workload ------------------------------------------------------------------------------------
@@ -88,10 +96,21 @@ def identity(i: int) -> NodeIdentity:
     return NodeIdentity(nacl.signing.SigningKey(seed))
 
 
+GRANT = 1000
+
+
+@functools.cache
+def bench_genesis() -> NetworkGenesis:
+    """The benchmark's network: the IDENTITIES authors are its founding members."""
+    allocations = {identity(i).node_id: GRANT for i in range(IDENTITIES)}
+    return NetworkGenesis(name="ledger-throughput-bench", ledger=LedgerParams(allocations=allocations))
+
+
 def receipt_body(executor: NodeIdentity, entry: str, tag: str, started: float) -> dict[str, Any]:
     return {
         "id": executor.node_id,
         "kind": "receipt",
+        "net": bench_genesis().network_id,
         "entry": entry,
         "request": hashlib.sha256(f"request {tag}".encode()).hexdigest(),
         "response": hashlib.sha256(f"response {tag}".encode()).hexdigest(),
@@ -116,16 +135,15 @@ def payment(
     long_form: bool,
 ) -> dict[str, Any]:
     """A payment to `executor` for one request per tag, as ChainLedger._payment writes it: compact
-    ({to, amount, items, sig}: the executor countersigns the batch once) or, with long_form, the
-    fallback {to, amount, receipts} (one executor signature per receipt)."""
+    ({to, amount, items, sig}: the executor countersigns the items once) or, with long_form, the
+    fallback {to, amount, items, receipts} (one executor signature per receipt)."""
+    bodies = [receipt_body(executor, entry, t, s) for t, s in zip(tags, starts, strict=True)]
+    items = [[b["request"], b["prompt_tokens"], b["completion_tokens"]] for b in bodies]
+    payment = {"to": executor.node_id, "amount": payment_amount(items, params), "items": items}
     if long_form:
-        receipts = [make_receipt(executor, entry, t, s) for t, s in zip(tags, starts, strict=True)]
-        return {"to": executor.node_id, "amount": payment_amount(receipts, params), "receipts": receipts}
-    # The items and amount are what the executor's signed receipts give; only the batch is signed here.
-    unsigned = [{"body": receipt_body(executor, entry, t, s)} for t, s in zip(tags, starts, strict=True)]
-    items = batch_items(unsigned)
-    sig = executor.sign(canonical(batch_body(executor.node_id, entry, items))).hex()
-    return {"to": executor.node_id, "amount": payment_amount(unsigned, params), "items": items, "sig": sig}
+        return {**payment, "receipts": [executor.sign_record(b) for b in bodies]}
+    net = bench_genesis().network_id
+    return {**payment, "sig": executor.sign(canonical(batch_body(net, executor.node_id, entry, items))).hex()}
 
 
 def pay_body(
@@ -154,14 +172,14 @@ def payment_signatures(p: dict[str, Any]) -> int:
 def gen_chain(index: int, n_ops: int, n_ids: int, long_form: bool = False) -> list[Operation]:
     """One author's chain: join, bond 100, then (per 10 ops) 8 pays of 1-3 requests, a bond, an unbond.
     Pays are in the compact form (the payee countersigns the batch), or the long form with long_form."""
-    params = LedgerParams()
+    params = bench_genesis().ledger
     me = identity(index)
     ops: list[Operation] = []
     prev = ""
     for seq in range(1, n_ops + 1):
         ts = round(BASE_TS + seq * 1.0 + index * 0.001, 3)
         if seq == 1:
-            kind, body = "join", {"grant": params.initial_grant}
+            kind, body = "join", {"grant": params.allocations.get(me.node_id, 0)}
         elif seq == 2:
             kind, body = "bond", {"amount": 100}
         elif seq % 10 == 0:
@@ -203,7 +221,7 @@ def bench_appends(
     url: str, signed: list[dict[str, Any]], batch: int, budget_s: float, params: LedgerParams
 ) -> dict[str, Any]:
     """Feed `signed` (chain order) through parse_op + check_op + append, `batch` ops per append."""
-    store = LedgerStore(url, "b" * 64)
+    store = LedgerStore(url, bench_genesis().network_id)
     t_parse = t_check = t_append = 0.0
     done = 0
     started = time.perf_counter()
@@ -214,7 +232,7 @@ def bench_appends(
             ops = [parse_op(s) for s in chunk]
             t1 = time.perf_counter()
             for op in ops:
-                check_op(op, params)
+                check_op(op, params, bench_genesis().network_id)
             t2 = time.perf_counter()
             store.append(ops)
             t3 = time.perf_counter()
@@ -239,14 +257,13 @@ def bench_appends(
 
 
 def part_appends(ops: list[Operation], quick: bool, workdir: Path, progress: Progress) -> dict[str, Any]:
-    params = LedgerParams()
+    params = bench_genesis().ledger
     signed = [orjson.loads(op.raw) for op in ops]
     budget = 1.0 if quick else 3.0
     results: dict[str, Any] = {"sqlite": [], "postgresql": [], "postgresql_error": None}
     pg = None
     try:
-        _repo_on_path()
-        from tests.postgres import PostgresServer, find_bindir
+        from tests.postgres import PostgresServer, find_bindir  # the repository root: bench_common
 
         bindir = find_bindir()
         if bindir is None:
@@ -313,10 +330,6 @@ def build_db(ops: list[Operation], data_dir: Path, network_id: str) -> None:
         store.close()
 
 
-def get_json(url: str) -> Any:
-    return httpx.get(url, timeout=60).json()
-
-
 def db_count(path: Path) -> int:
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
@@ -350,20 +363,16 @@ INCLUSIVE = [
 ]
 
 
-def summarize_profile(raw: Path) -> dict[str, Any]:
+def ledger_profile(raw: Path) -> dict[str, Any]:
+    """Node B's samples by what the ledger sync spends them on (CATEGORIES, INCLUSIVE)."""
     if not raw.exists():
         return {"error": "py-spy wrote nothing"}
     leaf: Counter[str] = Counter()
     cats: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     total = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        n = int(count)
+    for frames, n in collapsed_stacks(raw):
         total += n
-        frames = stack.split(";")
         leaf[frames[-1]] += n
         for frame in reversed(frames):
             hit = next((name for name, keys in CATEGORIES if any(k in frame for k in keys)), None)
@@ -385,18 +394,15 @@ def summarize_profile(raw: Path) -> dict[str, Any]:
 
 
 def part_sync(ops: list[Operation], n_ids: int, quick: bool, workdir: Path, profile: bool) -> dict[str, Any]:
-    _repo_on_path()
-    from tests.support import NodeProcess, wait_until
-
-    genesis = NetworkGenesis(name="ledger-throughput-bench")
+    genesis = bench_genesis()
     genesis_path = workdir / "genesis.yaml"
     write_genesis(genesis, genesis_path)
     a_data = workdir / "a-data"
     t0 = time.perf_counter()
     build_db(ops, a_data, genesis.network_id)
     build_s = time.perf_counter() - t0
-    a = NodeProcess({"node": {"network": str(genesis_path), "data_dir": str(a_data)}}, workdir, name="a")
-    b = NodeProcess({"node": {"network": str(genesis_path), "bootstrap": [a.url]}}, workdir, name="b")
+    a = BenchNode(workdir, "a", [], network=str(genesis_path), data_dir=str(a_data))
+    b = BenchNode(workdir, "b", [], network=str(genesis_path), bootstrap=[a.url])
     b_db = Path(b.config["node"]["data_dir"]) / "ledger.db"
     timeout = float(os.environ.get("LEDGER_BENCH_SYNC_TIMEOUT", 90.0 if quick else 120.0))
     result: dict[str, Any] = {
@@ -409,41 +415,42 @@ def part_sync(ops: list[Operation], n_ids: int, quick: bool, workdir: Path, prof
     try:
         t0 = time.perf_counter()
         a.start(wait_ready=False)
-        wait_until(lambda: len(get_json(a.url + "/wwwserve/ledger/balances")) >= n_ids + 1, 120, 0.2)
+        wait_until(lambda: len(a.get_json(BALANCES, 60)) >= n_ids + 1, 120, 0.2, what="node A's ledger")
         result["node_a_start_s"] = round(time.perf_counter() - t0, 2)
         with console.status(f"node B syncing {len(ops):,} operations from node A") as status:
             started = time.perf_counter()
             b.start(wait_ready=False)
             b_up = time.perf_counter() - started
             raw = workdir / "b-profile.txt"
-            venv_spy = Path(sys.executable).parent / "py-spy"
-            exe = shutil.which("py-spy") or (str(venv_spy) if venv_spy.exists() else None)
+            exe = find_py_spy()
             if profile and exe and b.proc is not None:
                 spy = subprocess.Popen(
-                    [exe, "record", "--pid", str(b.proc.pid), "--format", "raw", "--rate", "50",
-                     "--nonblocking", "-o", str(raw), "--duration", str(int(timeout) + 10)],
+                    py_spy_command(exe, b.proc.pid, raw, 50, "--duration", str(int(timeout) + 10)),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
-                )  # fmt: skip
+                )
             curve: list[tuple[float, int]] = []
-            converged_at = None
-            while time.perf_counter() - started < timeout:
+
+            def synced() -> bool:
                 n = db_count(b_db)
                 elapsed = time.perf_counter() - started
                 curve.append((round(elapsed, 2), n))
                 status.update(
                     f"node B syncing: {max(n, 0):,} / {len(ops):,} operations after {elapsed:.1f} s"
                 )
-                if n >= len(ops):
-                    try:
-                        va = get_json(a.url + "/wwwserve/ledger/balances")
-                        vb = get_json(b.url + "/wwwserve/ledger/balances")
-                    except httpx.HTTPError:
-                        va, vb = {}, None
-                    if va == vb and len(va) >= n_ids + 2:
-                        converged_at = time.perf_counter() - started
-                        break
-                time.sleep(0.25)
+                if n < len(ops):
+                    return False
+                try:
+                    va, vb = a.get_json(BALANCES, 60), b.get_json(BALANCES, 60)
+                except (OSError, RuntimeError):
+                    return False
+                return va == vb and len(va) >= n_ids + 2
+
+            try:
+                wait_until(synced, timeout, 0.25)
+                converged_at: float | None = time.perf_counter() - started
+            except TimeoutError:
+                converged_at = None
             result["b_http_up_s"] = round(b_up, 2)
             result["sync_s"] = round(converged_at, 2) if converged_at is not None else None
             result["timed_out_after_s"] = None if converged_at is not None else timeout
@@ -458,7 +465,7 @@ def part_sync(ops: list[Operation], n_ids: int, quick: bool, workdir: Path, prof
                     spy.wait(30)
                 except subprocess.TimeoutExpired:
                     spy.kill()
-                result["profile_b"] = summarize_profile(raw)
+                result["profile_b"] = ledger_profile(raw)
     finally:
         if spy is not None and spy.poll() is None:
             spy.kill()
@@ -491,10 +498,11 @@ FORMS = ("compact", "long")
 
 def part_bytes() -> dict[str, Any]:
     """Both payment forms side by side; the target is judged on the compact form (what nodes write)."""
-    params = LedgerParams()
+    params = bench_genesis().ledger
     entry, executors = identity(1000), [identity(1001 + i) for i in range(100)]
     receipt = make_receipt(executors[0], entry.node_id, "size", BASE_TS)
-    item = batch_items([receipt])[0]
+    body = receipt["body"]
+    item = [body["request"], body["prompt_tokens"], body["completion_tokens"]]
     out: dict[str, Any] = {
         "receipt_bytes": len(canonical(receipt)),
         "receipt_body_bytes": len(canonical(receipt["body"])),
@@ -524,7 +532,7 @@ def part_bytes() -> dict[str, Any]:
                     for j in range(k)
                 ]
                 op = sign_op(entry, 2, "0" * 64, "pay", {"payments": payments}, BASE_TS + 100)
-                check_op(op, params)
+                check_op(op, params, bench_genesis().network_id)
                 out["batches"].append(
                     {
                         "form": form,
@@ -550,29 +558,6 @@ def part_bytes() -> dict[str, Any]:
 
 
 # -- report --------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_avg": os.getloadavg(),
-        "sqlite": sqlite3.sqlite_version,
-    }
-
-
-def verdict(ok: bool | None) -> str:
-    return "[green]PASS[/]" if ok else "[red]MISS[/]"
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -671,11 +656,7 @@ def targets(report: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     ax = axes[0]
     for backend in ("sqlite", "postgresql"):
@@ -727,23 +708,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title("3. ledger bytes per delegated request")
     ax.legend(fontsize=8)
     m = report["machine"]
-    fig.suptitle(
+    title = (
         f"wwwserve ledger throughput ({'quick' if report['quick'] else 'full'} run, "
         f"{m['cpu_count']} CPUs, {m['cpu_model']}; workload pays in the {report['pay_form']} form)"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="10,000-op sync and shorter runs: under a minute"
-    )
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
+    parser = bench_parser(__doc__, "10,000-op sync and shorter runs: under a minute")
     parser.add_argument("--no-profile", action="store_true", help="do not sample node B with py-spy")
     parser.add_argument(
         "--long-form",
@@ -758,13 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="wwwserve-ledger-bench-"))
     started = time.perf_counter()
     try:
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
+        with progress_bar(console) as progress:
             workers = max(1, len(os.sched_getaffinity(0)))
             sync_ops = gen_ledger(n_sync, IDENTITIES, progress, workers, args.long_form)
             append_ops = (
@@ -781,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "pay_form": "long" if args.long_form else "compact",
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": machine_info(),
+            "machine": machine_info() | {"load_avg": loadavg(), "sqlite": sqlite3.sqlite_version},
+            "versions": versions(),
             "appends": appends,
             "sync": sync,
             "bytes": bytes_,

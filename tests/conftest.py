@@ -1,15 +1,17 @@
-"""Session fixtures: real model files, a real llama.cpp server and a real gateway node process."""
+"""Fixtures: real model files, a real llama.cpp server and a real gateway node process (per session);
+backends built as the node builds them (per test)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import LlamaServer, NodeProcess
 from wwwserve_gateway.model_store import TINY_MODEL, find_model, pull
+from wwwserve_gateway.plugin_api.backend import Backend, BackendContext
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 # Models persist between runs (a fresh CI machine pulls them once: ~5 s).
@@ -70,3 +72,24 @@ def gateway(
     node = NodeProcess(config, workdir).start()
     yield node
     node.stop()
+
+
+@pytest.fixture
+async def make_backend(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Backend]]]:
+    """Builds backends through the entry points, as the node does (`await make_backend(model, **params)`),
+    started; closes them afterwards."""
+    from wwwserve_gateway.config.schema import ModelEntry
+    from wwwserve_gateway.deployments import build_backend
+
+    made: list[Backend] = []
+
+    async def make(model: str, **params: object) -> Backend:
+        entry = ModelEntry(model_name="m", litellm_params={"model": model, **params})
+        backend = build_backend(entry, BackendContext(data_dir=tmp_path, request_timeout=30.0))
+        await backend.start()
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.aclose()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -16,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
-from tests.support import free_port
+from tests.support import free_port, until
 from wwwserve_gateway.network.identity import NodeIdentity
 from wwwserve_gateway.overlay import Overlay, overlay_url
 from wwwserve_gateway.overlay import frames as overlay_frames
@@ -25,18 +24,6 @@ from wwwserve_gateway.overlay.handshake import Initiator
 from wwwserve_gateway.overlay.secure_channel import SecureChannel
 
 NETWORK = "f" * 64
-
-
-async def until(predicate: Callable[[], Any], within: float = 5.0, what: str = "condition") -> Any:
-    """Poll `predicate` until it is truthy or `within` seconds pass."""
-    deadline = time.monotonic() + within
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met within {within:g} s")
-        await asyncio.sleep(0.01)
 
 
 class OverlayNode:
@@ -55,7 +42,7 @@ class OverlayNode:
         self.port = port or free_port()
         self.options = overlay_options
         self.registry = CollectorRegistry()
-        self.overlay = Overlay(self.identity, network_id, registry=self.registry, **overlay_options)
+        self.overlay = Overlay(self.identity, network_id, metrics=self.registry, **overlay_options)
         self.server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
 

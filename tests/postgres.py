@@ -1,7 +1,8 @@
 """A real PostgreSQL server for tests, from Debian's binaries (`apt-get install postgresql`).
 
 Use it from a test module with `pytest_plugins = ("tests.postgres",)`; the `postgres_server` fixture
-(one server per session) hands out fresh databases through `create_database()`. The cluster lives in
+(one server per session) hands out fresh databases through `create_database()`, and `ledger_url` runs a
+test once on a fresh SQLite database and once on a fresh PostgreSQL one. The cluster lives in
 a temporary directory, listens on a free loopback port only, and is stopped at teardown. PostgreSQL
 refuses to run as root, so under root the cluster is owned by, and run as, the `postgres` user.
 """
@@ -13,13 +14,15 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support import free_port
+from wwwserve_gateway.plugins.ledger.store import default_url
 
 INSTALL_HINT = "PostgreSQL server binaries not found: apt-get install postgresql"
 
@@ -32,12 +35,6 @@ def find_bindir() -> Path | None:
         return max(found, key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0)
     initdb = shutil.which("initdb")
     return Path(initdb).parent if initdb and shutil.which("pg_ctl") else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PostgresServer:
@@ -115,3 +112,12 @@ def postgres_server() -> Iterator[PostgresServer]:
     server = PostgresServer(bindir)
     yield server
     server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty ledger database: SQLite under tmp_path/db, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return default_url(tmp_path / "db")
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()

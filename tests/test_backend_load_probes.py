@@ -13,10 +13,8 @@ import pytest
 from aiohttp import web
 
 from tests.support import free_port
-from wwwserve_gateway.backend_registry import build_backend
 from wwwserve_gateway.backends.vllm import SGLangBackend, VLLMBackend
-from wwwserve_gateway.config.schema import ModelEntry
-from wwwserve_gateway.plugin_api.backend import Backend, BackendContext, BackendLoad
+from wwwserve_gateway.plugin_api.backend import BackendLoad
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROM_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -69,23 +67,6 @@ async def metrics() -> AsyncIterator[MetricsServer]:
     await server.stop()
 
 
-@pytest.fixture
-async def make(tmp_path: Path) -> AsyncIterator:
-    """Builds backends through the entry points, as the node does, and closes them afterwards."""
-    made: list[Backend] = []
-
-    async def build(model: str, **params: object) -> Backend:
-        entry = ModelEntry(model_name="m", litellm_params={"model": model, **params})
-        backend = build_backend(entry, BackendContext(data_dir=tmp_path, request_timeout=30.0))
-        await backend.start()
-        made.append(backend)
-        return backend
-
-    yield build
-    for backend in made:
-        await backend.aclose()
-
-
 @pytest.mark.parametrize(
     ("fixture", "model", "cls", "expected"),
     [
@@ -103,10 +84,15 @@ async def make(tmp_path: Path) -> AsyncIterator:
     ids=["vllm-v0", "vllm-v1-dp2", "sglang"],
 )
 async def test_probe_reads_recorded_metrics(
-    metrics: MetricsServer, make, fixture: str, model: str, cls: type, expected: tuple[int, int, float]
+    metrics: MetricsServer,
+    make_backend,
+    fixture: str,
+    model: str,
+    cls: type,
+    expected: tuple[int, int, float],
 ) -> None:
     metrics.serve((FIXTURES / fixture).read_text())
-    backend = await make(model, api_base=f"{metrics.url}/v1", api_key="sk-upstream")
+    backend = await make_backend(model, api_base=f"{metrics.url}/v1", api_key="sk-upstream")
     assert type(backend) is cls
     assert backend.ready  # ready at start, without contacting the server
 
@@ -120,7 +106,7 @@ async def test_probe_reads_recorded_metrics(
 
 
 async def test_vllm_0_9_exports_both_cache_gauges_and_they_are_not_added(
-    metrics: MetricsServer, make
+    metrics: MetricsServer, make_backend
 ) -> None:
     # vLLM 0.9 kept the deprecated gauge beside its new name, with the same value.
     metrics.serve(
@@ -138,11 +124,11 @@ async def test_vllm_0_9_exports_both_cache_gauges_and_they_are_not_added(
         "# TYPE vllm:kv_cache_usage_perc gauge\n"
         'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.42\n'
     )
-    backend = await make("hosted_vllm/m", api_base=f"{metrics.url}/v1")
+    backend = await make_backend("hosted_vllm/m", api_base=f"{metrics.url}/v1")
     assert await backend.probe_load() == BackendLoad(4, 1, pytest.approx(0.42))
 
 
-async def test_sglang_label_set_of_newer_releases(metrics: MetricsServer, make) -> None:
+async def test_sglang_label_set_of_newer_releases(metrics: MetricsServer, make_backend) -> None:
     # Newer SGLang labels scheduler gauges with engine_type and the parallel ranks.
     labels = 'engine_type="unified",model_name="Qwen/Qwen3-8B",moe_ep_rank="0",pp_rank="0",tp_rank="0"'
     metrics.serve(
@@ -156,7 +142,7 @@ async def test_sglang_label_set_of_newer_releases(metrics: MetricsServer, make) 
         "# TYPE sglang:num_queue_reqs gauge\n"
         f"sglang:num_queue_reqs{{{labels}}} 3.0\n"
     )
-    backend = await make("sglang/Qwen/Qwen3-8B", api_base=f"{metrics.url}/v1")
+    backend = await make_backend("sglang/Qwen/Qwen3-8B", api_base=f"{metrics.url}/v1")
     assert await backend.probe_load() == BackendLoad(24, 3, pytest.approx(0.73))
 
 
@@ -176,33 +162,35 @@ async def test_sglang_label_set_of_newer_releases(metrics: MetricsServer, make) 
 )
 @pytest.mark.parametrize("model", ["hosted_vllm/m", "sglang/m"])
 async def test_probe_gives_none_when_the_metrics_say_nothing(
-    metrics: MetricsServer, make, model: str, status: int, body: str
+    metrics: MetricsServer, make_backend, model: str, status: int, body: str
 ) -> None:
     metrics.serve(body, status)
-    backend = await make(model, api_base=f"{metrics.url}/v1")
+    backend = await make_backend(model, api_base=f"{metrics.url}/v1")
     assert await backend.probe_load() is None
 
 
 @pytest.mark.parametrize("model", ["hosted_vllm/m", "sglang/m"])
-async def test_probe_gives_none_when_the_server_is_down(make, model: str) -> None:
-    backend = await make(model, api_base=f"http://127.0.0.1:{free_port()}/v1")
+async def test_probe_gives_none_when_the_server_is_down(make_backend, model: str) -> None:
+    backend = await make_backend(model, api_base=f"http://127.0.0.1:{free_port()}/v1")
     assert backend.ready  # a remote server may be briefly down: requests get 502, routing keeps it
     assert await backend.probe_load() is None
 
 
-async def test_metrics_url_from_api_base_forms_and_override(metrics: MetricsServer, make) -> None:
+async def test_metrics_url_from_api_base_forms_and_override(metrics: MetricsServer, make_backend) -> None:
     metrics.serve((FIXTURES / "vllm_metrics_v1.txt").read_text())
-    trailing = await make("vllm/m", api_base=f"{metrics.url}/v1/")
-    override = await make("vllm/m", api_base=f"{metrics.url}/v1", metrics_url=f"{metrics.url}/engine-metrics")
+    trailing = await make_backend("vllm/m", api_base=f"{metrics.url}/v1/")
+    override = await make_backend(
+        "vllm/m", api_base=f"{metrics.url}/v1", metrics_url=f"{metrics.url}/engine-metrics"
+    )
     assert trailing.metrics_url == f"{metrics.url}/metrics"
     assert (await trailing.probe_load()) == (await override.probe_load()) == BackendLoad(8, 2, 0.25)
     assert [path for path, _ in metrics.seen] == ["/metrics", "/engine-metrics"]
     assert override.describe()["metrics_url"] == f"{metrics.url}/engine-metrics"
 
 
-async def test_default_servers_are_local(make) -> None:
-    vllm = await make("hosted_vllm/m")
-    sglang = await make("sglang/m")
+async def test_default_servers_are_local(make_backend) -> None:
+    vllm = await make_backend("hosted_vllm/m")
+    sglang = await make_backend("sglang/m")
     assert (vllm.base_url, vllm.metrics_url) == ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/metrics")
     assert (sglang.base_url, sglang.metrics_url) == (
         "http://127.0.0.1:30000/v1",

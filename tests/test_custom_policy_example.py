@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from tests.fakes.plugins import FakeLedger, build, node_api
-from tests.support import REPO, NodeProcess, wait_until
-from wwwserve_gateway.network.genesis import GossipParams, NetworkGenesis, write_genesis
+from tests.support import REPO, NodeProcess, founding_allocations, wait_until
+from wwwserve_gateway.network.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
 from wwwserve_gateway.plugin_api import POLICY, Account, Decision, Policy, RequestInfo
 from wwwserve_gateway.plugin_api.loading import plugin_class
 
@@ -201,7 +201,12 @@ def workdir(tmp_path: Path, tiny_path: Path) -> Path:
 
 
 def test_a_node_runs_the_quota_policy(workdir: Path) -> None:
-    node = quota_node(workdir, "quota", {"requests_per_minute": 2, "bond": 10}).start()
+    genesis = workdir / "network.yaml"
+    write_genesis(
+        NetworkGenesis(ledger=LedgerParams(allocations=founding_allocations(workdir, ["quota"], 1000))),
+        genesis,
+    )
+    node = quota_node(workdir, "quota", {"requests_per_minute": 2, "bond": 10}, network=str(genesis)).start()
     try:
         me = own_record(node)["id"]
         # start() bonded the stake, and the gossiped record offers it while the quota has room.
@@ -252,7 +257,10 @@ def test_over_quota_reject_answers_429_in_openai_form(workdir: Path) -> None:
 def pair(workdir: Path) -> Iterator[tuple[NodeProcess, NodeProcess]]:
     """An entry with a quota of one request and a peer with room and stake, in one network."""
     genesis = workdir / "network.yaml"
-    write_genesis(NetworkGenesis(name="quota-test", gossip=GossipParams(interval_s=0.3)), genesis)
+    funded = LedgerParams(allocations=founding_allocations(workdir, ["entry", "peer"], 1000))
+    write_genesis(
+        NetworkGenesis(name="quota-test", gossip=GossipParams(interval_s=0.3), ledger=funded), genesis
+    )
     entry = quota_node(workdir, "entry", {"requests_per_minute": 1}, network=str(genesis)).start()
     peer = quota_node(
         workdir, "peer", {"requests_per_minute": 100, "bond": 50}, network=str(genesis), bootstrap=[entry.url]

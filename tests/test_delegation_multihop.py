@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import LlamaServer, NodeProcess, wait_until
-from tests.test_delegation import GOSSIP, LEDGER, balances, counter, own_id
+from tests.support import LlamaServer, NodeProcess, founding_allocations, wait_until
+from tests.test_delegation import GOSSIP, LEDGER
 from wwwserve_gateway.network.genesis import NetworkGenesis, write_genesis
 
 MODEL = "tiny"
@@ -34,7 +34,8 @@ def ring(
 ) -> Iterator[dict[str, tuple[NodeProcess, str]]]:
     workdir = tmp_path_factory.mktemp("multihop")
     genesis = workdir / "network.yaml"
-    write_genesis(NetworkGenesis(name="multihop-test", gossip=GOSSIP, ledger=LEDGER), genesis)
+    funded = LEDGER.model_copy(update={"allocations": founding_allocations(workdir, [*POLICIES, "A"], 1000)})
+    write_genesis(NetworkGenesis(name="multihop-test", gossip=GOSSIP, ledger=funded), genesis)
     llama = LlamaServer(tiny_path, MODEL, parallel=4)
     nodes: dict[str, tuple[NodeProcess, str]] = {}
     try:
@@ -54,12 +55,12 @@ def ring(
                 "policy": {"settings": policy},
             }
             node = NodeProcess(config, workdir, name=name).start()
-            nodes[name] = (node, own_id(node))
+            nodes[name] = (node, node.own_id())
 
         def staked_everywhere() -> bool:
             for node, _ in nodes.values():
-                view = {p["id"]: p for p in httpx.get(node.url + "/wwwserve/peers", timeout=5).json()}
-                held = balances(node)
+                view = node.peers()
+                held = node.balances()
                 for other in ("R1", "R2", "X"):
                     peer = nodes[other][1]
                     if view.get(peer, {}).get("state") != "alive" or not view[peer].get("stake"):
@@ -80,7 +81,7 @@ def test_relays_pass_requests_on_without_loops(ring: dict[str, tuple[NodeProcess
     entry, e_id = ring["E"]
     x_id = ring["X"][1]
     relays = {ring["R1"][1], ring["R2"][1]}
-    before = balances(entry)
+    before = entry.balances()
     routes = []
     n = 10
     for _ in range(n):
@@ -98,16 +99,16 @@ def test_relays_pass_requests_on_without_loops(ring: dict[str, tuple[NodeProcess
     assert any(len(route) >= 3 for route in routes), routes
 
     def settled() -> bool:
-        now = balances(entry)
+        now = entry.balances()
         return now[e_id]["liquid"] == before[e_id]["liquid"] - n * LEDGER.price_per_request
 
-    wait_until(settled, 20, interval=0.2, what="the entry paid")
-    now = balances(entry)
+    wait_until(settled, interval=0.2, what="the entry paid")
+    now = entry.balances()
     assert now[x_id]["liquid"] - before[x_id]["liquid"] == n * LEDGER.price_per_request
     for relay in relays:  # relays are neither paid nor charged
         assert now[relay]["liquid"] == before[relay]["liquid"]
     relayed = sum(
-        counter(ring[name][0], "wwwserve_peer_requests_total", outcome="relayed") for name in ("R1", "R2")
+        ring[name][0].metric("wwwserve_peer_requests_total", outcome="relayed") for name in ("R1", "R2")
     )
     assert relayed == sum(len(route) - 2 for route in routes)
 
@@ -121,12 +122,11 @@ def test_with_no_executor_left_the_relays_give_up_without_looping(
 
     def x_gone() -> bool:
         for name in ("E", "R1", "R2"):
-            view = {p["id"]: p for p in httpx.get(ring[name][0].url + "/wwwserve/peers", timeout=5).json()}
-            if view.get(x_id, {}).get("state") == "alive":
+            if ring[name][0].peers().get(x_id, {}).get("state") == "alive":
                 return False
         return True
 
-    wait_until(x_gone, 30, interval=0.2, what="every node sees X gone")
+    wait_until(x_gone, interval=0.2, what="every node sees X gone")
     r = httpx.post(
         entry.url + "/v1/chat/completions",
         json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
@@ -135,7 +135,7 @@ def test_with_no_executor_left_the_relays_give_up_without_looping(
     # Nobody could take it: the entry falls back to its own backend rather than fail the app.
     assert r.status_code == 200, r.text
     assert r.headers["x-wwwserve-route"] == entry_id
-    assert counter(entry, "wwwserve_delegations_total", outcome="no_executor") == 1
+    assert entry.metric("wwwserve_delegations_total", outcome="no_executor") == 1
     # No node was ever offered a request whose route already held it.
     for name in ("E", "R1", "R2"):
-        assert counter(ring[name][0], "wwwserve_peer_requests_total", outcome="refused") == 0
+        assert ring[name][0].metric("wwwserve_peer_requests_total", outcome="refused") == 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import API_KEY
-from tests.support import NodeProcess
+from tests.support import NodeProcess, SilentBackend
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -136,28 +134,9 @@ def test_node_still_serves_after_bad_input(gateway: NodeProcess) -> None:
 @pytest.fixture(scope="module")
 def silent_server() -> Iterator[int]:
     """A backend that accepts connections and never answers."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        sock.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(sock.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield sock.getsockname()[1]
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    sock.close()
+    server = SilentBackend()
+    yield server.port
+    server.close()
 
 
 @pytest.fixture(scope="module")

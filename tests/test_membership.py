@@ -233,21 +233,72 @@ def test_forged_records_are_rejected_and_counted() -> None:
     assert after.heartbeat == target.heartbeat
 
 
-def test_suspect_accusation_is_refuted_by_its_subject() -> None:
+def accusation(accuser: Membership, subject: str, incarnation: int, kind: str = SUSPECT) -> dict[str, Any]:
+    body = {"kind": kind, "id": accuser.id, "subject": subject, "incarnation": incarnation, "ts": 0}
+    return accuser.identity.sign_record(body)
+
+
+def test_an_accusation_alone_changes_nobodys_view_and_the_subject_refutes() -> None:
+    """One member's word is a hint: the others check the accused themselves and keep it alive."""
     net = converged()
     live = net.live()
     accuser, subject = net.nodes[live[1]], net.nodes[live[2]]
     before = subject.incarnation
-    body = {"kind": SUSPECT, "id": accuser.id, "subject": subject.id, "incarnation": before, "ts": 0}
-    signed = accuser.identity.sign_record(body)
-    for i in live[3:]:
-        gossip(net.nodes[i], accuser.id, signed)
-    assert states(net, subject.id, live[3:]) == {SUSPECT}
-    gossip(subject, accuser.id, signed)
-    assert subject.incarnation > before and subject.stats["refutes"] == 1
-    rounds = net.run_until(lambda: states(net, subject.id) == {ALIVE}, 10)
+    for kind in (SUSPECT, DEAD):
+        signed = accusation(accuser, subject.id, before, kind)
+        for i in live[3:]:
+            gossip(net.nodes[i], accuser.id, signed)
+        assert states(net, subject.id, live[3:]) == {ALIVE}
+        assert all(net.nodes[i].stats["confirms"] >= 1 for i in live[3:])
+    gossip(subject, accuser.id, accusation(accuser, subject.id, before))
+    assert subject.incarnation == before + 1 and subject.stats["refutes"] == 1
+    rounds = net.run_until(
+        lambda: all(
+            net.nodes[i].member(subject.id).incarnation == subject.incarnation
+            for i in live  # type: ignore[union-attr]
+        ),
+        10,
+    )
     assert rounds is not None
-    assert all(net.nodes[i].member(subject.id).incarnation == subject.incarnation for i in live)  # type: ignore[union-attr]
+    assert states(net, subject.id) == {ALIVE}
+
+
+def test_an_accusation_citing_an_incarnation_never_signed_is_refused() -> None:
+    """The eviction attack: a dead record at the largest incarnation the protocol carries would need
+    a refutation above it, which no node can sign. It is refused everywhere, the victim included."""
+    net = converged()
+    live = net.live()
+    attacker, victim = net.nodes[live[1]], net.nodes[live[2]]
+    before = victim.incarnation
+    forged = accusation(attacker, victim.id, 2**62 - 1, DEAD)
+    for i in live[2:]:
+        gossip(net.nodes[i], attacker.id, forged)
+    assert victim.incarnation == before and victim.stats["refutes"] == 0
+    assert all(net.nodes[i].stats["rejected.uncited"] == 1 for i in live[2:])
+    net.run(10)
+    assert states(net, victim.id) == {ALIVE}
+
+
+def test_refutations_are_rate_limited() -> None:
+    net = converged()
+    live = net.live()
+    attacker, victim = net.nodes[live[1]], net.nodes[live[2]]
+    before = victim.incarnation
+    for _ in range(20):  # re-accused at each new incarnation, within one round
+        gossip(victim, attacker.id, accusation(attacker, victim.id, victim.incarnation))
+    assert victim.incarnation == before + 1 and victim.stats["refutes"] == 1
+
+
+def test_a_member_is_declared_dead_by_each_node_after_its_own_probes() -> None:
+    net = converged()
+    victim = net.live()[3]
+    net.kill(victim)
+    rounds = net.run_until(lambda: states(net, victim, [i for i in net.live()]) == {DEAD}, 30)
+    assert rounds is not None
+    # Every survivor checked for itself: its own accusation, not a relayed one, made it dead.
+    for i in net.live():
+        entry = net.nodes[i]._table.get(victim)
+        assert entry is not None and entry.accusation["body"]["id"] == net.nodes[i].id
 
 
 class Recorder:
@@ -386,3 +437,37 @@ def test_garbage_is_counted() -> None:
     assert node.stats["rejected.bad-sender"] == 1
     node.receive(sender, {"type": "sync", "h": "AAAA"})
     assert node.stats["rejected.malformed-message"] == 7
+
+
+def test_a_leave_can_only_come_from_the_leaver() -> None:
+    """A leave record is its author's own goodbye: one signed by another key says only that the
+    signer left, and a leave forged in the victim's name fails its signature."""
+    net = converged()
+    live = net.live()
+    attacker, victim, observer = (net.nodes[i] for i in live[1:4])
+    entry = observer.member(victim.id)
+    assert entry is not None
+    body = {"kind": LEFT, "id": victim.id, "incarnation": entry.incarnation, "ts": int(net.wall())}
+    forged = {"body": body, "sig": attacker.identity.sign(canonical(body)).hex()}
+    gossip(observer, attacker.id, forged)
+    assert observer.stats["rejected.bad-signature"] == 1
+    assert observer.member(victim.id).state == ALIVE  # type: ignore[union-attr]
+
+
+def test_records_of_an_earlier_life_are_ignored_after_a_restart() -> None:
+    """Replayed after a restart, the old alive record and an accusation citing the old incarnation
+    change nothing: the new incarnation wins."""
+    net = converged()
+    live = net.live()
+    attacker, victim, observer = (net.nodes[i] for i in live[1:4])
+    old_record = victim._table.get(victim.id).alive  # type: ignore[union-attr]
+    old = victim.incarnation
+    old_accusation = accusation(attacker, victim.id, old)
+    net.restart(live[2], [live[0]])
+    restarted = net.nodes[live[2]]
+    assert restarted.incarnation > old
+    net.run_until(lambda: observer.member(victim.id).incarnation == restarted.incarnation, 20)  # type: ignore[union-attr]
+    gossip(observer, attacker.id, old_record, old_accusation)
+    view = observer.member(victim.id)
+    assert view is not None and view.state == ALIVE and view.incarnation == restarted.incarnation
+    assert observer.stats["updates.stale"] >= 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support import NodeProcess, wait_until
+from tests.support import NodeProcess, free_port, wait_until
 from wwwserve_gateway.network.genesis import GossipParams, NetworkGenesis, write_genesis
 
 N = 11
@@ -19,19 +18,10 @@ N = 11
 PARAMS = GossipParams(
     interval_s=0.3, probe_timeout_s=0.25, suspect_timeout_s=1.2, refresh_s=2.0, tombstone_ttl_s=60.0
 )
-ROUND = PARAMS.interval_s
-
-
-def peers(node: NodeProcess) -> dict[str, dict]:
-    return {p["id"]: p for p in httpx.get(node.url + "/wwwserve/peers", timeout=5).json()}
-
-
-def node_id(node: NodeProcess) -> str:
-    return next(p["id"] for p in httpx.get(node.url + "/wwwserve/peers", timeout=5).json() if p["self"])
 
 
 def states_of(nodes: list[NodeProcess], subject: str) -> list[str | None]:
-    return [peers(n).get(subject, {}).get("state") for n in nodes]
+    return [n.peers().get(subject, {}).get("state") for n in nodes]
 
 
 @pytest.fixture(scope="module")
@@ -65,56 +55,46 @@ def network(
 
 
 def test_all_nodes_converge_with_models_and_load(network: list[NodeProcess]) -> None:
-    started = time.monotonic()
-
+    # How fast: benchmarks/gossip_scale.py (20 real nodes: converged within 5 intervals).
     def converged() -> bool:
         for node in network:
-            view = peers(node)
+            view = node.peers()
             if len(view) != N or any(p["state"] != "alive" for p in view.values()):
                 return False
         return True
 
-    wait_until(converged, timeout=40 * ROUND + 10, interval=0.2, what=f"{N} nodes converged")
-    elapsed = time.monotonic() - started
-    seed_id = node_id(network[0])
+    wait_until(converged, interval=0.2, what=f"{N} nodes converged")
+    seed_id = network[0].own_id()
     # The seed's model and load summary reached every node.
     wait_until(
-        lambda: all([m["name"] for m in peers(n)[seed_id]["models"]] == ["tiny"] for n in network),
-        timeout=20 * ROUND,
+        lambda: all([m["name"] for m in n.peers()[seed_id]["models"]] == ["tiny"] for n in network),
         what="models everywhere",
     )
-    assert all(peers(n)[seed_id]["load"] is not None for n in network)
-    assert elapsed < 60
+    assert all(n.peers()[seed_id]["load"] is not None for n in network)
 
 
 def test_kill_9_is_detected_and_restart_rejoins(network: list[NodeProcess]) -> None:
     victim = network[5]
     others = [n for n in network if n is not victim]
-    victim_id = node_id(victim)
-    old_incarnation = peers(others[0])[victim_id]["incarnation"]
+    victim_id = victim.own_id()
+    old_incarnation = others[0].peers()[victim_id]["incarnation"]
     victim.stop(signal.SIGKILL)
-    killed = time.monotonic()
-    bound = PARAMS.probe_timeout_s + PARAMS.suspect_timeout_s + 10 * ROUND
+    # How fast: benchmarks/gossip_scale.py (detection time, simulated up to 10,000 nodes and 20 real).
     wait_until(
         lambda: all(s == "dead" for s in states_of(others, victim_id)),
-        timeout=bound + 10,
         interval=0.1,
         what="victim dead everywhere",
     )
-    detected = time.monotonic() - killed
-    assert detected <= bound + 3, f"detected after {detected:.1f} s; bound {bound:.1f} s"
 
     victim.start(wait_ready=False)  # same data dir: same identity, same port
 
     def back() -> bool:
-        views = [peers(n).get(victim_id) for n in others]
+        views = [n.peers().get(victim_id) for n in others]
         return all(
             v is not None and v["state"] == "alive" and v["incarnation"] > old_incarnation for v in views
         )
 
-    wait_until(
-        back, timeout=30 * ROUND + 10, interval=0.2, what="victim alive again with a higher incarnation"
-    )
+    wait_until(back, interval=0.2, what="victim alive again with a higher incarnation")
     # No ghost: exactly one entry per id at every node, the victim's included.
     for node in network:
         listing = httpx.get(node.url + "/wwwserve/peers", timeout=5).json()
@@ -124,17 +104,15 @@ def test_kill_9_is_detected_and_restart_rejoins(network: list[NodeProcess]) -> N
 def test_graceful_leave_removes_a_node_at_once(network: list[NodeProcess]) -> None:
     leaver = network[7]
     others = [n for n in network if n is not leaver]
-    leaver_id = node_id(leaver)
+    leaver_id = leaver.own_id()
     leaver.stop(signal.SIGTERM)
-    left = time.monotonic()
+    # Disseminated, not timed out: a node that had declared the leaver dead first would keep it dead
+    # (dead and left rank alike at one incarnation), so "left" everywhere means the leave record won.
     wait_until(
         lambda: all(s == "left" for s in states_of(others, leaver_id)),
-        timeout=10 * ROUND + 5,
         interval=0.1,
         what="leave seen everywhere",
     )
-    # Disseminated, not timed out: well before a failure detector could have declared it dead.
-    assert time.monotonic() - left < PARAMS.suspect_timeout_s + 6 * ROUND
 
 
 def test_node_of_another_network_is_refused(network: list[NodeProcess], tmp_path: Path) -> None:
@@ -143,13 +121,12 @@ def test_node_of_another_network_is_refused(network: list[NodeProcess], tmp_path
     config = {"node": {"network": str(other_genesis), "bootstrap": [network[0].url]}, "model_list": []}
     stranger = NodeProcess(config, tmp_path, name="stranger").start(wait_ready=False)
     try:
-        stranger_id = node_id(stranger)
+        stranger_id = stranger.own_id()
         wait_until(
             lambda: "wrong_network" in httpx.get(network[0].url + "/metrics").text,
-            timeout=10,
             what="refusal counted",
         )
-        assert stranger_id not in peers(network[0])
+        assert stranger_id not in network[0].peers()
         assert [p["id"] for p in httpx.get(stranger.url + "/wwwserve/peers").json()] == [stranger_id]
         assert httpx.get(network[0].url + "/health").status_code == 200
     finally:
@@ -182,14 +159,13 @@ def test_a_cut_off_node_heals_when_it_returns(network: list[NodeProcess]) -> Non
     dead. On SIGCONT it learns it was declared dead, refutes with a higher incarnation, and is back."""
     paused = network[3]
     others = [n for n in network if n is not paused and n.proc is not None and n.proc.poll() is None]
-    paused_id = node_id(paused)
-    before = peers(others[0])[paused_id]["incarnation"]
+    paused_id = paused.own_id()
+    before = others[0].peers()[paused_id]["incarnation"]
     assert paused.proc is not None
     paused.proc.send_signal(signal.SIGSTOP)
     try:
         wait_until(
             lambda: all(s == "dead" for s in states_of(others, paused_id)),
-            timeout=20,
             interval=0.1,
             what="paused node declared dead",
         )
@@ -197,11 +173,11 @@ def test_a_cut_off_node_heals_when_it_returns(network: list[NodeProcess]) -> Non
         paused.proc.send_signal(signal.SIGCONT)
 
     def healed() -> bool:
-        views = [peers(n).get(paused_id) for n in others]
+        views = [n.peers().get(paused_id) for n in others]
         return all(v and v["state"] == "alive" and v["incarnation"] > before for v in views)
 
-    wait_until(healed, timeout=30 * ROUND + 10, interval=0.2, what="partition healed")
-    assert len(peers(paused)) >= len(others)
+    wait_until(healed, interval=0.2, what="partition healed")
+    assert len(paused.peers()) >= len(others)
 
 
 def test_membership_metrics(network: list[NodeProcess]) -> None:
@@ -214,8 +190,6 @@ def test_membership_metrics(network: list[NodeProcess]) -> None:
 def test_unreachable_bootstrap_keeps_serving_and_retries(
     genesis_path: Path, tmp_path: Path, llama_tiny
 ) -> None:
-    from tests.support import free_port
-
     seed_port = free_port()
     config = {
         "node": {"network": str(genesis_path), "bootstrap": [f"http://127.0.0.1:{seed_port}"]},
@@ -228,15 +202,14 @@ def test_unreachable_bootstrap_keeps_serving_and_retries(
     try:
         body = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         assert httpx.post(lonely.url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
-        assert len(peers(lonely)) == 1
+        assert len(lonely.peers()) == 1
         seed = NodeProcess(
             {"node": {"network": str(genesis_path), "port": seed_port}, "model_list": []},
             tmp_path,
             name="late-seed",
         ).start()
         wait_until(
-            lambda: len(peers(lonely)) == 2 and len(peers(seed)) == 2,
-            timeout=20 * ROUND + 5,
+            lambda: len(lonely.peers()) == 2 and len(seed.peers()) == 2,
             what="joined once the bootstrap appeared",
         )
     finally:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import openai
@@ -21,10 +20,8 @@ from openai import OpenAI
 
 from tests.fakes.ollama_server import FIXTURES, FakeOllama
 from tests.support import NodeProcess, free_port, wait_until
-from wwwserve_gateway.backend_registry import build_backend
 from wwwserve_gateway.backends.ollama import OllamaBackend, full_name, ollama_root
-from wwwserve_gateway.config.schema import ModelEntry
-from wwwserve_gateway.plugin_api.backend import Backend, BackendContext, BackendLoad
+from wwwserve_gateway.plugin_api.backend import BackendLoad
 
 API_KEY = "sk-ollama-test"
 ADMIN_KEY = "admin-ollama-test"
@@ -198,25 +195,8 @@ def test_embeddings(client: OpenAI, target: Target) -> None:
 # -- the backend on its own ------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def make(tmp_path: Path) -> AsyncIterator:
-    made: list[Backend] = []
-
-    async def build(model: str, **params: object) -> OllamaBackend:
-        entry = ModelEntry(model_name="m", litellm_params={"model": model, **params})
-        backend = build_backend(entry, BackendContext(data_dir=tmp_path, request_timeout=30.0))
-        assert isinstance(backend, OllamaBackend)
-        await backend.start()
-        made.append(backend)
-        return backend
-
-    yield build
-    for backend in made:
-        await backend.aclose()
-
-
-async def test_probe_load_on_target(make, target: Target) -> None:
-    backend = await make(f"ollama_chat/{target.model}", api_base=target.api_base)
+async def test_probe_load_on_target(make_backend, target: Target) -> None:
+    backend = await make_backend(f"ollama_chat/{target.model}", api_base=target.api_base)
     assert await backend.probe_load() == BackendLoad(running=0, waiting=0, usage=0.0)
     assert isinstance(backend.loaded, bool)
     if target.fake is not None:
@@ -224,9 +204,9 @@ async def test_probe_load_on_target(make, target: Target) -> None:
         assert backend.describe()["loaded"] is True
 
 
-async def test_probe_load_follows_api_ps(make) -> None:
+async def test_probe_load_follows_api_ps(make_backend) -> None:
     with FakeOllama() as fake:
-        backend = await make("ollama/llama3.2", api_base=fake.url)
+        backend = await make_backend("ollama/llama3.2", api_base=fake.url)
         # /api/ps counts no requests: running is the gateway's own in-flight count.
         backend.state.in_flight = 3
         assert await backend.probe_load() == BackendLoad(running=3, waiting=0, usage=0.0)
@@ -245,8 +225,8 @@ async def test_probe_load_follows_api_ps(make) -> None:
         assert backend.loaded is None
 
 
-async def test_probe_when_ollama_is_down(make) -> None:
-    backend = await make("ollama_chat/llama3.2", api_base=f"http://127.0.0.1:{free_port()}")
+async def test_probe_when_ollama_is_down(make_backend) -> None:
+    backend = await make_backend("ollama_chat/llama3.2", api_base=f"http://127.0.0.1:{free_port()}")
     assert backend.ready  # ready at start: a local Ollama may still be starting
     assert await backend.probe_load() is None
     assert backend.describe()["loaded"] is None
@@ -261,15 +241,17 @@ async def test_probe_when_ollama_is_down(make) -> None:
         "http://127.0.0.1:11434/v1/",
     ],
 )
-async def test_api_base_with_or_without_v1(make, api_base: str) -> None:
-    backend = await make("ollama_chat/llama3.2", api_base=api_base)
+async def test_api_base_with_or_without_v1(make_backend, api_base: str) -> None:
+    backend = await make_backend("ollama_chat/llama3.2", api_base=api_base)
+    assert isinstance(backend, OllamaBackend)
     assert backend.root == ollama_root(api_base) == "http://127.0.0.1:11434"
     assert backend.base_url == "http://127.0.0.1:11434/v1"
     assert backend.url("chat/completions") == "http://127.0.0.1:11434/v1/chat/completions"
 
 
-async def test_default_api_base_is_local_ollama(make) -> None:
-    backend = await make("ollama/llama3.2")
+async def test_default_api_base_is_local_ollama(make_backend) -> None:
+    backend = await make_backend("ollama/llama3.2")
+    assert isinstance(backend, OllamaBackend)
     assert backend.base_url == "http://127.0.0.1:11434/v1"
 
 

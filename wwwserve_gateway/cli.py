@@ -56,34 +56,60 @@ def node(
     port: Annotated[int | None, typer.Option(help="listen port (overrides node.port)")] = None,
 ) -> None:
     """Run a node: the OpenAI-compatible gateway in front of this provider's backends."""
+    import os
+
+    import structlog
     import uvicorn
 
+    from wwwserve_gateway.datadir import PRIVATE_UMASK, make_private
+    from wwwserve_gateway.http.server import ConnectionGuard, HttpLimits
     from wwwserve_gateway.logs import configure_logging
     from wwwserve_gateway.node import Node
+    from wwwserve_gateway.overlay.frames import DEFAULT_MAX_FRAME_BYTES
 
     cfg = _load(config)
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     if overrides:
         cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update=overrides)})
-    configure_logging(cfg.node.log_level, cfg.node.log_format)
+    settings = cfg.node
+    configure_logging(settings.log_level, settings.log_format)
+    log = structlog.get_logger("wwwserve_gateway.cli")
+    # Node state is private to its user: files the node creates, and the data dir as it finds it.
+    os.umask(PRIVATE_UMASK)
+    tightened = make_private(settings.data_dir)
+    if tightened:
+        log.warning(
+            "data dir was readable by others; tightened it",
+            data_dir=str(settings.data_dir),
+            changed=tightened,
+        )
+    _raise_open_file_limit(settings.max_connections, log)
     try:
         gateway = Node(cfg, config_path=config)
     except Exception as exc:  # a refused identity key, a tampered ledger, a broken plugin: say which
         console.print(f"[red]cannot start the node:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
+    limits = HttpLimits(
+        settings.max_connections,
+        settings.max_connections_per_source,
+        settings.header_timeout,
+        settings.body_timeout,
+    )
+    http_protocol, ws_protocol = ConnectionGuard(limits, gateway.metrics.prometheus).protocols()
     server = uvicorn.Server(
         uvicorn.Config(
             gateway.app,
-            host=cfg.node.host,
-            port=cfg.node.port,
+            host=settings.host,
+            port=settings.port,
             loop="uvloop",
-            http="httptools",
+            http=http_protocol,  # httptools with connection caps and header/body deadlines
             lifespan="on",
             access_log=False,
-            proxy_headers=False,  # the gateway never reads the client address
-            ws="websockets-sansio",
-            # Above the overlay's own frame limit, so that oversized frames reach it and are counted.
-            ws_max_size=4 * 1024 * 1024,
+            proxy_headers=False,  # the client address is the TCP peer's: per-source caps count it
+            ws=ws_protocol,  # websockets-sansio, giving its connection's slot back when it closes
+            # The overlay's frame limit: the websocket layer refuses a bigger message (close 1009)
+            # before buffering it, and the overlay counts that as `oversized`.
+            ws_max_size=DEFAULT_MAX_FRAME_BYTES,
             log_config=None,
             timeout_graceful_shutdown=30,
         )
@@ -97,6 +123,21 @@ def node(
     import uvloop
 
     uvloop.run(serve())
+
+
+def _raise_open_file_limit(max_connections: int, log) -> None:
+    """Let the process hold max_connections sockets plus room for backends, files and peers."""
+    import resource
+
+    wanted = max_connections + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            log.warning(
+                "open-file limit below max_connections + 1024", limit=new, max_connections=max_connections
+            )
 
 
 async def _reload(gateway) -> None:
@@ -252,16 +293,34 @@ def network_init(
     ),
     name: Annotated[str, typer.Option(help="the network's name")] = "wwwserve-local",
     interval: Annotated[float | None, typer.Option(help="gossip interval in seconds")] = None,
+    allocate: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NODE_ID=CREDITS or DATA_DIR=CREDITS (repeatable): the credits a founding node's "
+            "join grants (a data dir's key is created if it has none). No other key gets any."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
 ) -> None:
     """Write a network genesis file and print its network id."""
-    from wwwserve_gateway.network.genesis import GossipParams, NetworkGenesis, write_genesis
+    from wwwserve_gateway.network.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
+    from wwwserve_gateway.network.identity import NODE_ID, NodeIdentity
 
     if out.exists() and not force:
         console.print(f"[red]error[/red] {out} exists; pass --force to overwrite it")
         raise typer.Exit(1)
+    allocations: dict[str, int] = {}
+    for item in allocate or []:
+        who, _, credits = item.rpartition("=")
+        if not who or not credits.isdigit():
+            console.print(
+                f"[red]error[/red] --allocate {item!r}: expected NODE_ID=CREDITS or DATA_DIR=CREDITS"
+            )
+            raise typer.Exit(2)
+        node_id = who if NODE_ID.fullmatch(who) else NodeIdentity.load_or_create(Path(who)).node_id
+        allocations[node_id] = allocations.get(node_id, 0) + int(credits)
     gossip = GossipParams(interval_s=interval) if interval else GossipParams()
-    genesis = NetworkGenesis(name=name, gossip=gossip)
+    genesis = NetworkGenesis(name=name, gossip=gossip, ledger=LedgerParams(allocations=allocations))
     write_genesis(genesis, out)
     typer.echo(genesis.network_id)
 
@@ -281,6 +340,12 @@ def network_id(path: Annotated[Path, typer.Argument(help="a genesis file")]) -> 
 @app.command()
 def peers(
     url: Annotated[str, typer.Option(help="a node's URL")] = "http://127.0.0.1:4000",
+    key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="WWWSERVE_OPERATOR_KEY", help="an operator (or the admin) key: shows peers' URLs"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
 ) -> None:
     """Show the nodes a node knows: state, incarnation, models, load, seconds since last heard."""
@@ -288,8 +353,11 @@ def peers(
     import urllib.error
     import urllib.request
 
+    request = urllib.request.Request(url.rstrip("/") + "/wwwserve/peers")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/wwwserve/peers", timeout=10) as resp:
+        with urllib.request.urlopen(request, timeout=10) as resp:
             known = json.load(resp)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         console.print(f"[red]error[/red] cannot read {url}/wwwserve/peers: {exc}")
@@ -297,7 +365,14 @@ def peers(
     if as_json:
         typer.echo(json.dumps(known, indent=2))
         return
-    colours = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
+    from wwwserve_gateway.plugin_api.peers import PeerState
+
+    colours = {
+        PeerState.ALIVE: "green",
+        PeerState.SUSPECT: "yellow",
+        PeerState.DEAD: "red",
+        PeerState.LEFT: "dim",
+    }
     table = Table(title=f"{len(known)} nodes known to {url}")
     for column in ("id", "state", "inc", "age s", "models", "running", "waiting", "url"):
         table.add_column(column)
@@ -312,7 +387,7 @@ def peers(
             ", ".join(m["name"] for m in peer.get("models", [])),
             str(load.get("running", "-")),
             str(load.get("waiting", "-")),
-            peer["url"],
+            peer["url"] or "(operator key needed)",
         )
     Console().print(table)
 
@@ -421,7 +496,8 @@ def emulate_engine(
 ) -> None:
     """Emulate a GPU inference engine (vLLM's OpenAI API and /metrics) from a timing model.
 
-    Prints 'listening http://HOST:PORT' on stdout once bound. docs/emulator.md describes the model.
+    Prints 'listening http://HOST:PORT' on stdout once bound. Stops on SIGTERM, or when its stdin is a
+    pipe that closes. docs/emulator.md describes the model.
     """
     from wwwserve_gateway.emulator.profiles import load_profile
     from wwwserve_gateway.emulator.server import serve

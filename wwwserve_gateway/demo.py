@@ -36,11 +36,13 @@ from rich.table import Table
 
 from wwwserve_gateway.network.genesis import LedgerParams, NetworkGenesis, write_genesis
 from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.plugin_api.peers import PeerState
 
 STARTUP_TIMEOUT_S = 300.0  # the first start may pull the model (98 MB)
 STOP_TIMEOUT_S = 20.0  # SIGTERM, then SIGKILL of the node's whole process group
 TRAFFIC_INTERVAL_S = 2.0
 EXECUTOR_BOND = 100
+FOUNDING_CREDITS = 1000  # what the genesis allocates each demo node
 LOG_TAIL_LINES = 40
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=3)
 CHAT_TIMEOUT = aiohttp.ClientTimeout(total=120)
@@ -144,20 +146,20 @@ def policy_settings(index: int) -> dict[str, Any]:
 
 
 def write_network(opts: DemoOptions, workdir: Path, model_path: Path) -> list[DemoNode]:
-    """A genesis and one config per node; identities are created now, so ids are known up front."""
+    """A genesis and one config per node. Identities are created first: the genesis allocates
+    each founding node its credits (keys it does not list get none)."""
     genesis_path = workdir / "network.yaml"
+    data_dirs = [workdir / f"node{i}" for i in range(opts.nodes)]
+    ids = [NodeIdentity.load_or_create(d).node_id for d in data_dirs]
     # Pay executors every 2 s, so balances move while one watches.
-    write_genesis(
-        NetworkGenesis(name="wwwserve-demo", ledger=LedgerParams(payment_batch_window_s=2.0)), genesis_path
-    )
+    ledger = LedgerParams(payment_batch_window_s=2.0, allocations=dict.fromkeys(ids, FOUNDING_CREDITS))
+    write_genesis(NetworkGenesis(name="wwwserve-demo", ledger=ledger), genesis_path)
     if opts.base_port:
         ports = [opts.base_port + i for i in range(opts.nodes)]
     else:
         ports = free_ports(opts.nodes)
     nodes = []
-    for i, port in enumerate(ports):
-        data_dir = workdir / f"node{i}"
-        data_dir.mkdir(parents=True, exist_ok=True)
+    for i, (port, data_dir, node_id) in enumerate(zip(ports, data_dirs, ids, strict=True)):
         config = {
             "node": {
                 "host": "127.0.0.1",
@@ -180,7 +182,6 @@ def write_network(opts: DemoOptions, workdir: Path, model_path: Path) -> list[De
         }
         config_path = workdir / f"node{i}.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        node_id = NodeIdentity.load_or_create(data_dir).node_id
         nodes.append(DemoNode(i, port, node_id, config_path, workdir / f"node{i}.log"))
     return nodes
 
@@ -273,7 +274,7 @@ async def alive_at_entry(session: aiohttp.ClientSession, entry: DemoNode) -> dic
         peers = await get_json(session, entry.url + "/wwwserve/peers")
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return {}
-    return {p["id"]: p for p in peers if p.get("state") == "alive"}
+    return {p["id"]: p for p in peers if p.get("state") == PeerState.ALIVE}
 
 
 def check_alive(nodes: list[DemoNode]) -> None:
@@ -397,7 +398,7 @@ def render(nodes: list[DemoNode], requests: int) -> Table:
             state = "[green]entry[/]"
         else:
             state = peers.get(node.node_id, {}).get("state", "?")
-            state = {"alive": "[green]alive[/]", "suspect": "[yellow]suspect[/]"}.get(
+            state = {PeerState.ALIVE: "[green]alive[/]", PeerState.SUSPECT: "[yellow]suspect[/]"}.get(
                 state, f"[red]{state}[/]"
             )
         table.add_row(

@@ -16,9 +16,9 @@ import time
 
 import structlog
 
-from wwwserve_gateway.backend_registry import BackendRegistry
-from wwwserve_gateway.delegation.entry import ROUTE_HEADER, Delegator, NoExecutor
+from wwwserve_gateway.delegation.entry import ROUTE_HEADER, Delegator, NoExecutor, Paid
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
+from wwwserve_gateway.deployments import Deployments
 from wwwserve_gateway.http.asgi import ClientDisconnected, cancel_on_disconnect, send_bytes
 from wwwserve_gateway.http.errors import BackendUnavailable, GatewayError, ModelNotFound, RateLimited
 from wwwserve_gateway.metrics import GatewayMetrics
@@ -36,7 +36,7 @@ class Dispatcher:
     def __init__(
         self,
         api: NodeAPI,
-        registry: BackendRegistry,
+        deployments: Deployments,
         local: LocalServing,
         delegator: Delegator,
         metrics: GatewayMetrics,
@@ -45,7 +45,7 @@ class Dispatcher:
     ) -> None:
         self.api = api
         self.me = api.node_id
-        self.registry = registry
+        self.deployments = deployments
         self.local = local
         self.delegator = delegator
         self.metrics = metrics
@@ -56,10 +56,10 @@ class Dispatcher:
     # -- the catalog: what apps may ask this node for ---------------------------------------------
     def model_names(self) -> list[str]:
         """Local models and the models peers offer that this node's policy buys."""
-        return sorted(set(self.registry.model_names()) | self._network_models())
+        return sorted(set(self.deployments.model_names()) | self._network_models())
 
     def serves(self, model: str) -> bool:
-        return self.registry.serves(model) or model in self._network_models()
+        return self.deployments.serves(model) or model in self._network_models()
 
     def _network_models(self) -> set[str]:
         policy = self.api.policy
@@ -96,7 +96,7 @@ class Dispatcher:
     async def _answer(self, request: AppRequest) -> Usage | None:
         policy = self.api.policy
         model = request.model
-        local = self.registry.serves(model)
+        local = self.deployments.serves(model)
         info = request.info()
         deadline = request.started + self.request_timeout
         while True:
@@ -144,6 +144,7 @@ class Dispatcher:
             raise NoExecutor("this node's balance does not allow delegating")
         send = request.send
         outcome: bool | None = None
+        receipts: list[Paid] = []
         try:
             if request.stream:
                 relay = self.delegator.stream(info, request.endpoint, request.body, send)
@@ -163,7 +164,9 @@ class Dispatcher:
             if outcome is not None:
                 self.dm.delegations.labels(info.model, "ok" if outcome else "failed").inc()
                 seconds = time.perf_counter() - request.started
-                self.api.policy.on_request_done(info, "peer", seconds, outcome)
+                # Policies learn per executor (the receipt's signer): where the answer came from.
+                where = receipts[-1][0]["body"]["id"] if receipts else "peer"
+                self.api.policy.on_request_done(info, where, seconds, outcome)
         for receipt in receipts:
             await self.delegator.pay(receipt)
         return usage

@@ -11,8 +11,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 class GatewayMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.prometheus = CollectorRegistry(auto_describe=True)
+        r = self.prometheus
         self.requests = Counter(
             "wwwserve_requests",
             "Requests answered, by endpoint, model and HTTP status",
@@ -138,4 +138,4 @@ class GatewayMetrics:
                 pass
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.prometheus)

@@ -11,13 +11,14 @@ from typing import Any
 
 import structlog
 
-from wwwserve_gateway.backend_registry import BackendRegistry
 from wwwserve_gateway.config.loading import load_config
 from wwwserve_gateway.config.problems import ConfigError, ConfigProblem
 from wwwserve_gateway.config.schema import GatewayConfig, ModelEntry
 from wwwserve_gateway.delegation.entry import Delegator
 from wwwserve_gateway.delegation.executor import PeerExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
+from wwwserve_gateway.delegation.wire import STALL_S
+from wwwserve_gateway.deployments import Deployments
 from wwwserve_gateway.dispatch import Dispatcher
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.network.genesis import NetworkGenesis, load_genesis
@@ -29,6 +30,7 @@ from wwwserve_gateway.plugin_api.backend import Backend, BackendContext
 from wwwserve_gateway.plugin_api.base import Plugin
 from wwwserve_gateway.plugin_api.loading import build_plugin, check_backend, check_plugins, require_valid
 from wwwserve_gateway.plugin_api.node import NodeAPI
+from wwwserve_gateway.plugin_api.peers import MembershipEvent, MembershipEventKind
 from wwwserve_gateway.plugin_api.slots import NODE_SLOTS
 from wwwserve_gateway.web.app import AppParts, create_app
 
@@ -45,15 +47,24 @@ class Node:
         self.config_path = config_path
         settings = config.node
         self.metrics = GatewayMetrics()
-        self.registry = BackendRegistry(BackendContext(settings.data_dir, settings.request_timeout))
+        self.deployments = Deployments(BackendContext(settings.data_dir, settings.request_timeout))
         identity = NodeIdentity.load_or_create(settings.data_dir)
         genesis = load_genesis(settings.network) if settings.network else NetworkGenesis()
         self.api = NodeAPI(
             identity=identity,
             genesis=genesis,
-            overlay=Overlay(identity, genesis.network_id, registry=self.metrics.registry),
-            backends=self.registry,
-            metrics=self.metrics.registry,
+            overlay=Overlay(
+                identity,
+                genesis.network_id,
+                metrics=self.metrics.prometheus,
+                handshake_timeout=settings.overlay_handshake_timeout,
+                max_handshakes=settings.overlay_max_handshakes,
+                max_handshakes_per_source=settings.overlay_handshakes_per_source,
+                stream_window=settings.overlay_stream_window_bytes,
+                connection_window=settings.overlay_connection_window_bytes,
+            ),
+            backends=self.deployments,
+            metrics=self.metrics.prometheus,
             public_url=settings.public_url or f"http://{settings.host}:{settings.port}",
             bootstrap=tuple(settings.bootstrap),
             data_dir=settings.data_dir,
@@ -62,20 +73,20 @@ class Node:
             slot.name: build_plugin(slot, getattr(config, slot.name), self.api) for slot in NODE_SLOTS
         }
         self.api.bind(**self.plugins)
-        delegation_metrics = DelegationMetrics(self.metrics.registry)
-        delegator = Delegator(self.api, delegation_metrics, settings.request_timeout)
-        self.executor = PeerExecutor(self.api, self.registry, delegator, delegation_metrics)
+        delegation_metrics = DelegationMetrics(self.metrics.prometheus)
+        delegator = Delegator(self.api, delegation_metrics, min(STALL_S, settings.request_timeout))
+        self.executor = PeerExecutor(self.api, self.deployments, delegator, delegation_metrics)
         self.dispatcher = Dispatcher(
             self.api,
-            self.registry,
-            LocalServing(self.registry, self.metrics),
+            self.deployments,
+            LocalServing(self.deployments, self.metrics),
             delegator,
             self.metrics,
             delegation_metrics,
             settings.request_timeout,
         )
         self.app = create_app(
-            AppParts(settings, self.dispatcher, self.registry, self.metrics, self, self.api, self.lifespan)
+            AppParts(settings, self.dispatcher, self.deployments, self.metrics, self, self.api, self.lifespan)
         )
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -86,13 +97,14 @@ class Node:
     async def start(self) -> None:
         self.config.node.data_dir.mkdir(parents=True, exist_ok=True)
         for entry in self.config.model_list:
-            await self.registry.add(entry)
-        poll = self.registry.poll_loads(self.config.node.load_poll_interval, self.metrics.observe_backend)
+            await self.deployments.add(entry)
+        poll = self.deployments.poll_loads(self.config.node.load_poll_interval, self.metrics.observe_backend)
         self._tasks.append(asyncio.create_task(poll))
         self.executor.register()
         load_every = LOAD_PUBLISH_ROUNDS * self.api.genesis.gossip.interval_s
-        self.api.gossip.add_delegate("offer", BackendOffer(self.registry, self.api.policy, load_every))
+        self.api.gossip.add_delegate("offer", BackendOffer(self.deployments, self.api.policy, load_every))
         self.api.gossip.add_delegate("policy", self.api.policy)
+        self.api.gossip.subscribe(self._on_membership)
         for slot in NODE_SLOTS:
             await self.plugins[slot.name].start()
         log.info(
@@ -100,7 +112,7 @@ class Node:
             node_id=self.node_id,
             network=self.api.genesis.network_id[:16],
             bootstrap=list(self.api.bootstrap),
-            models=self.registry.model_names(),
+            models=self.deployments.model_names(),
         )
 
     async def stop(self) -> None:
@@ -112,8 +124,14 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        await self.registry.aclose()
+        await self.deployments.aclose()
         log.info("node stopped")
+
+    def _on_membership(self, event: MembershipEvent) -> None:
+        # Our own probes found it gone, or it left: its delegated streams fail over now instead of
+        # waiting out the stall deadline.
+        if event.kind in (MembershipEventKind.SUSPECT, MembershipEventKind.DEAD, MembershipEventKind.LEFT):
+            self.api.overlay.drop(event.peer.id, f"membership: {event.kind.value}")
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
@@ -125,18 +143,18 @@ class Node:
 
     # -- the admin API's view of the node (web.admin.BackendAdmin) --------------------------------
     def backends(self) -> list[Backend]:
-        return list(self.registry)
+        return list(self.deployments)
 
     async def add_backend(self, entry: ModelEntry) -> Backend:
         problems = check_backend(entry, ("litellm_params",))
         if problems:
             raise ConfigError("backend", problems)
-        backend = await self.registry.add(entry)
+        backend = await self.deployments.add(entry)
         log.info("backend added", backend=backend.id)
         return backend
 
     async def remove_backend(self, deployment_id: str) -> None:
-        backend = await self.registry.remove(deployment_id)
+        backend = await self.deployments.remove(deployment_id)
         self.metrics.forget_backend(backend)
         log.info("backend removed", backend=deployment_id)
 
@@ -149,7 +167,7 @@ class Node:
             raise ConfigError("reload", [ConfigProblem((), "the node was started without a config file")])
         fresh = load_config(self.config_path, checks=(check_plugins,))
         wanted = {e.deployment_id: e for e in fresh.model_list}
-        running = {b.id: b.entry for b in self.registry}
+        running = {b.id: b.entry for b in self.deployments}
         removed = [i for i, e in running.items() if wanted.get(i) != e]
         added = [i for i, e in wanted.items() if running.get(i) != e]
         for deployment_id in removed:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from wwwserve_gateway.backend_registry import BackendRegistry
+from wwwserve_gateway.deployments import Deployments
 from wwwserve_gateway.plugin_api.gossip import GossipDelegate
 from wwwserve_gateway.plugin_api.policy import Policy
 
@@ -29,7 +29,7 @@ class BackendOffer(GossipDelegate):
 
     def __init__(
         self,
-        backends: BackendRegistry,
+        backends: Deployments,
         policy: Policy,
         load_every_s: float,
         clock: Callable[[], float] = time.monotonic,

@@ -13,6 +13,13 @@ The protocol (SWIM, with memberlist's refinements; DESIGN.md §7 and docs/design
   (ping-req); still silent at the end of the round -> the prober signs a *suspect* accusation. A
   suspect that does not refute (republish itself with a higher incarnation) within
   suspect_timeout_s is declared *dead* and tombstoned for tombstone_ttl_s, so ghosts stay out.
+- No member's word alone removes another (as in Lifeguard, a node trusts its own probes). Another
+  member's suspect or dead accusation is only a hint: it is believed as far as it cites the
+  incarnation of the accused's own latest signed record, relayed (so the accused hears it and
+  refutes, and others check too), and it makes this node probe the accused itself, directly and
+  through others. Only this node's own failed probes make a member suspect here, and only its own
+  suspicion, unrefuted, makes it dead. An accusation citing an incarnation the accused never signed
+  is refused, so nobody can push a node's incarnation beyond what it can refute.
 - Dissemination by infection: every message carries up to max_piggyback pending updates, each
   relayed about retransmit_mult * ceil(log2(N + 1)) times, least-sent first. Each round a node also
   pushes its pending updates to `fanout` random members. A node that learns nothing new sends
@@ -79,13 +86,12 @@ MAX_RECORD_BYTES = 8192  # a signed record's body, canonically encoded; bigger o
 MAX_RECORDS_PER_MESSAGE = 100_000  # a sync reply may carry a whole table; anything above is hostile
 MAX_QUEUE = 1024  # pending updates kept for piggybacking; beyond it the most-relayed are dropped
 MAX_RELAYS = 256  # ping-reqs we are relaying at once
-# A member that did not accuse waits this many suspect timeouts before declaring death itself: the
-# accuser normally does it first, so a suspect is declared dead once, not by every node at once.
-BACKUP_SUSPECT_FACTOR = 2.0
 EPS = 1e-9  # float slack for deadlines, so a driver ticking exactly on time is never a round late
 _HEX_ID = re.compile(r"[0-9a-f]{64}\Z")
 _MAX_INT = 2**62  # JSON ints we accept (orjson cannot encode beyond 64 bits; bumps need headroom)
 _DIGEST_CHARS = len(base64.b64encode(bytes(8 * BUCKETS)))
+HINT = "?"  # queue key prefix of relayed accusations
+MAX_CONFIRMS_PER_ROUND = 8  # probes started to check others' accusations, per round
 
 
 @dataclass(frozen=True)
@@ -161,9 +167,13 @@ def alive_body(
 
 
 def overrides(update: Update, entry: Entry | None) -> bool:
-    """SWIM's precedence: does `update` tell more than what `entry` says about its subject?"""
+    """SWIM's precedence: does `update` tell more than what `entry` says about its subject?
+
+    `update` is the subject's own record (alive, left) or this node's own accusation, which cites
+    the incarnation of the subject's record it holds (others' accusations are hints, never applied).
+    """
     if entry is None:
-        return update.kind != SUSPECT  # a suspicion of a member we never saw tells us nothing usable
+        return update.kind in (ALIVE, LEFT)
     inc, state = update.incarnation, entry.state
     if update.kind == ALIVE:
         if state == ALIVE:
@@ -174,8 +184,10 @@ def overrides(update: Update, entry: Entry | None) -> bool:
             )
         return inc > entry.incarnation  # a tombstone holds off its own incarnation and older: no ghosts
     if update.kind == SUSPECT:
-        return inc >= entry.incarnation if state == ALIVE else (state == SUSPECT and inc > entry.incarnation)
-    if state in (ALIVE, SUSPECT):  # dead or left
+        return state == ALIVE and inc == entry.incarnation
+    if update.kind == DEAD:
+        return state in (ALIVE, SUSPECT) and inc == entry.incarnation
+    if state in (ALIVE, SUSPECT):  # the subject's own leave
         return inc >= entry.incarnation
     return inc > entry.incarnation
 
@@ -272,6 +284,8 @@ class Membership:
             self._check_fields(fields)
             self._fields = dict(fields)
         self._left = False
+        self._refuted_at = -math.inf
+        self._confirm_round, self._confirms = -1, 0
         self._seq = 0
         self._order = 0
         self._queue: dict[str, _Pending] = {}  # subject -> its newest pending update
@@ -470,6 +484,11 @@ class Membership:
             if pending.sent >= limit:
                 del queue[subject]
         return [pending.signed for _, pending in chosen]
+
+    def _enqueue_hint(self, subject: str, signed: dict[str, Any]) -> None:
+        """Relay another member's accusation: keyed apart from the subject's own records, so it
+        never displaces a refutation still being spread."""
+        self._enqueue(HINT + subject, signed)
 
     def _enqueue(self, subject: str, signed: dict[str, Any]) -> None:
         # A newer update about a subject replaces the older one still queued (memberlist's invalidation).
@@ -688,10 +707,10 @@ class Membership:
             self.stats["rejected.unknown-type"] += 1
             return []
         self.stats["recv." + kind] += 1
+        out: list[Outgoing] = []
         updates = message.get("u")
         if updates is not None:
-            self._merge_all(updates, via_sync=False)
-        out: list[Outgoing] = []
+            self._merge_all(updates, out, via_sync=False)
         handler(self, sender, message, out)
         return out
 
@@ -716,6 +735,19 @@ class Membership:
         for p in self._probes:
             if p.seq == seq and (sender == p.target or sender in p.relays):
                 p.acked = True
+                self._alive_again(p.target)
+
+    def _alive_again(self, subject: str) -> None:
+        """An ack from a member we suspect: our own evidence of life ends our suspicion here."""
+        entry = self._table.get(subject)
+        if entry is None or entry.state != SUSPECT or entry.alive is None:
+            return
+        self._suspects.pop(subject, None)
+        self._table.put(subject, entry._replace(state=ALIVE, accusation=None, since=self._clock()))
+        self.stats["suspicions.cleared"] += 1
+        if self._listener is not None:
+            view = self._view(subject, self._table.get(subject), self._clock())  # type: ignore[arg-type]
+            self._notify(MembershipEvent(MembershipEventKind.ALIVE, view, self._wall()))
 
     def _on_ping_req(self, sender: str, message: dict[str, Any], out: list[Outgoing]) -> None:
         seq, target = message.get("seq"), message.get("target")
@@ -802,7 +834,7 @@ class Membership:
     def _on_sync_push(self, sender: str, message: dict[str, Any], out: list[Outgoing]) -> None:
         """Records a sync partner sends; and, from the initiator, the ids it asks us for."""
         if "r" in message:
-            self._merge_all(message["r"], via_sync=True)
+            self._merge_all(message["r"], out, via_sync=True)
         want = message.get("w")
         if want is None:
             return
@@ -818,17 +850,20 @@ class Membership:
             out.append(self._out(sender, {"type": "sync-push", "r": records}))
 
     # -- merging updates ------------------------------------------------------------------------------
-    def _merge_all(self, records: Any, *, via_sync: bool) -> None:
+    def _merge_all(self, records: Any, out: list[Outgoing], *, via_sync: bool) -> None:
         if type(records) is not list or len(records) > MAX_RECORDS_PER_MESSAGE:
             self.stats["rejected.malformed-message"] += 1
             return
         for record in records:
-            self._merge(record, via_sync)
+            self._merge(record, via_sync, out)
 
-    def _merge(self, record: Any, via_sync: bool) -> None:
+    def _merge(self, record: Any, via_sync: bool, out: list[Outgoing]) -> None:
         update = parse_update(record)
         if update is None:
             self.stats["rejected.malformed"] += 1
+            return
+        if update.kind in (SUSPECT, DEAD):
+            self._hint(update, out)
             return
         if update.subject == self.id:
             self._about_me(update)
@@ -860,7 +895,8 @@ class Membership:
         return True
 
     def _about_me(self, update: Update) -> None:
-        """Refute: an accusation of this node, or a record of it newer than its own, is outbid."""
+        """A record of this node signed by itself (an earlier process's, replayed or relayed) that
+        is not older than its own: outbid it with a higher incarnation."""
         if update.kind == ALIVE:
             stale = (update.incarnation, update.heartbeat) <= (self._incarnation, self._heartbeat)
         else:
@@ -873,6 +909,63 @@ class Membership:
         self._incarnation = max(self._incarnation, update.incarnation) + 1
         self.stats["refutes"] += 1
         self._publish()
+
+    def _accused(self, update: Update) -> None:
+        """Another member says this node is suspect or dead: refute, unless the accusation cites
+        an incarnation this node never signed (refuting that would need one it cannot reach)."""
+        if update.incarnation != self._incarnation:
+            self.stats["updates.stale" if update.incarnation < self._incarnation else "rejected.uncited"] += 1
+            return
+        if not self._believe(update):
+            return
+        self.stats["accusations.of_me"] += 1
+        now = self._clock()
+        if now < self._refuted_at + self.params.interval_s:
+            return  # a refutation is spreading already: accusers cannot make this node flood
+        self._refuted_at = now
+        self._incarnation += 1
+        self.stats["refutes"] += 1
+        self._publish()
+
+    def _hint(self, update: Update, out: list[Outgoing]) -> None:
+        """Another member's accusation: relay it, and check the accused with our own probes."""
+        subject = update.subject
+        if update.author == self.id or update.author == subject:
+            self.stats["updates.stale" if update.author == self.id else "rejected.malformed"] += 1
+            return
+        if subject == self.id:
+            self._accused(update)
+            return
+        entry = self._table.get(subject)
+        if entry is None or entry.alive is None or entry.state in (DEAD, LEFT):
+            self.stats["updates.stale"] += 1
+            return
+        if update.incarnation != entry.incarnation:
+            # Older: stale. Newer: the accused never signed that incarnation (as far as we know).
+            self.stats["updates.stale" if update.incarnation < entry.incarnation else "rejected.uncited"] += 1
+            return
+        if not self._believe(update):
+            return
+        self.stats["accusations.heard"] += 1
+        self._enqueue_hint(subject, update.signed)
+        if entry.state == ALIVE:
+            self._confirm(subject, out)
+
+    def _confirm(self, subject: str, out: list[Outgoing]) -> None:
+        """Probe `subject` now (direct, then through others), unless a probe of it is running."""
+        if any(p.target == subject for p in self._probes):
+            return
+        now = self._clock()
+        if self._confirm_round != self._round:
+            self._confirm_round, self._confirms = self._round, 0
+        if self._confirms >= MAX_CONFIRMS_PER_ROUND:
+            self.stats["confirms.deferred"] += 1
+            return
+        self._confirms += 1
+        self.stats["confirms"] += 1
+        self._seq += 1
+        self._probes.append(_Probe(subject, self._seq, now))
+        out.append(self._out(subject, self._with_updates({"type": "ping", "seq": self._seq})))
 
     def _tombstone_left(self, u: Update) -> float:
         """Seconds a dead/left record still holds, counted from its author's timestamp.
@@ -898,8 +991,7 @@ class Membership:
         elif u.kind == SUSPECT:
             assert e is not None
             new = Entry(SUSPECT, u.incarnation, e.heartbeat, e.alive, u.signed, now, e.advanced)
-            wait = self.params.suspect_timeout_s * (1.0 if u.author == self.id else BACKUP_SUSPECT_FACTOR)
-            self._suspects[subject] = (now + wait, u.incarnation)
+            self._suspects[subject] = (now + self.params.suspect_timeout_s, u.incarnation)
         else:
             alive = e.alive if e is not None else None
             new = Entry(u.kind, u.incarnation, 0, alive, u.signed, now, e.advanced if e is not None else now)

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,16 +44,15 @@ from wwwserve_gateway.plugins.ledger.ops import MAX_OP_BYTES, InvalidOperation, 
 from wwwserve_gateway.plugins.ledger.rules import (
     MICRO,
     batch_body,
-    batch_items,
     check_op,
+    item_price_micro,
     payment_amount,
-    price_micro,
     receipt_key,
     to_micro,
 )
 from wwwserve_gateway.plugins.ledger.store import (
     ChainError,
-    Conflict,
+    ChainFork,
     LedgerStore,
     PendingGone,
     ReceiptKey,
@@ -86,9 +86,19 @@ PAY_BYTES_PER_PAYMENT = 160
 @dataclass(frozen=True, slots=True)
 class _Debt:
     receipt: dict[str, Any]  # the signed receipt
+    paid: tuple[int, int]  # the (prompt, completion) tokens paid: at most the receipt's
     size: int  # bytes of its canonical encoding
     price: int  # micro-credits
     since: float  # event-loop time it became pending here
+
+    @property
+    def item(self) -> list[Any]:
+        return [self.receipt["body"]["request"], *self.paid]
+
+
+def debt_row(receipt: dict[str, Any], paid: tuple[int, int]) -> bytes:
+    """What a pending debt is stored as: the receipt, and the tokens this node pays of it."""
+    return canonical({"receipt": receipt, "paid": list(paid)})
 
 
 class ChainSettings(PluginSettings):
@@ -112,7 +122,8 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
         # Opening re-verifies each chain's latest operations: a tampered database stops the node
         # here, with the offending rows named.
         self.store = LedgerStore(settings.database_url or default_url(node.data_dir), node.genesis.network_id)
-        self.balances = Balances(self.params)
+        self.net = node.genesis.network_id
+        self.balances = Balances(self.params, self.net)
         self._lock = asyncio.Lock()
         self._pulling: set[str] = set()
         self._refold: asyncio.TimerHandle | None = None
@@ -122,11 +133,12 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
         self._pending: dict[ReceiptKey, _Debt] = {}
         self._owed = 0  # micro-credits: the sum of the pending debts' prices
         self.payments = 0  # receipts paid by this process's pay operations
+        self.rejected: Counter[str] = Counter()  # peers' operations refused, by reason
         self._flush_lock = asyncio.Lock()
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._stopped = False
-        self._verifier = Verifier(self.params, workers)
+        self._verifier = Verifier(self.params, self.net, workers)
         self._to_record: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._recording: asyncio.Task[None] | None = None
         node.metrics.register(_LedgerCollector(self))
@@ -150,9 +162,10 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
         overlay.on_request(HEADS_KIND, self._serve_heads)
         overlay.on_request(COUNTERSIGN_KIND, self._serve_countersign)
         ops = await asyncio.to_thread(lambda: list(self.store.all_ops()))
-        self.balances = Balances.fold(ops, self.params)
+        self.balances = Balances.fold(ops, self.params, self.net)
         if self.store.head(self.node.identity.node_id) is None:
-            await self.append_own("join", {"grant": self.params.initial_grant})
+            grant = self.params.allocations.get(self.node.node_id, 0)
+            await self.append_own("join", {"grant": grant})
         self.node.gossip.add_delegate("ledger", self)
         # Debts a crash left behind (recorded, never paid) are paid now.
         await self._load_pending()
@@ -194,21 +207,22 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
             head = self.store.head(me.node_id)
             seq, prev = (head[0] + 1, head[1]) if head else (1, "")
             op = sign_op(me, seq, prev, kind, body, round(time.time(), 3))
-            check_op(op, self.params)
+            check_op(op, self.params, self.net)
             await asyncio.to_thread(self.store.append, [op], list(settled))
             self.balances.add(op)
         return op
 
     # -- payments ------------------------------------------------------------------------------------
-    async def settle(self, receipt: dict[str, Any]) -> None:
-        """Owe the executor of a signed receipt naming this node as entry; paid in a later batch.
+    async def settle(self, receipt: dict[str, Any], paid: tuple[int, int] | None = None) -> None:
+        """Owe the executor of a signed receipt naming this node as entry; paid in a later batch,
+        for `paid` (prompt, completion) tokens (default: what the receipt claims; never more).
 
         When settle returns the debt is committed (see LedgerStore.add_pending). Settling a
         receipt again (pending or paid) does nothing. Raises InvalidReceipt for a receipt that is
         not valid, or not this node's to pay.
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._to_record.append((receipt, future))
+        self._to_record.append((receipt, paid, future))
         if self._recording is None or self._recording.done():
             self._recording = asyncio.get_running_loop().create_task(self._record_queued())
         await future
@@ -219,57 +233,64 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
         while self._to_record:
             batch, self._to_record = self._to_record, []
             try:
-                checked = await asyncio.to_thread(self._record_debts, [r for r, _ in batch])
+                checked = await asyncio.to_thread(self._record_debts, [(r, p) for r, p, _ in batch])
             except Exception as exc:
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             paid_meanwhile = []
-            for (receipt, future), result in zip(batch, checked, strict=True):
+            for (receipt, _, future), result in zip(batch, checked, strict=True):
                 if isinstance(result, InvalidReceipt):
                     if not future.done():
                         future.set_exception(result)
                     continue
-                key, size, price = result
+                key, paid, size, price = result
                 if self._is_paid(key):  # already paid: it is not a debt
                     paid_meanwhile.append(key)
                 elif key not in self._pending:  # (a duplicate is ignored)
-                    self._add_debt(key, receipt, size, price)
+                    self._add_debt(key, receipt, paid, size, price)
                 if not future.done():
                     future.set_result(None)
             if paid_meanwhile:
                 await asyncio.to_thread(self.store.drop_pending, paid_meanwhile)
 
     def _record_debts(
-        self, receipts: list[dict[str, Any]]
-    ) -> list[tuple[ReceiptKey, int, int] | InvalidReceipt]:
-        checked: list[tuple[ReceiptKey, int, int] | InvalidReceipt] = []
+        self, debts: list[tuple[dict[str, Any], tuple[int, int] | None]]
+    ) -> list[tuple[ReceiptKey, tuple[int, int], int, int] | InvalidReceipt]:
+        checked: list[tuple[ReceiptKey, tuple[int, int], int, int] | InvalidReceipt] = []
         rows = []
         now = time.time()
-        for receipt in receipts:
+        for receipt, paid in debts:
             try:
-                key, raw, price = self._check_debt(receipt)
+                key, paid, raw, price = self._check_debt(receipt, paid)
             except InvalidReceipt as exc:
                 checked.append(exc)
                 continue
             rows.append((key, raw, now))
-            checked.append((key, len(raw), price))
+            checked.append((key, paid, len(raw), price))
         self.store.add_pending_many(rows)
         return checked
 
-    def _check_debt(self, receipt: dict[str, Any]) -> tuple[ReceiptKey, bytes, int]:
-        body = check_receipt(receipt)
-        me = self.node.identity.node_id
+    def _check_debt(
+        self, receipt: dict[str, Any], paid: tuple[int, int] | None
+    ) -> tuple[ReceiptKey, tuple[int, int], bytes, int]:
+        body = check_receipt(receipt, self.net)
+        me = self.node.node_id
         if body["entry"] != me:
             raise InvalidReceipt("the receipt names another entry node: not this node's debt")
         if body["id"] == me:
             raise InvalidReceipt("a receipt signed by this node: a node does not pay itself")
-        return receipt_key(body), canonical(receipt), price_micro(body, self.params)
+        claimed = (body["prompt_tokens"], body["completion_tokens"])
+        paid = claimed if paid is None else (min(paid[0], claimed[0]), min(paid[1], claimed[1]))
+        price = item_price_micro(*paid, self.params)
+        return receipt_key(body), paid, debt_row(receipt, paid), price
 
-    def _add_debt(self, key: ReceiptKey, receipt: dict[str, Any], size: int, price: int) -> None:
+    def _add_debt(
+        self, key: ReceiptKey, receipt: dict[str, Any], paid: tuple[int, int], size: int, price: int
+    ) -> None:
         first = not self._pending
-        self._pending[key] = _Debt(receipt, size, price, asyncio.get_running_loop().time())
+        self._pending[key] = _Debt(receipt, paid, size, price, asyncio.get_running_loop().time())
         self._owed += price
         if len(self._pending) >= self.params.payment_batch_max:
             self._kick_flush(whole_batches=True)
@@ -291,19 +312,18 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
         rows = await asyncio.to_thread(self.store.pending, me)
         bad: list[ReceiptKey] = []
         for raw, _created in rows:
-            receipt = orjson.loads(raw)
+            row = orjson.loads(raw)
             try:
-                body = check_receipt(receipt)
-            except InvalidReceipt as exc:
+                receipt, paid = row["receipt"], tuple(row["paid"])
+                key, paid, _, price = self._check_debt(receipt, paid)  # type: ignore[arg-type]
+            except (InvalidReceipt, KeyError, TypeError, ValueError) as exc:
                 log.error("dropping a pending receipt that fails its check", error=str(exc))
                 with contextlib.suppress(Exception):
-                    body = receipt["body"]
-                    bad.append(receipt_key(body))
+                    bad.append(receipt_key(row["receipt"]["body"]))
                 continue
-            key = receipt_key(body)
             if key not in self._pending:
-                self._pending[key] = _Debt(receipt, len(raw), price_micro(body, self.params), 0.0)
-                self._owed += self._pending[key].price
+                self._pending[key] = _Debt(receipt, paid, len(raw), price, 0.0)
+                self._owed += price
         if bad:
             await asyncio.to_thread(self.store.drop_pending, bad)
 
@@ -374,11 +394,11 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
             fresh = [k for k in keys if not self._is_paid(k)]
             try:
                 if fresh:
-                    by_executor: dict[str, list[dict[str, Any]]] = {}
+                    by_executor: dict[str, list[_Debt]] = {}
                     for key in fresh:
-                        by_executor.setdefault(key[0], []).append(self._pending[key].receipt)
+                        by_executor.setdefault(key[0], []).append(self._pending[key])
                     payments = await asyncio.gather(
-                        *(self._payment(to, receipts) for to, receipts in sorted(by_executor.items()))
+                        *(self._payment(to, debts) for to, debts in sorted(by_executor.items()))
                     )
                     await self._append_own("pay", {"payments": list(payments)}, settled=keys)
                 elif keys:  # all paid already: the rows are only dropped
@@ -394,40 +414,57 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
             return
         raise RuntimeError("pending receipts kept changing under this flush")
 
-    async def _payment(self, to: str, receipts: list[dict[str, Any]]) -> dict[str, Any]:
-        """A payment to one executor: compact if it countersigns the batch, else by its receipts."""
-        amount = payment_amount(receipts, self.params)
-        items = batch_items(receipts)
+    async def _payment(self, to: str, debts: list[_Debt]) -> dict[str, Any]:
+        """A payment to one executor: compact if it countersigns the items, else by its receipts."""
+        items = [debt.item for debt in debts]
+        receipts = [debt.receipt for debt in debts]
+        amount = payment_amount(items, self.params)
         try:
             reply = await self.node.overlay.request(
-                to, COUNTERSIGN_KIND, {"receipts": receipts}, timeout=COUNTERSIGN_TIMEOUT_S
+                to, COUNTERSIGN_KIND, {"receipts": receipts, "items": items}, timeout=COUNTERSIGN_TIMEOUT_S
             )
             sig = reply.get("sig")
             if not isinstance(sig, str):
                 raise InvalidOperation("no signature in the answer")
-            verify(to, canonical(batch_body(to, self.node.identity.node_id, items)), bytes.fromhex(sig))
+            verify(to, canonical(batch_body(self.net, to, self.node.node_id, items)), bytes.fromhex(sig))
         except Exception as exc:
             log.debug("paying by receipts: no countersignature", executor=to[:16], error=str(exc))
-            return {"to": to, "amount": amount, "receipts": receipts}
+            return {"to": to, "amount": amount, "items": items, "receipts": receipts}
         return {"to": to, "amount": amount, "items": items, "sig": sig}
 
     async def _serve_countersign(self, peer_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        """An entry asks this node to sign, once, the batch of its receipts it is about to pay."""
-        records = body.get("receipts")
-        if not isinstance(records, list) or not 0 < len(records) <= self.params.payment_batch_max:
-            raise ValueError("ledger.countersign takes {receipts: 1..payment_batch_max signed receipts}")
-        me = self.node.identity.node_id
+        """An entry asks this node to sign, once, the items of its receipts it is about to pay.
+        Each item names a receipt's request and at most its tokens (an entry pays what it could
+        verify): signing less than claimed loses nothing a refusal would keep, the entry would
+        pay the same by receipts."""
+        records, items = body.get("receipts"), body.get("items")
+        if (
+            not isinstance(records, list)
+            or not isinstance(items, list)
+            or not 0 < len(records) <= self.params.payment_batch_max
+            or len(items) != len(records)
+        ):
+            raise ValueError("ledger.countersign takes {receipts, items}: 1..payment_batch_max of each")
         # Signature checks cost ~70 us each: off the event loop.
-        await asyncio.to_thread(self._check_own_receipts, records, peer_id)
-        items = batch_items(records)
-        return {"sig": self.node.identity.sign(canonical(batch_body(me, peer_id, items))).hex()}
+        await asyncio.to_thread(self._check_own_receipts, records, items, peer_id)
+        signed = batch_body(self.net, self.node.node_id, peer_id, items)
+        return {"sig": self.node.identity.sign(canonical(signed)).hex()}
 
-    def _check_own_receipts(self, records: list[Any], entry: str) -> None:
-        me = self.node.identity.node_id
-        for record in records:
-            receipt = check_receipt(record)
+    def _check_own_receipts(self, records: list[Any], items: list[Any], entry: str) -> None:
+        me = self.node.node_id
+        for record, item in zip(records, items, strict=True):
+            receipt = check_receipt(record, self.net)
             if receipt["id"] != me or receipt["entry"] != entry:
                 raise ValueError("only this node's receipts for the asking entry are countersigned")
+            if (
+                not isinstance(item, list)
+                or len(item) != 3
+                or item[0] != receipt["request"]
+                or not all(type(n) is int and n >= 0 for n in item[1:])
+                or item[1] > receipt["prompt_tokens"]
+                or item[2] > receipt["completion_tokens"]
+            ):
+                raise ValueError("an item must name its receipt's request and at most its tokens")
 
     # -- gossip delegate -----------------------------------------------------------------------------
     def local_state(self) -> dict[str, Any]:
@@ -511,6 +548,7 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
                 ops = await self._verifier.verify(raw_ops)
             except InvalidOperation as exc:
                 log.warning("peer sent invalid ledger operations", peer=peer_id[:16], error=str(exc))
+                self.rejected["invalid_operation"] += 1
                 return
             except Exception as exc:
                 log.info("ledger pull failed", peer=peer_id[:16], author=author[:16], error=str(exc))
@@ -532,7 +570,7 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
                     if not self._stale and len(new) <= INCREMENTAL_MAX and self.balances.extend(new):
                         continue
                 self._stale = True
-            except Conflict as exc:
+            except ChainFork as exc:
                 await self._report_fraud(exc.stored, exc.offered)
                 return
             except (ChainError, InvalidOperation) as exc:
@@ -557,7 +595,7 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
         self._stale = False
         async with self._lock:
             ops = await asyncio.to_thread(lambda: list(self.store.all_ops()))
-            self.balances = await asyncio.to_thread(Balances.fold, ops, self.params)
+            self.balances = await asyncio.to_thread(Balances.fold, ops, self.params, self.net)
 
     async def _report_fraud(self, a: Operation, b: Operation) -> None:
         if self.balances.is_barred(a.author):
@@ -589,13 +627,18 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
         """Folded operations only: this node's pending debts are not in its liquid balance until paid."""
         return self.balances.account(node_id, time.time())
 
+    def is_paid(self, executor: str, entry: str, request: str) -> bool:
+        return self.balances.is_paid((executor, entry, request))
+
     def can_delegate(self, node_id: str) -> bool:
-        """Liquid balance >= 0 and not barred; for this node, after its pending (unpaid) debts."""
+        """Not barred; for this node also: what it holds, less its pending (unpaid) debts, still pays
+        one more request at the base price (a payment moves at most what its payer holds)."""
         now = time.time()
-        if node_id != self.node.identity.node_id:
+        if node_id != self.node.node_id:
             return self.balances.can_delegate(node_id, now)
         account = self.balances.account(node_id, now)
-        return not account.barred and to_micro(account.liquid) - self._owed >= 0
+        spare = to_micro(account.liquid) - self._owed
+        return not account.barred and spare >= item_price_micro(0, 0, self.params)
 
     @property
     def pending_receipts(self) -> int:
@@ -624,6 +667,14 @@ class _LedgerCollector:
             "Receipts paid by this node's pay operations",
             value=self.ledger.payments,
         )
+        rejected = CounterMetricFamily(
+            "wwwserve_ledger_rejected",
+            "Operations peers sent that failed verification (signature, chain, kind rules)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.ledger.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
 
 
 def bucket_of(author: str) -> int:

@@ -21,8 +21,10 @@ they share the proof: the branches themselves never count. The slash (fraud_slas
 stake and of unbonding stake still pending at the proof's ts) is applied once, at the first fraud
 operation about the author in fold order.
 
-Amounts are integer micro-credits (see ledger_rules) so sums are exact; overspending only makes a
-balance negative. Unbonding stake is kept as (matures_at, amount) entries and counted as liquid by
+Amounts are integer micro-credits (see ledger_rules) so sums are exact. A bond, a transfer or a
+payment moves at most the liquid credit its author holds at its place in fold order (the rest of a
+payment stays unpaid): credit is never created by spending it, so identities that pay one another
+cannot mint stake. Unbonding stake is kept as (matures_at, amount) entries and counted as liquid by
 the views once `now` has passed `matures_at`, so the fold itself needs no clock.
 
 Incremental use: `apply` folds an operation that sorts after everything folded so far (the common
@@ -75,9 +77,14 @@ def _take(amount: int, fraction: float) -> int:
 
 class Balances:
     def __init__(
-        self, params: LedgerParams, now: float | None = None, duel_rule: DuelRule = DEFAULT_DUEL_RULE
+        self,
+        params: LedgerParams,
+        net: str,
+        now: float | None = None,
+        duel_rule: DuelRule = DEFAULT_DUEL_RULE,
     ) -> None:
         self.params = params
+        self.net = net
         self.now = now  # default time for the views; None: no unbonding has matured
         self.duel_rule = duel_rule
         # Signature checks are the costly part of a refold: their results are kept across refolds.
@@ -103,11 +110,12 @@ class Balances:
         cls,
         ops: Iterable[Operation],
         params: LedgerParams,
+        net: str,
         now: float | None = None,
         duel_rule: DuelRule = DEFAULT_DUEL_RULE,
     ) -> Balances:
         """Balances of a set of valid operations (duplicates and arrival order do not matter)."""
-        balances = cls(params, now, duel_rule)
+        balances = cls(params, net, now, duel_rule)
         balances._fold_all(ops)
         return balances
 
@@ -222,9 +230,16 @@ class Balances:
         body = op.body
         if op.kind == "join":
             me.liquid += body["grant"] * MICRO
+        elif op.kind == "transfer":
+            amount = min(body["amount"] * MICRO, max(me.liquid, 0))
+            me.liquid -= amount
+            self._account(body["to"]).liquid += amount
         elif op.kind == "bond":
-            me.liquid -= body["amount"] * MICRO
-            me.bonded += body["amount"] * MICRO
+            # Only credit held can be bonded, moved or paid: a key with nothing can give nothing, so
+            # identities that pay each other create no credit and no stake.
+            amount = min(body["amount"] * MICRO, max(me.liquid, 0))
+            me.liquid -= amount
+            me.bonded += amount
         elif op.kind == "unbond":
             # Only stake actually bonded can be unbonded: otherwise stake would be minted from nothing.
             amount = min(body["amount"] * MICRO, max(me.bonded, 0))
@@ -237,6 +252,7 @@ class Balances:
                     if key not in self._paid:  # a request paid again later in fold order is ignored
                         self._paid.add(key)
                         total += price
+                total = min(total, max(me.liquid, 0))  # what the payer cannot cover stays unpaid
                 me.liquid -= total
                 self._account(payment["to"]).liquid += total
         elif op.kind == "duel":
@@ -245,7 +261,7 @@ class Balances:
                 self._duels.add(duel)
                 settled = self._settlements.get(op.hash)
                 if settled is None:
-                    settled = self._settlements[op.hash] = self.duel_rule.settle(op, self.params)
+                    settled = self._settlements[op.hash] = self.duel_rule.settle(op, self.params, self.net)
                 for transfer in settled:
                     self._transfer(transfer)
         elif op.kind == "fraud":
@@ -297,9 +313,9 @@ class Balances:
         return acc.bonded / MICRO if acc else 0.0
 
     def can_delegate(self, node: str, now: float | None = None) -> bool:
-        """A node may delegate (and be drawn) while its liquid balance is >= 0 and it is not barred."""
-        account = self.account(node, now)
-        return account.liquid >= 0 and not account.barred
+        """A node may delegate (and be drawn) unless it is barred (a balance never goes negative:
+        nothing is spent that is not held)."""
+        return not self.account(node, now).barred
 
     @property
     def ops(self) -> list[Operation]:
@@ -310,8 +326,9 @@ class Balances:
 def fold(
     ops: Iterable[Operation],
     params: LedgerParams,
+    net: str,
     now: float | None = None,
     duel_rule: DuelRule = DEFAULT_DUEL_RULE,
 ) -> Balances:
     """Module-level alias of Balances.fold."""
-    return Balances.fold(ops, params, now, duel_rule)
+    return Balances.fold(ops, params, net, now, duel_rule)

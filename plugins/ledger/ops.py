@@ -16,7 +16,7 @@ from typing import Any
 from wwwserve_gateway.network.canonical import canonical
 from wwwserve_gateway.network.identity import InvalidSignature, NodeIdentity, verify
 
-KINDS = frozenset({"join", "bond", "unbond", "pay", "duel", "fraud"})
+KINDS = frozenset({"join", "bond", "unbond", "transfer", "pay", "duel", "fraud"})
 HASH = re.compile(r"[0-9a-f]{64}")
 OP_KEYS = frozenset({"author", "seq", "prev", "kind", "body", "ts"})
 MAX_OP_BYTES = 256 * 1024
@@ -54,10 +54,6 @@ class Operation:
             "body": self.body,
             "ts": self.ts,
         }
-
-
-def op_hash(op: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical(op)).hexdigest()
 
 
 def sign_op(

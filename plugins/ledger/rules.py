@@ -5,10 +5,18 @@
 the only state-dependent parts (duplicate receipts, stake-proportional duel transfers, slashing)
 belong to the fold (`ledger_fold`), which sees the whole set of operations.
 
-Amounts. Bodies carry credits (join grant and stake as integers, payment amounts as numbers), but
-the fold counts integer micro-credits (`MICRO` per credit) so sums are exact and associative: a
-payment's amount must equal, in micro-credits, the sum of its receipts' prices, each rounded once to
-a whole micro-credit (`price_micro`). `payment_amount` gives writers the amount to put in the body.
+Amounts. Bodies carry credits (join grant, stake and transfers as integers, payment amounts as
+numbers), but the fold counts integer micro-credits (`MICRO` per credit) so sums are exact and
+associative: a payment's amount must equal, in micro-credits, the sum of its items' prices, each
+rounded once to a whole micro-credit and capped at the genesis' `max_price_per_request`
+(`item_price_micro`). `payment_amount` gives writers the amount to put in the body.
+
+Admission. Creating a key creates no credit: a `join` grants exactly the genesis allocation of its
+author (0 for keys the genesis does not list). Credits then move only by `transfer`, `pay` and
+`duel`, so every credit a Sybil holds came from someone's allocation or earnings.
+
+Receipts, countersigned batches and votes name the network id (`net`): evidence signed for one
+network is refused in another.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from wwwserve_gateway.network.receipts import HASH
 from wwwserve_gateway.plugins.ledger.ops import InvalidOperation, Operation, parse_op
 
 MICRO = 1_000_000  # micro-credits per credit
-VOTE_KEYS = frozenset({"id", "kind", "duel", "choice"})
+VOTE_KEYS = frozenset({"id", "kind", "net", "duel", "choice"})
 CHOICES = ("A", "B", "tie")
 
 
@@ -42,46 +50,39 @@ def to_micro(credits: float) -> int:
     return round(credits * MICRO)
 
 
-def price_micro(receipt: dict[str, Any], params: LedgerParams) -> int:
-    """A receipt's price in micro-credits (see tokens_price_micro)."""
-    return tokens_price_micro(receipt["prompt_tokens"], receipt["completion_tokens"], params)
-
-
-def tokens_price_micro(prompt: int, completion: int, params: LedgerParams) -> int:
+def item_price_micro(prompt: int, completion: int, params: LedgerParams) -> int:
     """One request's price in micro-credits: per request plus per 1k tokens, each rate rounded to
-    micro. Integer arithmetic after the rates are rounded, so every node computes the same price."""
+    micro, capped at max_price_per_request. Integer arithmetic after the rates are rounded, so every
+    node computes the same price."""
     per_request = to_micro(params.price_per_request)
     per_1k = to_micro(params.price_per_1k_tokens)
-    return per_request + (per_1k * (prompt + completion) + 500) // 1000  # per-token part rounded half up
+    price = per_request + (per_1k * (prompt + completion) + 500) // 1000  # per-token part rounded half up
+    return min(price, to_micro(params.max_price_per_request))
 
 
-def batch_body(executor: str, entry: str, items: list[list[Any]]) -> dict[str, Any]:
-    """What an executor countersigns for a batch payment: the requests it served for `entry`, each
-    as [request hash, prompt tokens, completion tokens] (what the price and the once-only rule need;
-    the full receipts stay with the entry and its apps)."""
-    return {"kind": "batch", "id": executor, "entry": entry, "items": items}
+def price_micro(receipt: dict[str, Any], params: LedgerParams) -> int:
+    """A receipt's price in micro-credits, as it claims its tokens (see item_price_micro)."""
+    return item_price_micro(receipt["prompt_tokens"], receipt["completion_tokens"], params)
 
 
-def batch_items(receipts: list[dict[str, Any]]) -> list[list[Any]]:
-    """The items of a batch payment for these signed receipts, in their order."""
-    return [
-        [r["body"]["request"], r["body"]["prompt_tokens"], r["body"]["completion_tokens"]] for r in receipts
-    ]
+def batch_body(net: str, executor: str, entry: str, items: list[list[Any]]) -> dict[str, Any]:
+    """What an executor countersigns for a batch payment: the requests it served for `entry` in
+    network `net`, each as [request hash, prompt tokens, completion tokens] as the entry pays them
+    (what the price and the once-only rule need; the full receipts stay with the entry)."""
+    return {"kind": "batch", "net": net, "id": executor, "entry": entry, "items": items}
 
 
 def payment_entries(
     payment: dict[str, Any], payer: str, params: LedgerParams
 ) -> list[tuple[ReceiptKey, int]]:
-    """(receipt key, price in micro-credits) of each request a checked payment pays, either form."""
-    if "receipts" in payment:
-        return [(receipt_key(r["body"]), price_micro(r["body"], params)) for r in payment["receipts"]]
+    """(receipt key, price in micro-credits) of each request a checked payment pays."""
     to = payment["to"]
-    return [((to, payer, item[0]), tokens_price_micro(item[1], item[2], params)) for item in payment["items"]]
+    return [((to, payer, item[0]), item_price_micro(item[1], item[2], params)) for item in payment["items"]]
 
 
-def payment_amount(receipts: list[dict[str, Any]], params: LedgerParams) -> float:
-    """The `amount` a payment of these signed receipts must carry, in credits."""
-    return sum(price_micro(r["body"], params) for r in receipts) / MICRO
+def payment_amount(items: list[list[Any]], params: LedgerParams) -> float:
+    """The `amount` a payment of these items must carry, in credits."""
+    return sum(item_price_micro(i[1], i[2], params) for i in items) / MICRO
 
 
 ReceiptKey = tuple[str, str, str]
@@ -96,15 +97,15 @@ def receipt_key(receipt: dict[str, Any]) -> ReceiptKey:
     return (receipt["id"], receipt["entry"], receipt["request"])
 
 
-def check_receipt(record: Any) -> dict[str, Any]:
-    """The body of a signed receipt, after checking its signature and fields."""
+def receipt_body(record: Any, net: str) -> dict[str, Any]:
+    """The body of a signed receipt of network `net` in an operation, checked (InvalidOperation)."""
     try:
-        return receipts.check_receipt(record)
+        return receipts.check_receipt(record, net)
     except receipts.InvalidReceipt as exc:
         raise InvalidOperation(str(exc)) from None
 
 
-def check_vote(record: Any) -> dict[str, Any]:
+def check_vote(record: Any, net: str) -> dict[str, Any]:
     """The body of a signed judge vote, after checking its signature and fields."""
     try:
         body = verify_record(record)
@@ -112,6 +113,8 @@ def check_vote(record: Any) -> dict[str, Any]:
         raise InvalidOperation(f"vote: {exc}") from None
     if set(body) != VOTE_KEYS or body["kind"] != "vote":
         raise InvalidOperation(f"a vote has exactly the keys {sorted(VOTE_KEYS)} and kind 'vote'")
+    if body["net"] != net:
+        raise InvalidOperation("a vote of another network")
     if body["choice"] not in CHOICES:
         raise InvalidOperation(f"vote choice must be one of {CHOICES}")
     return body
@@ -133,7 +136,7 @@ class DuelRule(Protocol):
     support the body; it is pure (no stake at hand): transfers are fractions of stake, resolved
     by the fold. The judge plugin may supply its own rule."""
 
-    def settle(self, op: Operation, params: LedgerParams) -> list[Transfer]: ...
+    def settle(self, op: Operation, params: LedgerParams, net: str) -> list[Transfer]: ...
 
 
 def duel_request(op: Operation) -> str:
@@ -150,14 +153,14 @@ class MajorityDuelRule:
     judge_minority_slash of its bonded stake, split equally among the judges who voted the decision.
     """
 
-    def settle(self, op: Operation, params: LedgerParams) -> list[Transfer]:
+    def settle(self, op: Operation, params: LedgerParams, net: str) -> list[Transfer]:
         body = op.body
         if set(body) != {"receipts", "votes", "winner", "loser"}:
             raise InvalidOperation("a duel body is {receipts, votes, winner, loser}")
         receipts, votes = body["receipts"], body["votes"]
         if not isinstance(receipts, list) or len(receipts) != 2:
             raise InvalidOperation("a duel carries exactly two receipts")
-        a, b = (check_receipt(r) for r in receipts)
+        a, b = (receipt_body(r, net) for r in receipts)
         if a["entry"] != op.author or b["entry"] != op.author:
             raise InvalidOperation("a duel is settled by the entry node of both receipts")
         if a["request"] != b["request"]:
@@ -168,7 +171,7 @@ class MajorityDuelRule:
             raise InvalidOperation("a duel carries at least one vote")
         ballots: dict[str, str] = {}
         for record in votes:
-            vote = check_vote(record)
+            vote = check_vote(record, net)
             judge = vote["id"]
             if vote["duel"] != a["request"]:
                 raise InvalidOperation("a vote is about another duel")
@@ -216,11 +219,13 @@ def _positive_amount(body: dict[str, Any], kind: str) -> None:
         raise InvalidOperation(f"a {kind} body is {{amount: integer > 0}}")
 
 
-def _check_pay(op: Operation, params: LedgerParams) -> None:
-    """A payment is one of two forms:
-    - {to, amount, receipts}: the executor's signed receipts, one signature each;
-    - {to, amount, items, sig}: [request hash, prompt, completion] per request and one signature by
-      the executor over batch_body(to, payer, items): the compact form (about 80 bytes a request).
+def _check_pay(op: Operation, params: LedgerParams, net: str) -> None:
+    """A payment is {to, amount, items, receipts | sig}: `items` are [request hash, prompt tokens,
+    completion tokens] as the payer pays them, and either
+    - `sig`: the payee's one signature over batch_body(net, to, payer, items) (the compact form,
+      about 80 bytes a request), or
+    - `receipts`: the payee's signed receipts, one per item in its order, whose counts bound the
+      item's (a payer may pay fewer tokens than a receipt claims: the ones it could verify).
     """
     body = op.body
     if set(body) != {"payments"} or not isinstance(body["payments"], list) or not body["payments"]:
@@ -228,16 +233,17 @@ def _check_pay(op: Operation, params: LedgerParams) -> None:
     seen: set[ReceiptKey] = set()
     for payment in body["payments"]:
         if not isinstance(payment, dict) or set(payment) not in (PAYMENT_KEYS, BATCH_PAYMENT_KEYS):
-            raise InvalidOperation("a payment is {to, amount, receipts} or {to, amount, items, sig}")
+            raise InvalidOperation("a payment is {to, amount, items, receipts} or {to, amount, items, sig}")
         to, amount = payment["to"], payment["amount"]
         if not isinstance(to, str) or not NODE_ID.fullmatch(to) or to == op.author:
             raise InvalidOperation("a payment goes to another node's id")
         if not _is_number(amount) or amount < 0:
             raise InvalidOperation("a payment amount is a number >= 0")
+        _check_items(payment["items"])
         if "receipts" in payment:
-            _check_receipts(payment["receipts"], to, op.author)
+            _check_receipts(payment["receipts"], payment["items"], to, op.author, net)
         else:
-            _check_batch(payment, op.author)
+            _check_batch(payment, op.author, net)
         total = 0
         for key, price in payment_entries(payment, op.author, params):
             if key in seen:
@@ -250,25 +256,13 @@ def _check_pay(op: Operation, params: LedgerParams) -> None:
         raise InvalidOperation(f"more than {params.payment_batch_max} requests in one pay operation")
 
 
-PAYMENT_KEYS = frozenset({"to", "amount", "receipts"})
+PAYMENT_KEYS = frozenset({"to", "amount", "items", "receipts"})
 BATCH_PAYMENT_KEYS = frozenset({"to", "amount", "items", "sig"})
 
 
-def _check_receipts(receipts: Any, to: str, payer: str) -> None:
-    if not isinstance(receipts, list) or not receipts:
-        raise InvalidOperation("a payment carries at least one receipt")
-    for record in receipts:
-        receipt = check_receipt(record)
-        if receipt["id"] != to:
-            raise InvalidOperation("a receipt is signed by another node than the payee")
-        if receipt["entry"] != payer:
-            raise InvalidOperation("a receipt names another entry node than the payer")
-
-
-def _check_batch(payment: dict[str, Any], payer: str) -> None:
-    items, sig = payment["items"], payment["sig"]
+def _check_items(items: Any) -> None:
     if not isinstance(items, list) or not items:
-        raise InvalidOperation("a batch payment carries at least one item")
+        raise InvalidOperation("a payment carries at least one item")
     for item in items:
         if (
             not isinstance(item, list)
@@ -277,16 +271,44 @@ def _check_batch(payment: dict[str, Any], payer: str) -> None:
             or not HASH.fullmatch(item[0])
             or not all(_is_int(n) and n >= 0 for n in item[1:])
         ):
-            raise InvalidOperation("a batch item is [request sha256 hex, prompt tokens, completion tokens]")
+            raise InvalidOperation("a payment item is [request sha256 hex, prompt tokens, completion tokens]")
+
+
+def _check_receipts(receipts: Any, items: list[list[Any]], to: str, payer: str, net: str) -> None:
+    if not isinstance(receipts, list) or len(receipts) != len(items):
+        raise InvalidOperation("a payment by receipts carries one receipt per item")
+    for record, (request, prompt, completion) in zip(receipts, items, strict=True):
+        receipt = receipt_body(record, net)
+        if receipt["id"] != to:
+            raise InvalidOperation("a receipt is signed by another node than the payee")
+        if receipt["entry"] != payer:
+            raise InvalidOperation("a receipt names another entry node than the payer")
+        if receipt["request"] != request:
+            raise InvalidOperation("a receipt answers another request than its item")
+        if prompt > receipt["prompt_tokens"] or completion > receipt["completion_tokens"]:
+            raise InvalidOperation("an item pays more tokens than its receipt claims")
+
+
+def _check_batch(payment: dict[str, Any], payer: str, net: str) -> None:
+    sig = payment["sig"]
     if not isinstance(sig, str):
         raise InvalidOperation("a batch payment's sig is hex")
     try:
-        verify(payment["to"], canonical(batch_body(payment["to"], payer, items)), bytes.fromhex(sig))
+        body = batch_body(net, payment["to"], payer, payment["items"])
+        verify(payment["to"], canonical(body), bytes.fromhex(sig))
     except (InvalidSignature, ValueError) as exc:
         raise InvalidOperation(f"batch payment: {exc}") from None
 
 
-def check_op(op: Operation, params: LedgerParams, duel_rule: DuelRule = DEFAULT_DUEL_RULE) -> None:
+def _check_transfer(op: Operation) -> None:
+    body = op.body
+    if set(body) != {"to", "amount"} or not _is_int(body["amount"]) or body["amount"] <= 0:
+        raise InvalidOperation("a transfer body is {to: node id, amount: integer > 0}")
+    if not isinstance(body["to"], str) or not NODE_ID.fullmatch(body["to"]) or body["to"] == op.author:
+        raise InvalidOperation("a transfer goes to another node's id")
+
+
+def check_op(op: Operation, params: LedgerParams, net: str, duel_rule: DuelRule = DEFAULT_DUEL_RULE) -> None:
     """Raise InvalidOperation unless `op`'s body obeys its kind's rules.
 
     The caller has checked the signature (parse_op) and the chain (seq contiguity, prev linkage), so
@@ -296,14 +318,17 @@ def check_op(op: Operation, params: LedgerParams, duel_rule: DuelRule = DEFAULT_
     if op.kind == "join":
         if op.seq != 1:
             raise InvalidOperation("join must be an author's first operation (seq 1)")
-        if set(body) != {"grant"} or not _is_int(body["grant"]) or body["grant"] != params.initial_grant:
-            raise InvalidOperation(f"a join body is {{grant: {params.initial_grant}}} (the initial grant)")
+        allocated = params.allocations.get(op.author, 0)
+        if set(body) != {"grant"} or not _is_int(body["grant"]) or body["grant"] != allocated:
+            raise InvalidOperation(f"a join body is {{grant: {allocated}}} (this key's genesis allocation)")
     elif op.kind in ("bond", "unbond"):
         _positive_amount(body, op.kind)
+    elif op.kind == "transfer":
+        _check_transfer(op)
     elif op.kind == "pay":
-        _check_pay(op, params)
+        _check_pay(op, params, net)
     elif op.kind == "duel":
-        duel_rule.settle(op, params)
+        duel_rule.settle(op, params, net)
     elif op.kind == "fraud":
         fraud_evidence(op)
     else:  # parse_op already refuses unknown kinds; kept so a new kind cannot slip through unchecked

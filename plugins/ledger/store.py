@@ -92,7 +92,7 @@ class ChainError(LedgerStoreError):
     """An operation that does not extend its author's chain: a gap in seq or a wrong prev."""
 
 
-class Conflict(LedgerStoreError):
+class ChainFork(LedgerStoreError):
     """Two different operations with the same author and seq: the makings of a fraud proof.
 
     `stored` is the one already held (or, for two forks in one batch, the one earlier in it).
@@ -247,7 +247,7 @@ class LedgerStore:
         An op already stored (same author, seq and hash) is skipped, so re-delivery is harmless.
         `settled` names pending receipts (`ledger_pending`) that the ops pay: their rows are deleted
         in the same transaction, so a debt is either pending or paid, never both nor neither.
-        Raises Conflict (same author/seq, another hash), ChainError (gap, wrong prev) or PendingGone
+        Raises ChainFork (same author/seq, another hash), ChainError (gap, wrong prev) or PendingGone
         (a settled receipt is not pending any more); nothing is stored then. When append returns, the
         ops are committed and on stable storage.
         """
@@ -263,7 +263,7 @@ class LedgerStore:
                 return
             except IntegrityError:
                 # PostgreSQL replicas racing to start the same new chain: the loser retries and
-                # then sees the winner's rows (skipped as duplicates, or a Conflict).
+                # then sees the winner's rows (skipped as duplicates, or a ChainFork).
                 if attempt == 2:
                     raise
             except OperationalError:
@@ -289,7 +289,7 @@ class LedgerStore:
                 if held is None:
                     raise ChainError(f"{_who(op.author)} seq {op.seq}: below the head but not stored")
                 if held.hash != op.hash:
-                    raise Conflict(held, op)
+                    raise ChainFork(held, op)
                 continue
             if op.seq != seq + 1:
                 raise ChainError(f"{_who(op.author)} seq {op.seq}: the chain's head is at seq {seq}")

@@ -16,7 +16,7 @@ from wwwserve_gateway.plugin_api.backend import Backend
 from wwwserve_gateway.plugin_api.base import PluginSettings
 from wwwserve_gateway.plugin_api.node import NodeAPI
 from wwwserve_gateway.plugin_api.peers import PeerView
-from wwwserve_gateway.plugin_api.policy import Policy
+from wwwserve_gateway.plugin_api.policy import Decision, Policy
 
 log = structlog.get_logger(__name__)
 
@@ -122,6 +122,14 @@ class StakedPolicy(Policy):
     def can_buy(self, model: str) -> bool:
         """Whether delegating `model` is allowed now: the provider buys it and the ledger lets us pay."""
         return self.buys(model) and self.node.ledger.can_delegate(self.me)
+
+    def delegate_or_wait(self, model: str) -> Decision:
+        """No local backend can serve now: delegate if allowed; else wait for a local one that is
+        starting (503 with Retry-After), or refuse (429) when there is none."""
+        if self.can_buy(model):
+            return Decision.DELEGATE
+        has_local = any(b.model_name == model for b in self.node.backends)
+        return Decision.LOCAL if has_local else Decision.REJECT
 
     def bonded(self) -> float:
         return self.node.ledger.account(self.me).bonded

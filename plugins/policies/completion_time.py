@@ -113,7 +113,7 @@ class CompletionTimePolicy(StakedPolicy):
         model = request.model
         local = self.local_estimate(model)
         if local is None:
-            return Decision.DELEGATE if self.can_buy(model) else Decision.REJECT
+            return self.delegate_or_wait(model)
         best = self.best_peer_estimate(model)
         if best is None or local <= best * (1 + self.settings.margin) or not self.can_buy(model):
             return Decision.LOCAL

@@ -82,8 +82,10 @@ class FrequencyPolicy(StakedPolicy):
     def decide(self, request: RequestInfo) -> Decision:
         model = request.model
         backends = ready_backends(self.node, model)
-        if not backends or self.target(model) == NEVER_LOCAL:
+        if self.target(model) == NEVER_LOCAL:  # the provider never serves it here
             return Decision.DELEGATE if self.can_buy(model) else Decision.REJECT
+        if not backends:
+            return self.delegate_or_wait(model)
         if self._idle(backends) or not alive_peers(self.node, model):
             return Decision.LOCAL  # idle, or busy with nobody to hand over to: queue in the engine
         # The coins are drawn even when delegation is impossible, so a seed gives the same sequence.

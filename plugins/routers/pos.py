@@ -51,6 +51,17 @@ class StakeRouterSettings(PluginSettings):
     seed: int | None = Field(
         None, description="an integer seed for reproducible draws (tests, simulations); unset for random"
     )
+    explore: float = Field(
+        0.05,
+        ge=0,
+        le=0.5,
+        description="the share of draws whose first candidate is a newcomer, drawn uniformly (0 to 0.5)",
+    )
+    newcomer_stake: float = Field(
+        1.0,
+        ge=0,
+        description="a peer whose weight (advertised stake capped by bonded) is below this is a newcomer",
+    )
 
 
 class StakeRouter(Router):
@@ -64,21 +75,35 @@ class StakeRouter(Router):
         self._rng = random.Random(settings.seed)
 
     def eligible(self, info: RequestInfo) -> dict[str, float]:
-        """Candidate node id -> weight, in the gossip table's order. The weight is the advertised
-        stake capped by the ledger's bonded stake: a node cannot claim stake it has not bonded."""
+        """Candidate node id -> weight, in the gossip table's order, newcomers (weight 0 up to
+        `newcomer_stake`) included. The weight is the advertised stake capped by the ledger's bonded
+        stake: a node cannot claim stake it has not bonded."""
         gossip, ledger = self.node.gossip, self.node.ledger
         # Self, the entry node and every relay (no loops), and nodes that already failed this request.
         excluded = {self.node.node_id, *info.route, *info.avoid}
         out: dict[str, float] = {}
         for peer in gossip.peers():
-            if not peer.alive or peer.id in excluded or peer.stake <= 0 or not peer.serves(info.model):
+            if not peer.alive or peer.id in excluded or not peer.serves(info.model):
                 continue
             # The ledger is consulted last: it is the most expensive check and most peers fail earlier.
             weight = min(peer.stake, ledger.account(peer.id).bonded)
-            if weight > 0 and ledger.can_delegate(peer.id):
+            if ledger.can_delegate(peer.id):
                 out[peer.id] = weight
         return out
 
     def candidates(self, info: RequestInfo) -> list[str]:
-        """Up to max_attempts peers, best first, for the node to try in turn."""
-        return weighted_order(self.eligible(info), self._rng, self.settings.max_attempts)
+        """Up to max_attempts peers, best first, for the node to try in turn: by stake, except that
+        with probability `explore` the first is a newcomer drawn uniformly. Newcomers are how an
+        honest node without stake earns its first credits; the bounded share is all a swarm of
+        fresh keys can take."""
+        weights = self.eligible(info)
+        staked = {n: w for n, w in weights.items() if w >= self.settings.newcomer_stake}
+        newcomers = [n for n, w in weights.items() if w < self.settings.newcomer_stake]
+        k = self.settings.max_attempts
+        # The coin is tossed on every request, so a seed gives the same sequence whoever is there.
+        explore = self._rng.random() < self.settings.explore
+        if not staked:
+            return self._rng.sample(newcomers, min(k, len(newcomers)))
+        if newcomers and explore:
+            return [self._rng.choice(newcomers), *weighted_order(staked, self._rng, k - 1)][:k]
+        return weighted_order(staked, self._rng, k)

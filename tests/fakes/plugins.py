@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
+from wwwserve_gateway.network.genesis import NetworkGenesis
 from wwwserve_gateway.plugin_api import Account, NodeAPI, PeerState, PeerView
 from wwwserve_gateway.plugin_api.base import Plugin
 from wwwserve_gateway.plugin_api.loading import validate_settings
@@ -16,7 +17,8 @@ P = TypeVar("P", bound=Plugin)
 
 
 class FakeLedger:
-    """Accounts by node id; `append_own("bond", ...)` moves the owner's liquid credit into stake."""
+    """Accounts by node id; `append_own("bond", ...)` moves the owner's liquid credit into stake;
+    `settle` keeps the receipts it is given, in `settled`."""
 
     def __init__(
         self, accounts: Mapping[str, Account] | None = None, *, owner: str = ME, delegate: bool = True
@@ -25,6 +27,8 @@ class FakeLedger:
         self.owner = owner
         self.delegate = delegate
         self.ops: list[tuple[str, dict[str, Any]]] = []
+        self.settled: list[dict[str, Any]] = []
+        self.paid: list[tuple[int, int] | None] = []  # the tokens paid of each settled receipt
 
     def account(self, node_id: str) -> Account:
         return self.accounts.get(node_id, Account())
@@ -37,6 +41,10 @@ class FakeLedger:
         if kind == "bond":
             mine = self.account(self.owner)
             self.accounts[self.owner] = Account(mine.liquid - body["amount"], mine.bonded + body["amount"])
+
+    async def settle(self, receipt: dict[str, Any], paid: tuple[int, int] | None = None) -> None:
+        self.settled.append(receipt)
+        self.paid.append(paid)
 
 
 class FakeGossip:
@@ -67,19 +75,28 @@ def node_api(
     backends: Iterable[Any] = (),
     peers: Iterable[PeerView] = (),
     ledger: Any = None,
+    gossip: Callable[[NodeAPI], Any] | None = None,
     identity: Any = None,
+    **services: Any,
 ) -> NodeAPI:
-    """A NodeAPI with fake gossip and ledger bound (and nothing else a policy or router needs)."""
-    node = NodeAPI(
-        identity=identity or SimpleNamespace(node_id=node_id),
-        genesis=None,  # type: ignore[arg-type]
-        overlay=None,  # type: ignore[arg-type]
-        backends=list(backends),  # type: ignore[arg-type]
-        metrics=None,  # type: ignore[arg-type]
-        public_url=f"http://{node_id}",
-        data_dir=Path("."),
+    """A NodeAPI with fake gossip and ledger bound (and nothing else a policy or router needs).
+
+    `services` are NodeAPI's own arguments (genesis, overlay, metrics, data_dir, ...) for a plugin that
+    uses them; `gossip`, when given, builds the gossip plugin from the NodeAPI instead of FakeGossip."""
+    node_id = identity.node_id if identity is not None else node_id
+    made: dict[str, Any] = {
+        "identity": identity or SimpleNamespace(node_id=node_id),
+        "genesis": NetworkGenesis(),
+        "overlay": None,
+        "metrics": None,
+        "public_url": f"http://{node_id}",
+        "data_dir": Path("."),
+    }
+    node = NodeAPI(backends=list(backends), **(made | services))  # type: ignore[arg-type]
+    node.bind(
+        gossip=FakeGossip(peers) if gossip is None else gossip(node),
+        ledger=FakeLedger(owner=node.node_id) if ledger is None else ledger,
     )
-    node.bind(gossip=FakeGossip(peers), ledger=FakeLedger(owner=node.node_id) if ledger is None else ledger)
     return node
 
 

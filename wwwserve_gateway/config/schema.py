@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 def default_home() -> Path:
@@ -33,6 +33,11 @@ class NodeSettings(StrictModel):
     admin_key: str | None = Field(
         None, description="key for the /wwwserve/admin endpoints; unset disables them"
     )
+    operator_keys: list[str] = Field(
+        default_factory=list,
+        description="read-only operator keys: with one (or the admin key) the network views show "
+        "peers' addresses",
+    )
     max_body_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="largest accepted request body, in bytes (413 above it)"
     )
@@ -52,6 +57,45 @@ class NodeSettings(StrictModel):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"
+    # Transport limits (docs/security.md, "Transport and HTTP limits"): each refusal is counted in
+    # /metrics (wwwserve_http_rejected_total, wwwserve_overlay_rejected_total).
+    max_connections: int = Field(
+        2048, ge=1, description="open HTTP connections (overlay websockets included); 503 beyond it"
+    )
+    max_connections_per_source: int = Field(
+        256, ge=1, description="open HTTP connections from one client address; 429 beyond it"
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds for a request's headers to arrive in full; 408 and closed after"
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="seconds for a request's body to arrive once its headers have; 408 after"
+    )
+    overlay_max_handshakes: int = Field(64, ge=1, description="overlay handshakes pending at once")
+    overlay_handshakes_per_source: int = Field(
+        8, ge=1, description="overlay handshakes pending at once from one address"
+    )
+    overlay_handshake_timeout: float = Field(
+        3.0, gt=0, description="seconds an overlay handshake may take, accepting or dialling"
+    )
+    overlay_stream_window_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=2 * 1024 * 1024,
+        description="bytes of one overlay stream's items a peer may leave unread here (>= 2 frames)",
+    )
+    overlay_connection_window_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=2 * 1024 * 1024,
+        description="bytes of all overlay streams' items one peer may leave unread here",
+    )
+
+    @field_validator("overlay_connection_window_bytes")
+    @classmethod
+    def _connection_window_holds_a_stream(cls, value: int, info: ValidationInfo) -> int:
+        stream = info.data.get("overlay_stream_window_bytes")
+        if stream is not None and value < stream:
+            raise ValueError(f"must be at least overlay_stream_window_bytes ({stream})")
+        return value
 
     @field_validator("api_keys")
     @classmethod

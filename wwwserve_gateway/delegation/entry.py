@@ -2,8 +2,10 @@
 
 An executor that declines, cannot be reached, stalls, breaks the protocol or fails with a server
 error is replaced by the next candidate. Before any output that is invisible to the app; mid-stream
-the answer continues at the next executor from the text already sent (`continuation`). Only a
-verified receipt is paid; a receipt that fails verification is counted and not paid.
+the answer continues at the next executor from the text already sent (`continuation`). What reaches
+the app is checked and rewritten (`answers`). Only a verified receipt is paid, and only for the
+tokens the entry can verify; a receipt that fails verification is counted and not paid, one that
+claims too much is paid its verified part, and either way its executor is struck (`strikes`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import structlog
 
 from wwwserve_gateway.delegation import wire
+from wwwserve_gateway.delegation.answers import AnswerReader, MalformedAnswer, prompt_bound
 from wwwserve_gateway.delegation.continuation import Stitcher, continuation_body, progress
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
+from wwwserve_gateway.delegation.strikes import Strikes
 from wwwserve_gateway.http.asgi import SSE_HEADERS, Send
 from wwwserve_gateway.http.errors import BackendError, UpstreamError
 from wwwserve_gateway.http.sse import DONE
@@ -47,6 +50,10 @@ class ExecutorFailed(Exception):
     """The executor broke off, stalled, sent something malformed or failed with a server error."""
 
 
+class ExecutorStalled(ExecutorFailed):
+    """The executor went silent past the stall deadline (not even a heartbeat)."""
+
+
 @dataclass
 class Execution:
     """A request an executor accepted: its items after the accept."""
@@ -63,36 +70,35 @@ class Execution:
     async def __aiter__(self) -> AsyncIterator[tuple[str, Any]]:
         try:
             async for item in self.items:
-                yield wire.check_item(item)
-        except (OverlayError, wire.WireError, TimeoutError) as exc:
+                kind, payload = wire.check_item(item)
+                if kind != "wait":  # a heartbeat only keeps the stall deadline away
+                    yield kind, payload
+        except (PeerTimeout, TimeoutError) as exc:
+            raise ExecutorStalled(f"{self.executor[:16]}: {exc}") from None
+        except (OverlayError, wire.WireError) as exc:
             raise ExecutorFailed(f"{self.executor[:16]}: {exc}") from None
 
     async def aclose(self) -> None:
         await self.items.aclose()  # type: ignore[attr-defined]
 
 
-def check_events(payload: str) -> None:
-    """Every event must be a JSON object in a data field: an executor that sends anything else is
-    failing, and its output must not reach the app."""
-    for event in payload.split("\n\n"):
-        if not event or event.startswith(":"):
-            continue
-        if not event.startswith("data: "):
-            raise ExecutorFailed("an SSE event without a data field")
-        try:
-            obj = orjson.loads(event[6:])
-        except orjson.JSONDecodeError:
-            raise ExecutorFailed("an SSE event that is not JSON") from None
-        if not isinstance(obj, dict):
-            raise ExecutorFailed("an SSE event that is not a JSON object")
+Paid = tuple[dict[str, Any], tuple[int, int]]  # a signed receipt, and the (prompt, completion) tokens paid
+
+
+def answer_id(info: RequestInfo) -> str:
+    return ("chatcmpl-" if info.endpoint == Endpoint.CHAT else "cmpl-") + info.id
 
 
 class Delegator:
-    def __init__(self, api: NodeAPI, metrics: DelegationMetrics, stall_timeout: float) -> None:
+    def __init__(
+        self, api: NodeAPI, metrics: DelegationMetrics, stall_timeout: float, strikes: Strikes | None = None
+    ) -> None:
         self.api = api
         self.me = api.node_id
+        self.net = api.genesis.network_id
         self.metrics = metrics
         self.stall_timeout = stall_timeout
+        self.strikes = strikes or Strikes()
 
     # -- finding an executor ---------------------------------------------------------------------
     async def open(
@@ -102,6 +108,7 @@ class Delegator:
         avoid: set[str],
     ) -> Execution:
         """Send the request to candidates in turn until one accepts."""
+        avoid |= self.strikes.avoided()
         ask = dataclasses.replace(info, route=request.route, avoid=tuple(avoid))
         body = request.to_wire()
         for peer in self.api.router.candidates(ask):
@@ -142,30 +149,50 @@ class Delegator:
         return full
 
     # -- receipts ----------------------------------------------------------------------------------
-    def verify_receipt(self, record: Any, ex: Execution, response: str) -> dict[str, Any]:
+    def verify_receipt(self, record: Any, ex: Execution, response: str, reader: AnswerReader) -> Paid:
+        """The receipt and the tokens to pay for it; ExecutorFailed (and a strike) if it is wrong."""
         try:
-            body = check_receipt(record)
+            body = check_receipt(record, self.net)
         except InvalidReceipt as exc:
-            self.metrics.bad_receipts.inc()
+            self._struck(ex.executor, "bad_receipt")
             raise ExecutorFailed(str(exc)) from None
         req = ex.request
-        max_tokens = request_max_tokens(req.body)  # of the request sent: a continuation's is lower
         problems = [
             body["id"] != ex.executor and "signed by another node than the executor",
             body["entry"] != self.me and "names another entry node",
             body["request"] != request_hash(req.id, req.endpoint.value, req.body) and "another request",
             body["response"] != response and "another response than the bytes received",
             body["model"] != req.body["model"] and "another model",
-            max_tokens is not None and body["completion_tokens"] > max_tokens + 1 and "too many tokens",
         ]
         wrong = [p for p in problems if p]
         if wrong:
-            self.metrics.bad_receipts.inc()
+            self._struck(ex.executor, "bad_receipt")
             raise ExecutorFailed("receipt " + "; ".join(wrong))
-        return body
+        # The request sent (a continuation's max_tokens is lower) bounds what the receipt may claim.
+        prompt = min(body["prompt_tokens"], prompt_bound(req.body))
+        completion = min(body["completion_tokens"], reader.completion_bound(request_max_tokens(req.body)))
+        if (prompt, completion) != (body["prompt_tokens"], body["completion_tokens"]):
+            log.warning(
+                "receipt claims more tokens than the bytes hold; paying the verified part",
+                executor=ex.executor[:16],
+                claimed=(body["prompt_tokens"], body["completion_tokens"]),
+                paid=(prompt, completion),
+            )
+            self._struck(ex.executor, "inflated_receipt")
+        return record, (prompt, completion)
 
-    async def pay(self, record: dict[str, Any]) -> None:
-        await self.api.ledger.settle(record)
+    def _failed(self, ex: Execution, exc: ExecutorFailed, avoid: set[str]) -> None:
+        avoid.update((ex.peer, ex.executor))
+        if isinstance(exc, ExecutorStalled):  # silent without a heartbeat: frozen, or hostile
+            self.strikes.strike(ex.executor)
+
+    def _struck(self, executor: str, reason: str) -> None:
+        self.metrics.bad_receipts.labels(reason).inc()
+        self.strikes.strike(executor)
+
+    async def pay(self, paid: Paid) -> None:
+        record, tokens = paid
+        await self.api.ledger.settle(record, tokens)
 
     # -- relaying ----------------------------------------------------------------------------------
     def _request(self, info: RequestInfo, endpoint: Endpoint, body: dict[str, Any], cont: bool):
@@ -173,7 +200,7 @@ class Delegator:
 
     async def complete(
         self, info: RequestInfo, endpoint: Endpoint, body: dict[str, Any]
-    ) -> tuple[bytes, list[tuple[bytes, bytes]], Usage, list[dict[str, Any]]]:
+    ) -> tuple[bytes, list[tuple[bytes, bytes]], Usage, list[Paid]]:
         """A non-streamed answer from a peer: (body, headers, usage, receipts to pay). Raises
         NoExecutor. Paying is left to the caller, after the answer is sent: storing the debt
         durably takes a disk flush the app need not wait for."""
@@ -181,22 +208,22 @@ class Delegator:
         while True:
             ex = await self.open(info, self._request(info, endpoint, body, False), avoid)
             try:
-                answer, receipt = await self._collect(ex)
+                answer, paid = await self._collect(ex, AnswerReader(endpoint, answer_id(info), body["model"]))
             except ExecutorFailed as exc:
                 log.warning("executor failed", executor=ex.executor[:16], error=str(exc))
                 self.metrics.failovers.labels("before_output").inc()
-                avoid.update((ex.peer, ex.executor))
+                self._failed(ex, exc, avoid)
                 continue
             finally:
                 await ex.aclose()
             headers = [
                 (ROUTE_HEADER, ",".join(ex.route).encode()),
-                (RECEIPT_HEADER, encode_receipt(receipt).encode()),
+                (RECEIPT_HEADER, encode_receipt(paid[0]).encode()),
             ]
-            body_ = receipt["body"]
-            return answer, headers, Usage(body_["prompt_tokens"], body_["completion_tokens"]), [receipt]
+            prompt, completion = paid[1]
+            return answer, headers, Usage(prompt, completion, prompt + completion), [paid]
 
-    async def _collect(self, ex: Execution) -> tuple[bytes, dict[str, Any]]:
+    async def _collect(self, ex: Execution, reader: AnswerReader) -> tuple[bytes, Paid]:
         answer: str | None = None
         async for kind, payload in ex:
             if kind == "json" and answer is None:
@@ -207,26 +234,24 @@ class Delegator:
                     raise UpstreamError.from_response(status, text.encode(), backend=ex.executor[:16])
                 raise ExecutorFailed(f"server error {status}")
             elif kind == "receipt" and answer is not None:
-                response = hashlib.sha256(answer.encode()).hexdigest()
-                self.verify_receipt(payload, ex, response)
                 try:
-                    parsed = orjson.loads(answer)
-                except orjson.JSONDecodeError:
-                    raise ExecutorFailed("the answer is not JSON") from None
-                if not isinstance(parsed, dict):
-                    raise ExecutorFailed("the answer is not a JSON object")
-                return answer.encode(), payload
+                    relayed = reader.whole(answer)
+                except MalformedAnswer as exc:
+                    self._struck(ex.executor, "garbage")
+                    raise ExecutorFailed(f"the answer is {exc}") from None
+                response = hashlib.sha256(answer.encode()).hexdigest()
+                return relayed, self.verify_receipt(payload, ex, response, reader)
             else:
                 raise ExecutorFailed(f"unexpected item {kind!r}")
         raise ExecutorFailed("the answer ended without a receipt")
 
     async def stream(
         self, info: RequestInfo, endpoint: Endpoint, body: dict[str, Any], send: Send
-    ) -> tuple[Usage, list[dict[str, Any]]]:
+    ) -> tuple[Usage, list[Paid]]:
         """Relay a streamed answer from peers to the app; return the usage and the receipts to pay.
         Raises NoExecutor only if nothing was sent yet; later failures end the stream with an
         error event."""
-        paid: list[dict[str, Any]] = []
+        paid: list[Paid] = []
         avoid: set[str] = set()
         sent: list[str] = []  # SSE text relayed to the app, for a continuation
         trailer: list[str] = []
@@ -242,13 +267,18 @@ class Delegator:
                 await _send_text(send, _error_event("no other executor could continue the answer"))
                 return usage, paid
             digest = hashlib.sha256()
+            reader = AnswerReader(endpoint, answer_id(info), body["model"])
             try:
                 receipt = None
                 async for kind, payload in ex:
                     if kind == "sse" and receipt is None:
-                        check_events(payload)
+                        try:
+                            relayed = reader.events(payload)
+                        except MalformedAnswer as exc:
+                            self._struck(ex.executor, "garbage")
+                            raise ExecutorFailed(f"an SSE event that is {exc}") from None
                         digest.update(payload.encode())
-                        out = payload if stitch is None else stitch(payload)
+                        out = relayed if stitch is None else stitch(relayed)
                         if not sent:
                             route = ",".join(ex.route).encode()
                             headers = [*SSE_HEADERS, (ROUTE_HEADER, route)]
@@ -262,8 +292,7 @@ class Delegator:
                             raise UpstreamError.from_response(status, text.encode(), backend=ex.executor[:16])
                         raise ExecutorFailed(f"server error {status}")
                     elif kind == "receipt" and receipt is None:
-                        receipt = self.verify_receipt(payload, ex, digest.hexdigest())
-                        record = payload
+                        receipt = self.verify_receipt(payload, ex, digest.hexdigest(), reader)
                     else:
                         raise ExecutorFailed(f"unexpected item {kind!r}")
                 if receipt is None:
@@ -272,7 +301,7 @@ class Delegator:
                 stage = "mid_stream" if sent else "before_output"
                 log.warning("executor failed", executor=ex.executor[:16], stage=stage, error=str(exc))
                 self.metrics.failovers.labels(stage).inc()
-                avoid.update((ex.peer, ex.executor))
+                self._failed(ex, exc, avoid)
                 if not sent:
                     continue
                 done = progress(sent)
@@ -286,11 +315,11 @@ class Delegator:
                 continue
             finally:
                 await ex.aclose()
-            paid.append(record)
-            usage.prompt_tokens += receipt["prompt_tokens"]
-            usage.completion_tokens += receipt["completion_tokens"]
+            paid.append(receipt)
+            usage.prompt_tokens += receipt[1][0]
+            usage.completion_tokens += receipt[1][1]
             trailer.append(
-                f": wwwserve-route {','.join(ex.route)}\n: wwwserve-receipt {encode_receipt(record)}\n\n"
+                f": wwwserve-route {','.join(ex.route)}\n: wwwserve-receipt {encode_receipt(receipt[0])}\n\n"
             )
             break
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens

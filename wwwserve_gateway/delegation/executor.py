@@ -8,18 +8,21 @@ the backend request is closed with it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
-from wwwserve_gateway.backend_registry import BackendRegistry
 from wwwserve_gateway.delegation import wire
+from wwwserve_gateway.delegation.debtors import Debtors
 from wwwserve_gateway.delegation.entry import Delegator, NoExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
+from wwwserve_gateway.deployments import Deployments
 from wwwserve_gateway.http.errors import GatewayError, InvalidRequest
 from wwwserve_gateway.http.sse import DONE
 from wwwserve_gateway.network.receipts import request_hash, sign_receipt
@@ -32,17 +35,98 @@ from wwwserve_gateway.plugin_api.requests import RequestInfo
 log = structlog.get_logger(__name__)
 
 DONE_TEXT = DONE.decode()
+T = TypeVar("T")
+
+
+class _Answer:
+    usage: Usage | None = None
+
+
+async def _answer(
+    backend: Backend, req: wire.DelegatedRequest, call: dict[str, Any], answer: _Answer
+) -> AsyncIterator[dict[str, Any]]:
+    """The backend's answer as wire items (sse or json); its usage lands in `answer`."""
+    if call.get("stream") and req.endpoint is not Endpoint.EMBEDDING:
+        sse = await backend.stream(req.endpoint, call)
+        try:
+            async for piece in sse:
+                text = piece.decode()
+                if text.endswith(DONE_TEXT):
+                    text = text[: -len(DONE_TEXT)]
+                if text:
+                    yield wire.sse(text)
+        finally:
+            await sse.aclose()
+        answer.usage = sse.usage
+    else:
+        reply = await backend.complete(req.endpoint, call)
+        yield wire.json_answer(reply.body.decode())
+        answer.usage = reply.usage
+
+
+class _Failed:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+async def with_heartbeats(source: AsyncIterator[T], every: float) -> AsyncIterator[T | None]:
+    """`source`'s items, and None whenever `every` seconds pass without one, so the entry knows this
+    node is at work through a long prefill or an answer that is not streamed. The source runs in
+    a task of its own, which a heartbeat's timeout must not cancel; a queue of one keeps its
+    backpressure."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+
+    async def pump() -> None:
+        try:
+            async for item in source:
+                await queue.put(item)
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put(_Failed(exc))
+            return
+        await queue.put(_END)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(every):
+                    item = await queue.get()
+            except TimeoutError:
+                yield None
+                continue
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+PAYMENT_GRACE_S = 5.0  # slack on top of the payment windows and the replication
 
 
 class PeerExecutor:
     def __init__(
-        self, api: NodeAPI, registry: BackendRegistry, delegator: Delegator, metrics: DelegationMetrics
+        self, api: NodeAPI, deployments: Deployments, delegator: Delegator, metrics: DelegationMetrics
     ) -> None:
         self.api = api
         self.me = api.node_id
-        self.registry = registry
+        self.deployments = deployments
         self.delegator = delegator
         self.metrics = metrics
+        genesis = api.genesis
+        # Two payment windows, then the time the payment takes to replicate here (a few syncs).
+        sync_s = genesis.gossip.interval_s * genesis.gossip.sync_every_rounds
+        self.debtors = Debtors(
+            lambda entry, request: api.ledger.is_paid(self.me, entry, request),
+            grace_s=2 * genesis.ledger.payment_batch_window_s + 4 * sync_s + PAYMENT_GRACE_S,
+        )
 
     def register(self) -> None:
         """Start answering peers' delegated requests."""
@@ -61,11 +145,16 @@ class PeerExecutor:
         info = RequestInfo.describe(
             req.id, req.endpoint.value, req.body, bool(req.body.get("stream")), req.route
         )
-        model = info.model
+        # A peer names any model it likes: only the ones served here become metric labels.
+        model = info.model if self.deployments.serves(info.model) else "?"
+        if self.debtors.refuses(req.entry):
+            self.metrics.peer_requests.labels(model, "unpaid").inc()
+            yield wire.decline("the entry node has not paid for earlier requests")
+            return
         decision = self.api.policy.accept(info)
-        if decision is Decision.LOCAL and self.registry.serves(model):
+        if decision is Decision.LOCAL and self.deployments.serves(model):
             try:
-                backend = self.registry.pick(model)
+                backend = self.deployments.pick(model)
             except GatewayError as exc:
                 self.metrics.peer_requests.labels(model, "declined").inc()
                 yield wire.decline(exc.message)
@@ -75,7 +164,7 @@ class PeerExecutor:
             async for item in self._serve(backend, req, info):
                 yield item
         elif decision is Decision.DELEGATE:
-            async for item in self._relay(info, req):
+            async for item in self._relay(info, req, model):
                 yield item
         else:
             self.metrics.peer_requests.labels(model, "declined").inc()
@@ -93,37 +182,28 @@ class PeerExecutor:
         digest = hashlib.sha256()
         started = time.time()
         ok = False
+        answer = _Answer()
         self.metrics.peer_in_flight.inc()
         try:
-            with self.registry.lease(backend) as lease:
+            with self.deployments.lease(backend) as lease:
                 try:
-                    if body.get("stream") and req.endpoint is not Endpoint.EMBEDDING:
-                        sse = await backend.stream(req.endpoint, call)
-                        try:
-                            async for piece in sse:
-                                text = piece.decode()
-                                if text.endswith(DONE_TEXT):
-                                    text = text[: -len(DONE_TEXT)]
-                                if text:
-                                    digest.update(text.encode())
-                                    yield wire.sse(text)
-                        finally:
-                            await sse.aclose()
-                        usage = sse.usage
-                    else:
-                        reply = await backend.complete(req.endpoint, call)
-                        digest.update(reply.body)
-                        yield wire.json_answer(reply.body.decode())
-                        usage = reply.usage
+                    async for item in with_heartbeats(_answer(backend, req, call, answer), wire.HEARTBEAT_S):
+                        if item is None:
+                            yield wire.waiting()
+                            continue
+                        digest.update(item["d"].encode())
+                        yield item
                 except GatewayError as exc:
                     log.info("backend failed a peer's request", backend=backend.id, error=exc.message)
                     self.metrics.peer_requests.labels(backend.model_name, "failed").inc()
                     yield wire.error(exc.status, exc.body().decode())
                     return
-                usage = usage or Usage()
+                usage = answer.usage or Usage()
                 lease.used(usage)
+            self.debtors.issued(req.entry, request)
             record = sign_receipt(
                 self.api.identity,
+                net=self.api.genesis.network_id,
                 entry=req.entry,
                 request=request,
                 response=digest.hexdigest(),
@@ -139,17 +219,19 @@ class PeerExecutor:
             self.metrics.peer_in_flight.dec()
             self.api.policy.on_request_done(info, "local", time.time() - started, ok)
 
-    async def _relay(self, info: RequestInfo, req: wire.DelegatedRequest) -> AsyncIterator[dict[str, Any]]:
+    async def _relay(
+        self, info: RequestInfo, req: wire.DelegatedRequest, label: str
+    ) -> AsyncIterator[dict[str, Any]]:
         """Multi-hop: pass the request on with this node added to the route; items go back as
         they come (the entry checks them, and the receipt is the final executor's)."""
         onward = dataclasses.replace(req, route=(*req.route, self.me))
         try:
             ex = await self.delegator.open(info, onward, set())
         except NoExecutor:
-            self.metrics.peer_requests.labels(info.model, "declined").inc()
+            self.metrics.peer_requests.labels(label, "declined").inc()
             yield wire.decline("busy, and no peer to relay to")
             return
-        self.metrics.peer_requests.labels(info.model, "relayed").inc()
+        self.metrics.peer_requests.labels(label, "relayed").inc()
         try:
             yield wire.accept(ex.route)
             async for item in ex.items:

@@ -37,5 +37,9 @@ class DelegationMetrics:
             registry=registry,
         )
         self.bad_receipts = Counter(
-            "wwwserve_bad_receipts", "Receipts from executors that failed verification", registry=registry
+            "wwwserve_bad_receipts",
+            "Executors caught misbehaving, by reason (bad_receipt: not paid; inflated_receipt: paid the "
+            "verified part; garbage: an answer that is not OpenAI-shaped JSON)",
+            ["reason"],
+            registry=registry,
         )

@@ -12,7 +12,12 @@ The executor answers with stream items, the first at once:
     {"t": "sse", "d": str}               whole SSE events of a streamed answer (no [DONE])
     {"t": "json", "d": str}              a whole non-streamed answer
     {"t": "error", "status": int, "d": str}  the backend refused it (an OpenAI error body)
+    {"t": "wait"}                        nothing yet, still working (a heartbeat every HEARTBEAT_S)
     {"t": "receipt", "r": signed receipt}    the last item of a served request
+
+The entry gives up on an executor silent for STALL_S (no item, not even a heartbeat): a frozen or
+vanished executor is replaced in seconds, while a slow backend (a long prefill, a long answer that
+is not streamed) keeps its request.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ KIND = "wwwserve.delegate"
 MAX_HOPS = 8
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 ENDPOINTS = frozenset(e.value for e in Endpoint)
-ITEM_TYPES = frozenset({"accept", "decline", "sse", "json", "error", "receipt"})
+ITEM_TYPES = frozenset({"accept", "decline", "sse", "json", "error", "wait", "receipt"})
+HEARTBEAT_S = 2.0
+STALL_S = 10.0
 
 
 class WireError(ValueError):
@@ -115,6 +122,8 @@ def check_item(item: Any) -> tuple[str, Any]:
         if not isinstance(status, int) or not 400 <= status <= 599 or not isinstance(d, str):
             raise WireError("an error item is {status: 4xx/5xx, d: error body}")
         return t, (status, d)
+    if t == "wait":
+        return t, None
     return t, item.get("r")
 
 
@@ -139,6 +148,10 @@ def json_answer(text: str) -> dict[str, Any]:
 
 def error(status: int, body: str) -> dict[str, Any]:
     return {"t": "error", "status": status, "d": body}
+
+
+def waiting() -> dict[str, Any]:
+    return {"t": "wait"}
 
 
 def receipt(record: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,14 @@ class KeyCheck:
     def enabled(self) -> bool:
         return bool(self._digests)
 
+    def presented(self, scope: Scope) -> bool:
+        """Whether the request carries one of the keys (False when none is configured)."""
+        value = header(scope, b"authorization")
+        if not self._digests or value is None:
+            return False
+        scheme, _, token = value.partition(b" ")
+        return scheme.lower() == b"bearer" and _digest(token.strip()) in self._digests
+
     def check(self, scope: Scope) -> None:
         if not self._digests:
             return

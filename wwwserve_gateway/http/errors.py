@@ -63,12 +63,6 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
-class MethodNotAllowed(GatewayError):
-    status = 405
-    type = "invalid_request_error"
-    code = "method_not_allowed"
-
-
 class Conflict(GatewayError):
     status = 409
     type = "invalid_request_error"

@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from wwwserve_gateway.config.problems import ConfigError, ConfigProblem, problems_from_validation
 from wwwserve_gateway.network.canonical import digest
+from wwwserve_gateway.network.identity import NODE_ID
 
 
 class _Strict(BaseModel):
@@ -47,12 +48,18 @@ class GossipParams(_Strict):
 
 
 class LedgerParams(_Strict):
-    initial_grant: int = Field(1000, ge=0, description="credits a node receives with its join operation")
+    allocations: dict[str, int] = Field(
+        default_factory=dict,
+        description="credits each listed node id receives with its join operation; every other key gets 0",
+    )
     price_per_request: float = Field(
         1.0, ge=0, description="credits an entry node pays per delegated request"
     )
     price_per_1k_tokens: float = Field(
         0.0, ge=0, description="credits paid per 1,000 tokens (prompt + completion)"
+    )
+    max_price_per_request: float = Field(
+        100.0, gt=0, description="the most one request can cost, whatever its receipt claims"
     )
     unbonding_delay_s: float = Field(
         3600.0,
@@ -72,6 +79,16 @@ class LedgerParams(_Strict):
         5.0, gt=0, description="seconds an entry node gathers receipts before paying them in one operation"
     )
     payment_batch_max: int = Field(100, ge=1, description="receipts paid at most by one pay operation")
+
+    @field_validator("allocations")
+    @classmethod
+    def _node_ids(cls, allocations: dict[str, int]) -> dict[str, int]:
+        for node_id, credits in allocations.items():
+            if not NODE_ID.fullmatch(node_id):
+                raise ValueError(f"{node_id!r} is not a node id (64 lowercase hex: `wwwserve keys show`)")
+            if credits < 0:
+                raise ValueError(f"the allocation of {node_id[:16]} is negative")
+        return allocations
 
 
 class NetworkGenesis(_Strict):

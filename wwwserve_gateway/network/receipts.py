@@ -3,7 +3,8 @@
 The entry node checks a receipt before it relays the end of an answer, hands it to the app in the
 `x-wwwserve-receipt` header (or SSE comment), and pays by it through the ledger. A receipt names
 hashes only, never content: `request` hashes the delegated request (its id, endpoint and body), so
-the same prompt sent twice is two receipts; `response` hashes the exact bytes relayed.
+the same prompt sent twice is two receipts; `response` hashes the exact bytes relayed. It names the
+network id (`net`), so a receipt signed in one network is worthless in another.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ RECEIPT_KEYS = frozenset(
     {
         "id",
         "kind",
+        "net",
         "entry",
         "request",
         "response",
@@ -65,6 +67,7 @@ def request_hash(request_id: str, endpoint: str, body: dict[str, Any]) -> str:
 def sign_receipt(
     identity: NodeIdentity,
     *,
+    net: str,
     entry: str,
     request: str,
     response: str,
@@ -77,6 +80,7 @@ def sign_receipt(
     body = {
         "id": identity.node_id,
         "kind": "receipt",
+        "net": net,
         "entry": entry,
         "request": request,
         "response": response,
@@ -91,14 +95,16 @@ def sign_receipt(
     return record
 
 
-def check_receipt(record: Any) -> dict[str, Any]:
-    """The body of a signed receipt, after checking its signature and fields."""
+def check_receipt(record: Any, net: str) -> dict[str, Any]:
+    """The body of a signed receipt of network `net`, after checking its signature and fields."""
     try:
         body = verify_record(record, VERIFIED)
     except InvalidSignature as exc:
         raise InvalidReceipt(f"receipt: {exc}") from None
     if set(body) != RECEIPT_KEYS or body["kind"] != "receipt":
         raise InvalidReceipt(f"a receipt has exactly the keys {sorted(RECEIPT_KEYS)} and kind 'receipt'")
+    if body["net"] != net:
+        raise InvalidReceipt("a receipt of another network")
     if not isinstance(body["entry"], str) or not NODE_ID.fullmatch(body["entry"]):
         raise InvalidReceipt("receipt entry must be a node id")
     for field in ("request", "response"):

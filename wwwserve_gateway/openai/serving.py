@@ -7,7 +7,7 @@ import time
 import orjson
 import structlog
 
-from wwwserve_gateway.backend_registry import BackendRegistry
+from wwwserve_gateway.deployments import Deployments
 from wwwserve_gateway.http.asgi import SSE_HEADERS, Headers, cancel_on_disconnect, send_bytes
 from wwwserve_gateway.http.errors import BackendError, InvalidRequest
 from wwwserve_gateway.http.sse import DONE
@@ -21,22 +21,22 @@ ESTIMATED_USAGE = [(b"x-wwwserve-usage", b"estimated")]
 
 
 class LocalServing:
-    def __init__(self, registry: BackendRegistry, metrics: GatewayMetrics) -> None:
-        self.registry = registry
+    def __init__(self, deployments: Deployments, metrics: GatewayMetrics) -> None:
+        self.deployments = deployments
         self.metrics = metrics
 
     async def serve(self, request: AppRequest, headers: Headers) -> Usage | None:
         """Answer `request` from a local deployment, with `headers` added to the answer's; return
         the usage. Errors before the answer starts are raised (the route sends them as JSON)."""
         model = request.model
-        backend = self.registry.pick(model)
+        backend = self.deployments.pick(model)
         if request.endpoint not in backend.endpoints:
             raise InvalidRequest(
                 f"The model '{model}' does not support /v1/{request.endpoint}",
                 param="model",
                 code="unsupported_endpoint",
             )
-        with self.registry.lease(backend) as lease:
+        with self.deployments.lease(backend) as lease:
             if request.stream:
                 usage = await cancel_on_disconnect(request.receive, self._stream(backend, request, headers))
                 await request.send({"type": "http.response.body", "body": b"", "more_body": False})

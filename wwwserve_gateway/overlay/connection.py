@@ -3,10 +3,13 @@
 A reader (run()) opens, decodes and dispatches every frame without ever waiting, so one slow
 consumer cannot stall the connection: calls of the peer run as their own tasks (at most
 `max_inflight` at once; more are answered `busy`), answers complete futures, and stream items go
-into the stream's own queue. Streams use credit: the consumer grants `more` items as it takes
-them, so a producer never runs more than `queue_size` items ahead and a slow consumer slows only
-its own stream. Every frame leaves through one bounded send queue drained by one writer task,
-which seals frames in queue order; when the peer stops reading, the queue fills and senders wait.
+into the stream's own queue. Streams are flow-controlled in bytes, per stream and per connection:
+the consumer grants `more` bytes as it takes items, and a producer sends an item only while it fits
+both windows, so what a consumer holds unread is bounded by `stream_window` per stream and
+`connection_window` for all streams on the connection. A slow consumer slows its producer, never
+the connection's requests and messages, which are not flow-controlled. Every frame leaves through
+one bounded send queue drained by one writer task, which seals frames in queue order; when the peer
+stops reading, the queue fills and senders wait.
 """
 
 from __future__ import annotations
@@ -65,11 +68,32 @@ class Handlers:
     messages: dict[str, MessageHandler] = field(default_factory=dict)
 
 
+DEFAULT_STREAM_WINDOW = 2 * frames.DEFAULT_MAX_FRAME_BYTES
+DEFAULT_CONNECTION_WINDOW = 16 * frames.DEFAULT_MAX_FRAME_BYTES
+
+
 @dataclass(frozen=True)
 class Limits:
+    """What one connection may cost this node."""
+
     max_frame_bytes: int = frames.DEFAULT_MAX_FRAME_BYTES
-    queue_size: int = 64
-    max_inflight: int = 256
+    queue_size: int = 64  # frames waiting in the send queue
+    max_inflight: int = 256  # the peer's calls running at once
+    stream_window: int = DEFAULT_STREAM_WINDOW  # bytes of one stream's items held unread
+    connection_window: int = DEFAULT_CONNECTION_WINDOW  # the same, all streams of the connection
+
+    def __post_init__(self) -> None:
+        # A consumer grants what it took once it has taken half a stream window (grant_bytes); the
+        # other half must hold the largest item, or a producer could wait for a grant that never comes.
+        if self.stream_window < 2 * self.max_frame_bytes:
+            raise ValueError("stream_window must be at least twice max_frame_bytes")
+        if self.connection_window < self.stream_window:
+            raise ValueError("connection_window must be at least stream_window")
+
+    @property
+    def grant_bytes(self) -> int:
+        """Bytes a consumer takes before it grants them back (per stream, and per connection)."""
+        return self.stream_window // 2
 
 
 class _QueueClosed(Exception):
@@ -128,76 +152,114 @@ class SendQueue:
 
 
 class _Credit:
-    """How many more items the consumer of one of our streams will take."""
+    """Bytes the peer lets us send: on one stream it consumes, or on the whole connection.
+
+    take(n) waits until n bytes are available; waiters are served in arrival order, so small items
+    cannot starve a large one."""
 
     def __init__(self) -> None:
         self.available = 0
-        self._event = asyncio.Event()
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a sender waits for the peer to grant more."""
+        return any(not future.done() for _, future in self._waiters)
 
     def grant(self, n: int) -> None:
-        if self.available + n > frames.MAX_CREDIT:
-            raise FrameError("malformed", "stream credit overflow")
+        if self.available + n > frames.MAX_WINDOW:
+            raise FrameError("malformed", "flow-control window overflow")
         self.available += n
-        self._event.set()
+        self._wake()
 
-    async def take(self) -> None:
-        while self.available == 0:
-            self._event.clear()
-            await self._event.wait()
-        self.available -= 1
+    def _wake(self) -> None:
+        while self._waiters:
+            need, future = self._waiters[0]
+            if future.done():  # its taker was cancelled
+                self._waiters.popleft()
+                continue
+            if need > self.available:
+                return
+            self._waiters.popleft()
+            self.available -= need
+            future.set_result(None)
+
+    async def take(self, n: int) -> None:
+        if not self._waiters and self.available >= n:
+            self.available -= n
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # granted as we were cancelled: give it back
+                self.available += n
+                self._wake()
+            raise
 
 
 _END = object()
 
 
 class InboundStream:
-    """The consumer's end of a stream this node opened: items wait here until taken."""
+    """The consumer's end of a stream this node opened: items wait here until taken.
 
-    def __init__(self, conn: PeerConnection, sid: int, window: int) -> None:
+    The peer may send only the bytes granted: `window` at the start, then what the consumer takes,
+    granted back every `grant_every` bytes. So at most `window` bytes of items wait here."""
+
+    def __init__(self, conn: PeerConnection, sid: int, window: int, grant_every: int) -> None:
         self.conn = conn
         self.sid = sid
         self.window = window
         self.done = False
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(window + 1)  # + the end marker
-        self.granted = 0  # items the peer may send in all (the credit we gave)
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()  # (item, size)s, then the end: bounded in bytes
+        self.granted = 0  # bytes of items the peer may send in all
         self.received = 0
-        self._taken = 0
-        self._grant_every = max(1, window // 2)
+        self.buffered = 0  # bytes received and not yet taken
+        self._taken = 0  # bytes taken since the last grant
+        self._grant_every = grant_every
 
-    def deliver(self, item: dict[str, Any]) -> None:
-        if self.received >= self.granted:
-            raise FrameError("malformed", f"stream {self.sid}: an item beyond the granted credit")
-        self.received += 1
-        self._queue.put_nowait(item)
+    def deliver(self, item: dict[str, Any], size: int) -> None:
+        if self.received + size > self.granted:
+            raise FrameError("malformed", f"stream {self.sid}: an item beyond the granted window")
+        self.received += size
+        self.buffered += size
+        self._queue.put_nowait((item, size))
 
     def finish(self, outcome: BaseException | None) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            self._queue.put_nowait(_END if outcome is None else outcome)
+        self._queue.put_nowait(_END if outcome is None else outcome)
 
     async def next(self, wait_s: float) -> dict[str, Any] | None:
         """The next item (waiting at most `wait_s`), or None at the end of the stream."""
         if self.done:
             return None
-        try:
-            async with asyncio.timeout(wait_s):
-                item = await self._queue.get()
-        except TimeoutError:
-            self.cancel()
-            raise PeerTimeout(f"stream {self.sid}: no item within {wait_s:g} s") from None
-        if item is _END:
+        if self._queue.empty():
+            try:
+                async with asyncio.timeout(wait_s):
+                    entry = await self._queue.get()
+            except TimeoutError:
+                self.cancel()
+                raise PeerTimeout(f"stream {self.sid}: no item within {wait_s:g} s") from None
+        else:
+            entry = self._queue.get_nowait()
+        if entry is _END:
             self.done = True
             return None
-        if isinstance(item, BaseException):
+        if isinstance(entry, BaseException):
             self.done = True
-            raise item
-        self._taken += 1
-        if self._taken >= self._grant_every:
+            raise entry
+        item, size = entry
+        self.buffered -= size
+        self._taken += size
+        if self._taken >= self._grant_every and self.sid in self.conn.streams:
             self.grant(self._taken)
             self._taken = 0
+        self.conn.release(size)
         return item
 
     def grant(self, n: int) -> None:
-        """Let the peer send `n` more items (the queue holds at most `window` at any time)."""
+        """Let the peer send `n` more bytes of items on this stream."""
         self.granted += n
         self.conn.send_control(Frame("more", self.sid, "", {"n": n}))
 
@@ -206,6 +268,9 @@ class InboundStream:
         if self.done:
             return
         self.done = True
+        if self.buffered:  # items nobody will take: the connection's window gets them back
+            self.conn.release(self.buffered)
+            self.buffered = 0
         if self.conn.streams.pop(self.sid, None) is not None:
             self.conn.send_control(Frame("cancel", self.sid))
         self.conn.check_idle()
@@ -248,18 +313,23 @@ class PeerConnection:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._serving: dict[int, asyncio.Task[None]] = {}
         self._credits: dict[int, _Credit] = {}
+        # Flow control of the whole connection: what the peer lets us send (all our streams)...
+        self._send_window = _Credit()
+        # ... and what we let it send: granted in all, received in all, held unread, taken since
+        # the last grant.
+        self._recv_granted = 0
+        self._recv_total = 0
+        self.buffered_bytes = 0
+        self._recv_taken = 0
         self._messages: set[asyncio.Task[None]] = set()
         self._spare: set[asyncio.Task[Any]] = set()
         self._writer: asyncio.Task[None] | None = None
+        self._closers: set[asyncio.Task[None]] = set()  # socket closes after an abort
         self._closing = False
         self._idle = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"<PeerConnection {self.peer_id[:12]} initiator={self.initiator_id[:12]}>"
-
-    @property
-    def is_closed(self) -> bool:
-        return self.closed.is_set()
 
     @property
     def usable(self) -> bool:
@@ -271,6 +341,7 @@ class PeerConnection:
         """Start the writer; the responder first sends `ready`, which admits the initiator."""
         if ready:
             self.send_control(Frame("ready"))
+        self._grant_connection(self.limits.connection_window)
         self._writer = asyncio.create_task(self._write_loop(), name=f"overlay-writer-{self.peer_id[:8]}")
 
     async def run(self) -> None:
@@ -289,7 +360,7 @@ class PeerConnection:
                     return
                 frame = frames.decode(plaintext)
                 self.metrics.received.labels(frame.t).inc()
-                self._dispatch(frame)
+                self._dispatch(frame, len(plaintext))
         except SocketClosed as exc:
             self._shutdown(f"connection lost ({exc.code} {exc.reason})".strip())
         except (FrameError, ChannelError) as exc:
@@ -308,6 +379,16 @@ class PeerConnection:
             log.exception("overlay connection failed", peer=self.peer_id[:16])
             self._shutdown("internal error")
             await self._close_socket(CLOSE_INTERNAL_ERROR, "")
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, without flushing: its calls and streams fail at once (used
+        when the peer is known to be gone, e.g. frozen)."""
+        if self.closed.is_set():
+            return
+        self._shutdown(reason)
+        task = asyncio.get_running_loop().create_task(self._close_socket(CLOSE_NORMAL, reason))
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
 
     async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Flush what is queued, end our direction (secretstream FINAL) and close the socket."""
@@ -391,14 +472,27 @@ class PeerConnection:
 
     async def send_frame(self, frame: Frame) -> None:
         """Queue a frame, waiting while the send queue is full; PeerUnreachable once closed."""
+        self._check_open()
+        await self._queue_frame(self._encode(frame), frame.t)
+
+    def _check_open(self) -> None:
         if self._closing or self.closed.is_set():
             raise PeerUnreachable(f"connection to {self.peer_id[:16]} is closed")
-        data = self._encode(frame)
+
+    async def _queue_frame(self, data: bytes, t: str) -> None:
         try:
             await self._outq.put(data)
         except _QueueClosed:
             raise PeerUnreachable(f"connection to {self.peer_id[:16]} is closed") from None
-        self.metrics.sent.labels(frame.t).inc()
+        self.metrics.sent.labels(t).inc()
+
+    async def _send_item(self, sid: int, item: dict[str, Any], credit: _Credit) -> None:
+        """Send one item of a stream we serve, once it fits the stream's window and the connection's."""
+        self._check_open()
+        data = self._encode(Frame("item", sid, "", item))
+        await credit.take(len(data))
+        await self._send_window.take(len(data))
+        await self._queue_frame(data, "item")
 
     def send_control(self, frame: Frame, *, droppable: bool = False) -> None:
         """Queue a small control frame without waiting (a droppable one is dropped when full)."""
@@ -457,7 +551,7 @@ class PeerConnection:
 
     async def open_stream(self, kind: str, body: dict[str, Any]) -> InboundStream:
         sid = self._new_sid()
-        stream = InboundStream(self, sid, self.limits.queue_size)
+        stream = InboundStream(self, sid, self.limits.stream_window, self.limits.grant_bytes)
         self.streams[sid] = stream
         try:
             await self.send_frame(Frame("open", sid, kind, body))
@@ -471,9 +565,23 @@ class PeerConnection:
     async def send_message(self, kind: str, body: dict[str, Any]) -> None:
         await self.send_frame(Frame("msg", 0, kind, body))
 
+    # -- flow control of what the peer sends us ---------------------------------------------------
+
+    def _grant_connection(self, n: int) -> None:
+        self._recv_granted += n
+        self.send_control(Frame("more", 0, "", {"n": n}))
+
+    def release(self, size: int) -> None:
+        """`size` bytes of stream items were taken (or dropped): the peer may send as many again."""
+        self.buffered_bytes -= size
+        self._recv_taken += size
+        if self._recv_taken >= self.limits.grant_bytes:
+            self._grant_connection(self._recv_taken)
+            self._recv_taken = 0
+
     # -- frames from the peer --------------------------------------------------------------------
 
-    def _dispatch(self, f: Frame) -> None:
+    def _dispatch(self, f: Frame, size: int) -> None:
         t, sid = f.t, f.s
         if t in ("req", "open"):
             if self._mine(sid) or sid in self._serving:
@@ -501,20 +609,28 @@ class PeerConnection:
             if task is not None:
                 task.cancel()
         elif t == "more":
+            if sid == 0:
+                self._send_window.grant(f.b["n"])
+                return
             if self._mine(sid):
                 raise FrameError("malformed", f"credit for our own stream {sid}")
             credit = self._credits.get(sid)
             if credit is not None:
                 credit.grant(f.b["n"])
         elif t in ("res", "err", "item", "end"):
-            self._answer(f)
+            self._answer(f, size)
         else:  # ready: only ever the responder's first frame, consumed by the handshake
             raise FrameError("malformed", f"unexpected {t} frame")
 
-    def _answer(self, f: Frame) -> None:
+    def _answer(self, f: Frame, size: int) -> None:
         t, sid = f.t, f.s
         if not self._mine(sid):
             raise FrameError("malformed", f"{t} for stream {sid}, which the peer opened")
+        if t == "item":  # every item counts against the connection's window, wherever it goes
+            self._recv_total += size
+            if self._recv_total > self._recv_granted:
+                raise FrameError("malformed", "an item beyond the connection's granted window")
+            self.buffered_bytes += size
         future = self._pending.pop(sid, None)
         if future is not None:
             if t not in ("res", "err"):
@@ -527,10 +643,12 @@ class PeerConnection:
             self.check_idle()
             return
         stream = self.streams.get(sid)
-        if stream is None:
-            return  # a late answer to a call that timed out or was cancelled here
+        if stream is None:  # a late answer to a call that timed out or was cancelled here
+            if t == "item":
+                self.release(size)
+            return
         if t == "item":
-            stream.deliver(f.b)
+            stream.deliver(f.b, size)
         elif t == "res":
             raise FrameError("malformed", "res answering a stream")
         else:
@@ -581,7 +699,6 @@ class PeerConnection:
             try:
                 items = handler(self.peer_id, body).__aiter__()
                 while True:
-                    await credit.take()
                     in_handler = True
                     try:
                         item = await items.__anext__()
@@ -591,7 +708,7 @@ class PeerConnection:
                         in_handler = False
                     if not isinstance(item, dict):
                         raise TypeError(f"stream items must be objects, not {type(item).__name__}")
-                    await self.send_frame(Frame("item", sid, "", item))
+                    await self._send_item(sid, item, credit)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -602,7 +719,7 @@ class PeerConnection:
                 return
             await self._reply(Frame("end", sid))
         except asyncio.CancelledError:
-            # Waiting for credit or the send queue, the handler sits at a yield: raise the
+            # Waiting for a window or the send queue, the handler sits at a yield: raise the
             # cancellation there too, so a handler always sees CancelledError when it is stopped.
             if items is not None and not in_handler and hasattr(items, "athrow"):
                 with contextlib.suppress(BaseException):

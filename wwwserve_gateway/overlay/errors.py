@@ -6,7 +6,7 @@ from __future__ import annotations
 # refused; every one of them except `busy` also closes the connection it arrived on.
 REJECT_REASONS = (
     "malformed",  # a handshake message or frame that does not parse or breaks the schema
-    "oversized",  # a websocket message over the frame size limit (checked before decryption)
+    "oversized",  # a websocket message over the frame size limit (before decryption, or by the server)
     "undecryptable",  # a sealed frame that fails authentication: altered, replayed, reordered, cut
     "handshake_timeout",  # the handshake did not finish in time
     "wrong_network",  # the peer belongs to another network (genesis)
@@ -17,6 +17,7 @@ REJECT_REASONS = (
     "identity_mismatch",  # the dialled peer is not the node id we expected
     "duplicate",  # the peer already has a live connection to us
     "overloaded",  # too many handshakes in progress at once
+    "source_overloaded",  # too many handshakes in progress from one IP address
     "busy",  # a request or message refused because too many are already running on the connection
 )
 

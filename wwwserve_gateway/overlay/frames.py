@@ -9,12 +9,17 @@
     res    s, b       its response
     err    s, b       {message, type}: a failed request or stream
     open   s, k, b    open a server-streamed response           -> `item`... then `end` or `err`
-    item   s, b       one item of a stream (only with credit)
+    item   s, b       one item of a stream (only within the consumer's windows, below)
     end    s          the stream is complete
-    more   s, b       {n}: the consumer grants n more items (flow control)
+    more   s, b       {n}: the consumer lets the producer send n more bytes of items on stream s, or,
+                      with s = 0, on the whole connection (flow control)
     cancel s          the caller gave up: stop the handler
     msg    k, b       fire-and-forget
     ready  -          the responder's first frame: the connection is admitted
+
+Flow control counts bytes: an item's size is the length of its frame's plaintext (this JSON). A
+producer sends an item only while it fits both the stream's window and the connection's; the
+consumer grants both again as it takes items. An item beyond either window is malformed.
 
 Anything else raises FrameError("malformed"); the connection that sent it is closed.
 """
@@ -31,7 +36,9 @@ from wwwserve_gateway.overlay.errors import FrameError
 
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 MAX_STREAM_ID = (1 << 53) - 1
-MAX_CREDIT = 1 << 20
+# The most one `more` grants, and the most a window may add up to (a peer's grants are untrusted).
+MAX_CREDIT = 1 << 32
+MAX_WINDOW = 1 << 40
 KIND_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 
 _KEYS = frozenset({"t", "s", "k", "b"})
@@ -78,7 +85,7 @@ def _check(obj: Any) -> None:
     t, s, k, b = obj["t"], obj["s"], obj["k"], obj["b"]
     if not isinstance(t, str) or t not in TYPES:
         raise FrameError("malformed", f"unknown frame type {str(t)[:32]!r}")
-    if type(s) is not int or not 0 <= s <= MAX_STREAM_ID or (s == 0) != (t in NO_STREAM):
+    if type(s) is not int or not 0 <= s <= MAX_STREAM_ID or (t != "more" and (s == 0) != (t in NO_STREAM)):
         raise FrameError("malformed", f"bad stream id for {t}")
     if t in WITH_KIND:
         if not valid_kind(k):

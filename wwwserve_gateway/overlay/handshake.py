@@ -32,7 +32,8 @@ from wwwserve_gateway.network.canonical import canonical
 from wwwserve_gateway.network.identity import InvalidSignature, NodeIdentity, verify
 from wwwserve_gateway.overlay.errors import HandshakeError
 
-VERSION = 1
+# 2: stream flow control counts bytes, per stream and per connection (1 counted items).
+VERSION = 2
 DOMAIN = "wwwserve-overlay-handshake/1"
 MAX_HANDSHAKE_BYTES = 4096
 MAX_CLOCK_SKEW_S = 60
@@ -185,11 +186,6 @@ class Responder:
         self._kx_public, self._kx_secret = nacl.bindings.crypto_kx_keypair()
         self.hello_msg: dict[str, Any] | None = None
         self.welcome_msg: dict[str, Any] | None = None
-
-    @property
-    def claimed_id(self) -> str | None:
-        """The initiator's id as its hello claims it: not authenticated before on_finish()."""
-        return None if self.hello_msg is None else self.hello_msg["id"]
 
     def on_hello(self, data: bytes) -> bytes:
         hello = parse_greeting(data, "hello", self.network_id, self.clock())

@@ -13,6 +13,11 @@ class OverlayMetrics:
         self.connections = Gauge(
             "wwwserve_overlay_connections", "Peers with an established overlay connection", registry=registry
         )
+        self.buffered = Gauge(
+            "wwwserve_overlay_buffered_bytes",
+            "Bytes of stream items received from peers and not yet taken (bounded by the windows)",
+            registry=registry,
+        )
         self.rejected = Counter(
             "wwwserve_overlay_rejected",
             "Handshakes, frames and calls refused, by reason (all but busy close the connection)",

@@ -28,6 +28,8 @@ from wwwserve_gateway.overlay.connection import (
     CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_OVERLOADED,
     CLOSE_TIMEOUT_S,
+    DEFAULT_CONNECTION_WINDOW,
+    DEFAULT_STREAM_WINDOW,
     Handlers,
     Limits,
     MessageHandler,
@@ -97,24 +99,37 @@ class Overlay:
         identity: NodeIdentity,
         network_id: str,
         *,
-        registry: CollectorRegistry,
+        metrics: CollectorRegistry,
         max_frame_bytes: int = frames.DEFAULT_MAX_FRAME_BYTES,
         handshake_timeout: float = 5.0,
         queue_size: int = 64,
         max_inflight: int = 256,
         max_handshakes: int = 64,
+        max_handshakes_per_source: int = 8,
+        stream_window: int | None = None,
+        connection_window: int | None = None,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
     ) -> None:
+        """`max_handshakes` handshakes may be pending at once, `max_handshakes_per_source` of them from
+        one IP address, each for at most `handshake_timeout` s. A peer's streams may leave at most
+        `stream_window` bytes of items unread here per stream, `connection_window` for all of them
+        (defaults: 2 and 16 MiB, at least 2 and 16 frames)."""
         if max_frame_bytes < 1024 or queue_size < 1 or max_inflight < 1:
             raise ValueError("max_frame_bytes >= 1024, queue_size >= 1 and max_inflight >= 1")
+        if max_handshakes < 1 or max_handshakes_per_source < 1 or handshake_timeout <= 0:
+            raise ValueError("max_handshakes >= 1, max_handshakes_per_source >= 1 and handshake_timeout > 0")
         self.identity = identity
         self.node_id = identity.node_id
         self.network_id = network_id
         self.handshake_timeout = handshake_timeout
         self.max_handshakes = max_handshakes
-        self.limits = Limits(max_frame_bytes, queue_size, max_inflight)
-        self.metrics = OverlayMetrics(registry)
+        self.max_handshakes_per_source = max_handshakes_per_source
+        stream_window = stream_window or max(DEFAULT_STREAM_WINDOW, 2 * max_frame_bytes)
+        connection_window = connection_window or max(DEFAULT_CONNECTION_WINDOW, 16 * max_frame_bytes)
+        self.limits = Limits(max_frame_bytes, queue_size, max_inflight, stream_window, connection_window)
+        self.metrics = OverlayMetrics(metrics)
+        self.metrics.buffered.set_function(lambda: sum(c.buffered_bytes for c in self._all))
         self.handlers = Handlers()
         self._conns: dict[str, PeerConnection] = {}
         self._all: set[PeerConnection] = set()
@@ -127,6 +142,7 @@ class Overlay:
         self._readers: set[asyncio.Task[None]] = set()
         self._registered = asyncio.Event()
         self._handshaking = 0
+        self._handshaking_from: dict[str, int] = {}  # pending handshakes by source address
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
@@ -183,6 +199,13 @@ class Overlay:
         conn = self._conns.get(peer_id)
         if conn is not None:
             await conn.aclose(reason="disconnect")
+
+    def drop(self, peer_id: str, reason: str) -> None:
+        """Give up on a peer now (membership found it gone): its calls and streams fail at once,
+        and the next call dials it again."""
+        conn = self._conns.get(peer_id)
+        if conn is not None:
+            conn.abort(reason)
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -255,16 +278,26 @@ class Overlay:
     # -- accepting -------------------------------------------------------------------------------
 
     async def websocket_endpoint(self, websocket: WebSocket) -> None:
-        """The /overlay websocket route: handshake, then serve the connection until it closes."""
+        """The /overlay websocket route: handshake, then serve the connection until it closes.
+
+        Admission is bounded so that idle sockets cannot hold it shut: at most `max_handshakes`
+        pending at once, `max_handshakes_per_source` of them from one address, each for at most
+        `handshake_timeout` s. Beyond a cap the upgrade is refused (HTTP 403) before it is accepted."""
         if self._closed:
             await websocket.close(CLOSE_GOING_AWAY)
             return
+        source = websocket.client.host if websocket.client is not None else ""
         if self._handshaking >= self.max_handshakes:
             self.metrics.reject("overloaded")
             await websocket.close(CLOSE_OVERLOADED)
             return
+        if self._handshaking_from.get(source, 0) >= self.max_handshakes_per_source:
+            self.metrics.reject("source_overloaded")
+            await websocket.close(CLOSE_OVERLOADED)
+            return
         sock = StarletteSocket(websocket)
         self._handshaking += 1
+        self._handshaking_from[source] = self._handshaking_from.get(source, 0) + 1
         try:
             async with asyncio.timeout(self.handshake_timeout):
                 await websocket.accept()
@@ -282,6 +315,9 @@ class Overlay:
             return
         finally:
             self._handshaking -= 1
+            left = self._handshaking_from.pop(source) - 1
+            if left:
+                self._handshaking_from[source] = left
         await conn.run()
 
     async def _respond(self, sock: MessageSocket) -> PeerConnection:

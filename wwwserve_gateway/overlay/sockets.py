@@ -46,7 +46,10 @@ class StarletteSocket:
         message = await self.websocket.receive()
         if message["type"] == "websocket.disconnect":
             self._closed = True
-            raise SocketClosed(message.get("code", 1006), message.get("reason") or "")
+            code = message.get("code", 1006)
+            if code == MESSAGE_TOO_BIG:  # the server's websocket layer refused it (ws_max_size)
+                raise FrameError("oversized", "a websocket message over the server's size limit")
+            raise SocketClosed(code, message.get("reason") or "")
         data = message.get("bytes")
         if data is None:
             raise FrameError("malformed", "a text websocket message")

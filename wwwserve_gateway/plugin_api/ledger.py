@@ -33,12 +33,18 @@ class LedgerPlugin(Plugin, ABC):
 
     @abstractmethod
     def can_delegate(self, node_id: str) -> bool:
-        """Whether a node may delegate and be drawn: balance >= 0 (own debts not yet settled
-        included, for this node) and not barred."""
+        """Whether a node may delegate and be drawn: not barred, and, for this node, able to pay
+        one more request after its debts not yet settled."""
 
     @abstractmethod
-    async def settle(self, receipt: dict[str, Any]) -> None:
-        """Owe an executor for a verified signed receipt; the ledger pays in batches."""
+    async def settle(self, receipt: dict[str, Any], paid: tuple[int, int] | None = None) -> None:
+        """Owe an executor for a verified signed receipt, for `paid` (prompt, completion) tokens
+        (at most the receipt's; default: what it claims); the ledger pays in batches."""
+
+    @abstractmethod
+    def is_paid(self, executor: str, entry: str, request: str) -> bool:
+        """Whether a payment of `entry` to `executor` for the receipt of `request` (its hash) is
+        in the ledger as this node holds it."""
 
     @abstractmethod
     def balances_view(self) -> dict[str, dict[str, Any]]:

@@ -50,8 +50,8 @@ class Policy(Plugin, GossipDelegate):
         return True
 
     def on_request_done(self, request: RequestInfo, where: str, seconds: float, ok: bool) -> None:
-        """Told after every app request and every peer request served here: `where` is "local"
-        or "peer" (delegated)."""
+        """Told after every app request and every peer request served here: `where` is "local", or
+        the executor's node id for a delegated request ("peer" when no executor answered)."""
 
     def node_meta(self) -> Mapping[str, Any]:
         return {"stake": round(self.advertised_stake(), 3)}

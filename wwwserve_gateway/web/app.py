@@ -16,8 +16,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from wwwserve_gateway.backend_registry import BackendRegistry
 from wwwserve_gateway.config.schema import NodeSettings
+from wwwserve_gateway.deployments import Deployments
 from wwwserve_gateway.dispatch import Dispatcher
 from wwwserve_gateway.http.auth import KeyCheck
 from wwwserve_gateway.http.errors import GatewayError, error_body
@@ -27,6 +27,7 @@ from wwwserve_gateway.overlay.overlay import PATH as OVERLAY_PATH
 from wwwserve_gateway.plugin_api.node import NodeAPI
 from wwwserve_gateway.web.admin import BackendAdmin, admin_routes
 from wwwserve_gateway.web.network_views import network_routes
+from wwwserve_gateway.web.openapi import openapi_route
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 
@@ -62,7 +63,7 @@ class AppParts:
 
     settings: NodeSettings
     dispatcher: Dispatcher
-    registry: BackendRegistry
+    deployments: Deployments
     metrics: GatewayMetrics
     admin: BackendAdmin
     node: NodeAPI
@@ -71,21 +72,21 @@ class AppParts:
 
 def create_app(parts: AppParts) -> GatewayApp:
     settings = parts.settings
-    registry, metrics = parts.registry, parts.metrics
+    deployments, metrics = parts.deployments, parts.metrics
     keys = KeyCheck(settings.api_keys)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        backends = [{"id": b.id, "model": b.model_name, "ready": b.ready} for b in registry]
+        backends = [{"id": b.id, "model": b.model_name, "ready": b.ready} for b in deployments]
         ok = all(b["ready"] for b in backends)
         return JSONResponse(
             {"status": "ready" if ok else "starting", "backends": backends}, 200 if ok else 503
         )
 
     async def render_metrics(request: Request) -> Response:
-        for backend in registry:
+        for backend in deployments:
             metrics.observe_backend(backend)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -98,7 +99,9 @@ def create_app(parts: AppParts) -> GatewayApp:
         WebSocketRoute(OVERLAY_PATH, parts.node.overlay.websocket_endpoint),
     ]
     routes += admin_routes(parts.admin, settings.admin_key)
-    routes += network_routes(parts.node)
+    operators = [*settings.operator_keys, *([settings.admin_key] if settings.admin_key else [])]
+    routes += network_routes(parts.node, KeyCheck(operators))
+    routes.append(openapi_route(parts.dispatcher, settings))
     app = Starlette(
         routes=routes,
         lifespan=parts.lifespan,

@@ -8,15 +8,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from wwwserve_gateway.http.auth import KeyCheck
 from wwwserve_gateway.http.errors import InvalidRequest
 from wwwserve_gateway.plugin_api.node import NodeAPI
 from wwwserve_gateway.plugin_api.peers import PeerView
 
 
-def peer_json(peer: PeerView, me: str) -> dict[str, Any]:
+# Sequence numbers are stored as 64-bit integers.
+MAX_SEQ = 2**63 - 1
+
+
+def peer_json(peer: PeerView, me: str, with_url: bool) -> dict[str, Any]:
     return {
         "id": peer.id,
-        "url": peer.url,
+        "url": peer.url if with_url else None,
         "state": peer.state.value,
         "incarnation": peer.incarnation,
         "heartbeat": peer.heartbeat,
@@ -28,11 +33,14 @@ def peer_json(peer: PeerView, me: str) -> dict[str, Any]:
     }
 
 
-def network_routes(node: NodeAPI) -> list[Route]:
+def network_routes(node: NodeAPI, operators: KeyCheck) -> list[Route]:
+    """The views are public (everything in them is gossiped to every member anyway) except peers'
+    addresses, which link pseudonymous node ids to hosts: those need an operator's key."""
     me = node.node_id
 
     async def peers(request: Request) -> Response:
-        found = [peer_json(p, me) for p in node.gossip.peers()]
+        with_url = operators.presented(request.scope)
+        found = [peer_json(p, me, with_url) for p in node.gossip.peers()]
         found.sort(key=lambda p: (not p["self"], p["id"]))
         return JSONResponse(found)
 
@@ -47,6 +55,11 @@ def network_routes(node: NodeAPI) -> list[Route]:
             limit = min(int(params.get("limit", "100")), 1000)
         except ValueError:
             raise InvalidRequest("'from' and 'limit' must be integers", param="from") from None
+        if not 1 <= start <= MAX_SEQ or limit < 1:  # SQL takes a negative LIMIT as none at all
+            raise InvalidRequest(
+                f"'from' must be between 1 and {MAX_SEQ} and 'limit' at least 1",
+                param="limit" if 1 <= start <= MAX_SEQ else "from",
+            )
         return JSONResponse(node.ledger.ops_view(author, start, limit))
 
     return [

@@ -39,7 +39,7 @@ class Lease:
             self.backend.state.recent_tokens.append((time.monotonic(), usage.total_tokens))
 
 
-class BackendRegistry:
+class Deployments:
     """Deployments by model name. `pick` chooses the least busy ready one within its limits."""
 
     def __init__(self, ctx: BackendContext) -> None:
