@@ -257,6 +257,14 @@ class SilentBackend:
 # -- wwwserve nodes ----------------------------------------------------------------------------------------
 
 
+def no_duels() -> Any:
+    """Genesis duel parameters that never duel: for networks whose tests count payments exactly
+    (duels pay a second executor and judges; tests/test_duels.py covers them)."""
+    from wwwserve_gateway.network.genesis import DuelParams
+
+    return DuelParams(rate=0.0, canary_rate=0.0)
+
+
 def founding_allocations(workdir: Path, names: Sequence[str], credits: int) -> dict[str, int]:
     """Genesis allocations giving each named node `credits`: its key is created now, in the data
     dir NodeProcess(name=...) uses, since a genesis grants credits only to keys it lists."""

@@ -173,3 +173,18 @@ def test_check_config_cli(tmp_path: Path) -> None:
     failed = subprocess.run([*run, str(bad)], capture_output=True, text=True)
     assert failed.returncode == 2
     assert "node.port:" in failed.stderr and "less than or equal to 65535" in failed.stderr
+
+
+@pytest.mark.parametrize(
+    ("section", "settings", "key"),
+    [
+        ("judge", {"plugin": "reference", "settings": {"otherwise": "maybe"}}, "judge.settings.otherwise"),
+        ("judge", {"settings": {"max_tokens": "8"}}, "judge.settings.max_tokens"),
+        ("judge", {"plugin": "no-such-judge"}, "judge.plugin"),
+        ("router", {"settings": {"quality_span": 0.5}}, "router.settings.quality_span"),
+        ("policy", {"settings": {"bond": -1}}, "policy.settings.bond"),
+    ],
+)
+def test_each_plugin_slot_checks_its_settings(section: str, settings: dict, key: str) -> None:
+    [message] = problems({section: settings})
+    assert message.startswith(key)

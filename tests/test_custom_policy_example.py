@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.fakes.plugins import FakeLedger, build, node_api
-from tests.support import REPO, NodeProcess, founding_allocations, wait_until
+from tests.support import REPO, NodeProcess, founding_allocations, no_duels, wait_until
 from wwwserve_gateway.network.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
 from wwwserve_gateway.plugin_api import POLICY, Account, Decision, Policy, RequestInfo
 from wwwserve_gateway.plugin_api.loading import plugin_class
@@ -203,7 +203,9 @@ def workdir(tmp_path: Path, tiny_path: Path) -> Path:
 def test_a_node_runs_the_quota_policy(workdir: Path) -> None:
     genesis = workdir / "network.yaml"
     write_genesis(
-        NetworkGenesis(ledger=LedgerParams(allocations=founding_allocations(workdir, ["quota"], 1000))),
+        NetworkGenesis(
+            ledger=LedgerParams(allocations=founding_allocations(workdir, ["quota"], 1000), duels=no_duels())
+        ),
         genesis,
     )
     node = quota_node(workdir, "quota", {"requests_per_minute": 2, "bond": 10}, network=str(genesis)).start()
@@ -257,7 +259,9 @@ def test_over_quota_reject_answers_429_in_openai_form(workdir: Path) -> None:
 def pair(workdir: Path) -> Iterator[tuple[NodeProcess, NodeProcess]]:
     """An entry with a quota of one request and a peer with room and stake, in one network."""
     genesis = workdir / "network.yaml"
-    funded = LedgerParams(allocations=founding_allocations(workdir, ["entry", "peer"], 1000))
+    funded = LedgerParams(
+        allocations=founding_allocations(workdir, ["entry", "peer"], 1000), duels=no_duels()
+    )
     write_genesis(
         NetworkGenesis(name="quota-test", gossip=GossipParams(interval_s=0.3), ledger=funded), genesis
     )

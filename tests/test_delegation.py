@@ -20,7 +20,7 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.support import LlamaServer, NodeProcess, founding_allocations, wait_until
+from tests.support import LlamaServer, NodeProcess, founding_allocations, no_duels, wait_until
 from wwwserve_gateway.network.genesis import (
     GossipParams,
     LedgerParams,
@@ -34,7 +34,7 @@ from wwwserve_gateway.overlay import Overlay, overlay_url
 
 MODEL = "smol"
 GOSSIP = GossipParams(interval_s=0.3, probe_timeout_s=0.25, suspect_timeout_s=1.5, refresh_s=2.0)
-LEDGER = LedgerParams(payment_batch_window_s=0.3, price_per_request=1.0)
+LEDGER = LedgerParams(payment_batch_window_s=0.3, price_per_request=1.0, duels=no_duels())
 BOND = 100
 
 

@@ -27,6 +27,7 @@ from tests.overlay_support import OverlayNode
 from tests.support import DEADLINE_S, until
 from wwwserve_gateway.delegation import entry as entry_mod
 from wwwserve_gateway.delegation import wire
+from wwwserve_gateway.delegation.answers import AnswerReader, MalformedAnswer
 from wwwserve_gateway.delegation.continuation import Progress, Stitcher, continuation_body, progress
 from wwwserve_gateway.delegation.entry import Delegator, NoExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
@@ -40,6 +41,7 @@ from wwwserve_gateway.network.receipts import (
     encode_receipt,
     request_hash,
     sign_receipt,
+    text_hash,
 )
 from wwwserve_gateway.plugin_api import RequestInfo
 from wwwserve_gateway.plugin_api.backend import Endpoint, Usage
@@ -110,6 +112,16 @@ def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def answer_text(endpoint: str, raw_answer: str) -> str:
+    """The answer's text as a receipt hashes it (the first choice's content), from its SSE or JSON."""
+    reader = AnswerReader(Endpoint(endpoint), "id", "m")
+    try:
+        reader.events(raw_answer) if raw_answer.startswith("data:") else reader.whole(raw_answer)
+    except MalformedAnswer:
+        pass
+    return reader.text
+
+
 def make_receipt(identity: NodeIdentity, raw: dict[str, Any], text: str, **override: Any) -> dict[str, Any]:
     """The receipt an honest executor signs for `raw` (the delegated request) answered with `text`."""
     now = time.time()
@@ -118,6 +130,7 @@ def make_receipt(identity: NodeIdentity, raw: dict[str, Any], text: str, **overr
         "entry": raw["route"][0],
         "request": request_hash(raw["id"], raw["endpoint"], raw["body"]),
         "response": sha(text),
+        "text": text_hash(answer_text(raw["endpoint"], text)),
         "model": raw["body"]["model"],
         "prompt_tokens": PROMPT_TOKENS,
         "completion_tokens": 2,

@@ -21,11 +21,11 @@ import pytest
 import pytest_asyncio
 
 from tests.hostile import HostileMember
-from tests.support import ListeningChild, NodeProcess, wait_until
+from tests.support import ListeningChild, NodeProcess, no_duels, wait_until
 from wwwserve_gateway.network.canonical import digest
 from wwwserve_gateway.network.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
 from wwwserve_gateway.network.identity import NodeIdentity
-from wwwserve_gateway.network.receipts import request_hash, sign_receipt
+from wwwserve_gateway.network.receipts import request_hash, sign_receipt, text_hash
 
 MODEL = "stub"
 ADMIN = "admin-key"
@@ -49,6 +49,7 @@ class Network:
             payment_batch_window_s=0.3,
             price_per_1k_tokens=1.0,
             max_price_per_request=50,
+            duels=no_duels(),
         )
         self.genesis = NetworkGenesis(name="hostile-test", gossip=GOSSIP, ledger=ledger)
         self.genesis_path = workdir / "network.yaml"
@@ -261,6 +262,7 @@ async def test_an_inflated_receipt_is_paid_its_verified_part_and_the_answer_reve
                 entry=request["route"][0],
                 request=request_hash(request["id"], request["endpoint"], request["body"]),
                 response=hashlib.sha256(text.encode()).hexdigest(),
+                text=text_hash(LEAKY["choices"][0]["message"]["content"]),
                 model=request["body"]["model"],
                 prompt_tokens=100_000,
                 completion_tokens=5000,

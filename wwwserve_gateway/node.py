@@ -14,8 +14,10 @@ import structlog
 from wwwserve_gateway.config.loading import load_config
 from wwwserve_gateway.config.problems import ConfigError, ConfigProblem
 from wwwserve_gateway.config.schema import GatewayConfig, ModelEntry
+from wwwserve_gateway.delegation.duels import DuelMetrics, Duels
 from wwwserve_gateway.delegation.entry import Delegator
 from wwwserve_gateway.delegation.executor import PeerExecutor
+from wwwserve_gateway.delegation.judging import JudgeService
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
 from wwwserve_gateway.delegation.wire import STALL_S
 from wwwserve_gateway.deployments import Deployments
@@ -74,7 +76,11 @@ class Node:
         }
         self.api.bind(**self.plugins)
         delegation_metrics = DelegationMetrics(self.metrics.prometheus)
-        delegator = Delegator(self.api, delegation_metrics, min(STALL_S, settings.request_timeout))
+        self.duels = Duels(self.api, DuelMetrics(self.metrics.prometheus))
+        self.judging = JudgeService(self.api)
+        delegator = Delegator(
+            self.api, delegation_metrics, min(STALL_S, settings.request_timeout), duels=self.duels
+        )
         self.executor = PeerExecutor(self.api, self.deployments, delegator, delegation_metrics)
         self.dispatcher = Dispatcher(
             self.api,
@@ -101,6 +107,7 @@ class Node:
         poll = self.deployments.poll_loads(self.config.node.load_poll_interval, self.metrics.observe_backend)
         self._tasks.append(asyncio.create_task(poll))
         self.executor.register()
+        self.judging.register()
         load_every = LOAD_PUBLISH_ROUNDS * self.api.genesis.gossip.interval_s
         self.api.gossip.add_delegate("offer", BackendOffer(self.deployments, self.api.policy, load_every))
         self.api.gossip.add_delegate("policy", self.api.policy)
@@ -117,6 +124,7 @@ class Node:
 
     async def stop(self) -> None:
         # uvicorn has drained the HTTP requests by now: leave the network, then stop the backends.
+        await self.duels.aclose()  # duels not yet judged are dropped; answers received are paid
         for slot in reversed(NODE_SLOTS):
             await self.plugins[slot.name].stop()
         await self.api.overlay.aclose()

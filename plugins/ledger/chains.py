@@ -618,7 +618,13 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
 
     # -- views ---------------------------------------------------------------------------------------
     def balances_view(self) -> dict[str, dict[str, Any]]:
-        return self.balances.view(time.time())
+        view = self.balances.view(time.time())
+        for node, duels in self.balances.duel_view().items():
+            view.setdefault(node, {}).update(duels)
+        return view
+
+    def quality(self, node_id: str, model: str) -> float:
+        return self.balances.quality(node_id, model)
 
     def ops_view(self, author: str, start: int, limit: int) -> list[dict[str, Any]]:
         return [dict(op.op, hash=op.hash, sig=op.sig) for op in self.store.ops(author, start, None, limit)]

@@ -43,17 +43,18 @@ from fractions import Fraction
 from typing import Any
 
 from wwwserve_gateway.network.genesis import LedgerParams
+from wwwserve_gateway.network.votes import judge_order
 from wwwserve_gateway.plugin_api.ledger import Account
-from wwwserve_gateway.plugins.ledger.ops import Operation
-from wwwserve_gateway.plugins.ledger.rules import (
-    DEFAULT_DUEL_RULE,
-    MICRO,
-    DuelRule,
-    Transfer,
-    duel_request,
-    fraud_evidence,
-    payment_entries,
+from wwwserve_gateway.plugins.ledger.duels import (
+    START_RATING,
+    DuelCase,
+    check_duel,
+    decide,
+    elo,
+    judge_weight,
 )
+from wwwserve_gateway.plugins.ledger.ops import Operation
+from wwwserve_gateway.plugins.ledger.rules import MICRO, fraud_evidence, payment_entries, to_micro
 
 Key = tuple[float, str, int, str]
 
@@ -76,19 +77,12 @@ def _take(amount: int, fraction: float) -> int:
 
 
 class Balances:
-    def __init__(
-        self,
-        params: LedgerParams,
-        net: str,
-        now: float | None = None,
-        duel_rule: DuelRule = DEFAULT_DUEL_RULE,
-    ) -> None:
+    def __init__(self, params: LedgerParams, net: str, now: float | None = None) -> None:
         self.params = params
         self.net = net
         self.now = now  # default time for the views; None: no unbonding has matured
-        self.duel_rule = duel_rule
         # Signature checks are the costly part of a refold: their results are kept across refolds.
-        self._settlements: dict[str, list[Transfer]] = {}  # duel op hash -> transfers
+        self._cases: dict[str, DuelCase] = {}  # duel op hash -> checked case
         self._evidence: dict[str, tuple[str, int]] = {}  # fraud op hash -> (culprit, seq)
         self._reset()
 
@@ -103,6 +97,9 @@ class Balances:
         self._paid: set[tuple[str, str, str]] = set()  # receipt keys already paid
         self._duels: set[tuple[str, str]] = set()  # (entry, request) already settled
         self._slashed: set[str] = set()
+        self._ratings: dict[tuple[str, str], float] = {}  # (executor, model) -> Elo rating
+        self._record: dict[str, list[int]] = {}  # executor -> [won, lost, tied]
+        self._graded: dict[str, list[int]] = {}  # judge -> [right, graded] on canaries
 
     # -- folding ---------------------------------------------------------------------------------------
     @classmethod
@@ -112,10 +109,9 @@ class Balances:
         params: LedgerParams,
         net: str,
         now: float | None = None,
-        duel_rule: DuelRule = DEFAULT_DUEL_RULE,
     ) -> Balances:
         """Balances of a set of valid operations (duplicates and arrival order do not matter)."""
-        balances = cls(params, net, now, duel_rule)
+        balances = cls(params, net, now)
         balances._fold_all(ops)
         return balances
 
@@ -256,29 +252,80 @@ class Balances:
                 me.liquid -= total
                 self._account(payment["to"]).liquid += total
         elif op.kind == "duel":
-            duel = (op.author, duel_request(op))
-            if duel not in self._duels:  # a duel is settled once
-                self._duels.add(duel)
-                settled = self._settlements.get(op.hash)
-                if settled is None:
-                    settled = self._settlements[op.hash] = self.duel_rule.settle(op, self.params, self.net)
-                for transfer in settled:
-                    self._transfer(transfer)
+            case = self._cases.get(op.hash)
+            if case is None:
+                case = self._cases[op.hash] = check_duel(op, self.params, self.net)
+            if (case.entry, case.request) not in self._duels:  # a duel is settled once
+                self._duels.add((case.entry, case.request))
+                self._settle(case, me)
         elif op.kind == "fraud":
             culprit, _ = self._fraud(op)
             if culprit not in self._slashed:
                 self._slashed.add(culprit)
                 self._slash(self._account(culprit), op.ts)
 
-    def _transfer(self, transfer: Transfer) -> None:
-        source = self._account(transfer.source)
-        amount = _take(source.bonded, transfer.fraction)
-        if transfer.to:
-            share = amount // len(transfer.to)
-            amount = share * len(transfer.to)  # the indivisible remainder stays with the source
-            for node in transfer.to:
+    def _settle(self, case: DuelCase, entry: _Funds) -> None:
+        """A duel's effect at its place in fold order (see `duels`)."""
+        rules = self.params.duels
+        a, b = case.executors
+        # Only judges the seeded draw ranks in its first 2 x judges, by the stakes at this point,
+        # count: the entry does not choose who judges.
+        pool = {
+            node: acc.bonded
+            for node, acc in self._accounts.items()
+            if not acc.barred and node not in (case.entry, a, b)
+        }
+        window = set(judge_order(case.seed, pool, 2 * rules.judges))
+        ballots = {j: c for j, c in case.ballots.items() if j in window}
+        price = to_micro(rules.judge_price)
+        for judge in sorted(ballots):  # the entry pays each counted vote, as far as its credit goes
+            fee = min(price, max(entry.liquid, 0))
+            entry.liquid -= fee
+            self._account(judge).liquid += fee
+        weights = {j: judge_weight(*self._graded.get(j, (0, 0))) for j in ballots}
+        outcome = decide(ballots, weights, case.truth)
+        if outcome is None:
+            return
+        if case.truth in ("A", "B"):
+            for judge, choice in ballots.items():
+                if choice != "abstain":
+                    graded = self._graded.setdefault(judge, [0, 0])
+                    graded[0] += choice == case.truth
+                    graded[1] += 1
+        score = {"A": 1.0, "B": 0.0, "tie": 0.5}[outcome]
+        ra = self._ratings.get((a, case.model), START_RATING)
+        rb = self._ratings.get((b, case.model), START_RATING)
+        self._ratings[(a, case.model)], self._ratings[(b, case.model)] = elo(ra, rb, score, rules.rating_k)
+        for node, column in (
+            (a, {"A": 0, "B": 1, "tie": 2}[outcome]),
+            (b, {"A": 1, "B": 0, "tie": 2}[outcome]),
+        ):
+            self._record.setdefault(node, [0, 0, 0])[column] += 1
+        if outcome == "tie":
+            return  # ties move no stake
+        winner, loser = (a, b) if outcome == "A" else (b, a)
+        committed = case.committed[0 if loser == a else 1]
+        loser_funds = self._account(loser)
+        moved = min(_take(to_micro(committed), rules.gamma), max(loser_funds.bonded, 0))
+        loser_funds.bonded -= moved
+        self._account(winner).liquid += moved
+        majority = tuple(sorted(j for j, c in ballots.items() if c == outcome))
+        for judge, choice in sorted(ballots.items()):
+            if choice != outcome:
+                fraction = rules.abstain_slash if choice == "abstain" else rules.minority_slash
+                self._move_bonded(judge, fraction, majority)
+
+    def _move_bonded(self, source: str, fraction: float, to: tuple[str, ...]) -> None:
+        """floor(fraction x `source`'s bonded stake), split equally into the liquid credit of `to`
+        (the indivisible remainder stays with the source; nobody to pay: it is destroyed)."""
+        funds = self._account(source)
+        amount = _take(funds.bonded, fraction)
+        if to:
+            share = amount // len(to)
+            amount = share * len(to)
+            for node in to:
                 self._account(node).liquid += share
-        source.bonded -= amount
+        funds.bonded -= amount
 
     def _slash(self, account: _Funds, ts: float) -> None:
         fraction = self.params.fraud_slash_fraction
@@ -298,6 +345,26 @@ class Balances:
 
     def view(self, now: float | None = None) -> dict[str, dict[str, Any]]:
         return {node: dataclasses.asdict(self.account(node, now)) for node in sorted(self._accounts)}
+
+    def quality(self, node: str, model: str) -> float:
+        """`node`'s Elo rating for `model` from the duels settled so far (1500 before any)."""
+        return self._ratings.get((node, model), START_RATING)
+
+    def duel_view(self) -> dict[str, dict[str, Any]]:
+        """Per node: its ratings by model, its duels won/lost/tied, and as a judge its canary
+        grades (right of graded) and the weight they give its votes."""
+        out: dict[str, dict[str, Any]] = defaultdict(dict)
+        for (node, model), rating in sorted(self._ratings.items()):
+            out[node].setdefault("quality", {})[model] = round(rating, 1)
+        for node, (won, lost, tied) in self._record.items():
+            out[node]["duels"] = {"won": won, "lost": lost, "tied": tied}
+        for node, (right, graded) in self._graded.items():
+            out[node]["judging"] = {
+                "right": right,
+                "graded": graded,
+                "weight": round(judge_weight(right, graded), 3),
+            }
+        return dict(out)
 
     def is_paid(self, key: tuple[str, str, str]) -> bool:
         """Whether a receipt key (executor, entry, request) is paid by an operation held."""
@@ -328,7 +395,6 @@ def fold(
     params: LedgerParams,
     net: str,
     now: float | None = None,
-    duel_rule: DuelRule = DEFAULT_DUEL_RULE,
 ) -> Balances:
     """Module-level alias of Balances.fold."""
-    return Balances.fold(ops, params, net, now, duel_rule)
+    return Balances.fold(ops, params, net, now)

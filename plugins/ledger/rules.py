@@ -2,8 +2,8 @@
 
 `ledger_ops.parse_op` checks shape and signature; the ledger checks seq contiguity and prev linkage;
 `check_op` here checks the body of one operation against the network parameters. Everything is pure:
-the only state-dependent parts (duplicate receipts, stake-proportional duel transfers, slashing)
-belong to the fold (`ledger_fold`), which sees the whole set of operations.
+the only state-dependent parts (duplicate receipts, duel settlements, slashing) belong to the fold
+(`fold`), which sees the whole set of operations. Duel evidence is checked in `duels`.
 
 Amounts. Bodies carry credits (join grant, stake and transfers as integers, payment amounts as
 numbers), but the fold counts integer micro-credits (`MICRO` per credit) so sums are exact and
@@ -21,20 +21,17 @@ network is refused in another.
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from wwwserve_gateway.network import receipts
 from wwwserve_gateway.network.canonical import canonical
 from wwwserve_gateway.network.genesis import LedgerParams
-from wwwserve_gateway.network.identity import NODE_ID, InvalidSignature, verify, verify_record
+from wwwserve_gateway.network.identity import NODE_ID, InvalidSignature, verify
 from wwwserve_gateway.network.receipts import HASH
+from wwwserve_gateway.plugins.ledger.duels import check_duel
 from wwwserve_gateway.plugins.ledger.ops import InvalidOperation, Operation, parse_op
 
 MICRO = 1_000_000  # micro-credits per credit
-VOTE_KEYS = frozenset({"id", "kind", "net", "duel", "choice"})
-CHOICES = ("A", "B", "tie")
 
 
 def _is_int(x: Any) -> bool:
@@ -103,99 +100,6 @@ def receipt_body(record: Any, net: str) -> dict[str, Any]:
         return receipts.check_receipt(record, net)
     except receipts.InvalidReceipt as exc:
         raise InvalidOperation(str(exc)) from None
-
-
-def check_vote(record: Any, net: str) -> dict[str, Any]:
-    """The body of a signed judge vote, after checking its signature and fields."""
-    try:
-        body = verify_record(record)
-    except InvalidSignature as exc:
-        raise InvalidOperation(f"vote: {exc}") from None
-    if set(body) != VOTE_KEYS or body["kind"] != "vote":
-        raise InvalidOperation(f"a vote has exactly the keys {sorted(VOTE_KEYS)} and kind 'vote'")
-    if body["net"] != net:
-        raise InvalidOperation("a vote of another network")
-    if body["choice"] not in CHOICES:
-        raise InvalidOperation(f"vote choice must be one of {CHOICES}")
-    return body
-
-
-@dataclass(frozen=True, slots=True)
-class Transfer:
-    """`source` loses floor(fraction x its bonded stake), in micro-credits, at the settling op's place
-    in fold order; the amount is split equally into the liquid balances of `to` (the indivisible
-    remainder stays with the source). Empty `to` destroys the amount."""
-
-    source: str
-    fraction: float
-    to: tuple[str, ...]
-
-
-class DuelRule(Protocol):
-    """How a duel operation settles. `settle` raises InvalidOperation when the evidence does not
-    support the body; it is pure (no stake at hand): transfers are fractions of stake, resolved
-    by the fold. The judge plugin may supply its own rule."""
-
-    def settle(self, op: Operation, params: LedgerParams, net: str) -> list[Transfer]: ...
-
-
-def duel_request(op: Operation) -> str:
-    """The request hash a duel operation settles (the fold settles each (entry, request) once)."""
-    return op.body["receipts"][0]["body"]["request"]
-
-
-class MajorityDuelRule:
-    """Default rule: the choice with strictly more valid votes than each other choice decides.
-
-    A decides for receipts[0]'s executor, B for receipts[1]'s; a decision of "tie" (or no single top
-    choice) has no winner, so a duel op naming one is invalid. The loser transfers duel_gamma of its
-    bonded stake to the winner; every judge who voted otherwise than the decision loses
-    judge_minority_slash of its bonded stake, split equally among the judges who voted the decision.
-    """
-
-    def settle(self, op: Operation, params: LedgerParams, net: str) -> list[Transfer]:
-        body = op.body
-        if set(body) != {"receipts", "votes", "winner", "loser"}:
-            raise InvalidOperation("a duel body is {receipts, votes, winner, loser}")
-        receipts, votes = body["receipts"], body["votes"]
-        if not isinstance(receipts, list) or len(receipts) != 2:
-            raise InvalidOperation("a duel carries exactly two receipts")
-        a, b = (receipt_body(r, net) for r in receipts)
-        if a["entry"] != op.author or b["entry"] != op.author:
-            raise InvalidOperation("a duel is settled by the entry node of both receipts")
-        if a["request"] != b["request"]:
-            raise InvalidOperation("both duel receipts must answer the same request")
-        if a["id"] == b["id"]:
-            raise InvalidOperation("a duel needs two different executors")
-        if not isinstance(votes, list) or not votes:
-            raise InvalidOperation("a duel carries at least one vote")
-        ballots: dict[str, str] = {}
-        for record in votes:
-            vote = check_vote(record, net)
-            judge = vote["id"]
-            if vote["duel"] != a["request"]:
-                raise InvalidOperation("a vote is about another duel")
-            if judge in (op.author, a["id"], b["id"]):
-                raise InvalidOperation("a judge cannot be the entry or an executor of its duel")
-            if judge in ballots:
-                raise InvalidOperation("a judge voted twice")
-            ballots[judge] = vote["choice"]
-        counts = Counter(ballots.values()).most_common()
-        top, top_n = counts[0]
-        if (len(counts) > 1 and counts[1][1] == top_n) or top == "tie":
-            raise InvalidOperation("the votes decide no winner")
-        winner, loser = (a["id"], b["id"]) if top == "A" else (b["id"], a["id"])
-        if body["winner"] != winner or body["loser"] != loser:
-            raise InvalidOperation("winner/loser do not match the judges' majority")
-        majority = tuple(sorted(j for j, c in ballots.items() if c == top))
-        transfers = [Transfer(loser, params.duel_gamma, (winner,))]
-        transfers += [
-            Transfer(j, params.judge_minority_slash, majority) for j in sorted(ballots) if ballots[j] != top
-        ]
-        return transfers
-
-
-DEFAULT_DUEL_RULE: DuelRule = MajorityDuelRule()
 
 
 def fraud_evidence(op: Operation) -> tuple[str, int]:
@@ -308,7 +212,7 @@ def _check_transfer(op: Operation) -> None:
         raise InvalidOperation("a transfer goes to another node's id")
 
 
-def check_op(op: Operation, params: LedgerParams, net: str, duel_rule: DuelRule = DEFAULT_DUEL_RULE) -> None:
+def check_op(op: Operation, params: LedgerParams, net: str) -> None:
     """Raise InvalidOperation unless `op`'s body obeys its kind's rules.
 
     The caller has checked the signature (parse_op) and the chain (seq contiguity, prev linkage), so
@@ -328,7 +232,7 @@ def check_op(op: Operation, params: LedgerParams, net: str, duel_rule: DuelRule 
     elif op.kind == "pay":
         _check_pay(op, params, net)
     elif op.kind == "duel":
-        duel_rule.settle(op, params, net)
+        check_duel(op, params, net)
     elif op.kind == "fraud":
         fraud_evidence(op)
     else:  # parse_op already refuses unknown kinds; kept so a new kind cannot slip through unchecked

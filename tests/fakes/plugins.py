@@ -29,9 +29,18 @@ class FakeLedger:
         self.ops: list[tuple[str, dict[str, Any]]] = []
         self.settled: list[dict[str, Any]] = []
         self.paid: list[tuple[int, int] | None] = []  # the tokens paid of each settled receipt
+        self.ratings: dict[tuple[str, str], float] = {}
 
     def account(self, node_id: str) -> Account:
         return self.accounts.get(node_id, Account())
+
+    def quality(self, node_id: str, model: str) -> float:
+        return self.ratings.get((node_id, model), 1500.0)
+
+    def balances_view(self) -> dict[str, dict[str, Any]]:
+        return {
+            n: {"liquid": a.liquid, "bonded": a.bonded, "barred": a.barred} for n, a in self.accounts.items()
+        }
 
     def can_delegate(self, node_id: str) -> bool:
         return self.delegate and not self.account(node_id).barred

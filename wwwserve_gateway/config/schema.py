@@ -139,7 +139,7 @@ class ModelEntry(StrictModel):
 
 
 class PluginSlot(StrictModel):
-    """A plugin slot (policy, router, gossip, ledger): which plugin, and its settings (validated
+    """A plugin slot (policy, router, gossip, ledger, judge): which plugin, and its settings (validated
     by that plugin's own `Settings` model)."""
 
     plugin: str | None = Field(
@@ -155,3 +155,4 @@ class GatewayConfig(StrictModel):
     router: PluginSlot = Field(default_factory=PluginSlot)
     gossip: PluginSlot = Field(default_factory=PluginSlot)
     ledger: PluginSlot = Field(default_factory=PluginSlot)
+    judge: PluginSlot = Field(default_factory=PluginSlot)

@@ -3,7 +3,8 @@
 Every SSE event and whole answer an executor sends is parsed before it reaches the app (garbage is
 never relayed) and reduced to OpenAI's fields, with the entry's own id and the model name the app
 asked for: an app must not learn which server, model file or software answered (`system_fingerprint`,
-llama.cpp's `timings`, an executor's id format). On the way, the text is measured.
+llama.cpp's `timings`, an executor's id format). On the way, the text is measured, and the first
+choice's content kept (`text`: what receipts hash and duel judges compare).
 
 Receipts state token counts, and the entry pays only what it can verify from the bytes it sent and
 received. A byte-level tokenizer never makes more tokens than bytes, so:
@@ -69,6 +70,11 @@ class AnswerReader:
         self.choice_events = 0
         self.tool_calls = 0
         self.choices: set[int] = set()
+        self._text: list[str] = []  # the first choice's content: what a duel's judges compare
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
 
     def events(self, payload: str) -> str:
         """Whole SSE events, as the app will see them (comments dropped)."""
@@ -121,12 +127,17 @@ class AnswerReader:
 
     def _choice(self, choice: dict[str, Any]) -> dict[str, Any]:
         index = choice.get("index")
-        self.choices.add(index if isinstance(index, int) else 0)
+        index = index if isinstance(index, int) else 0
+        self.choices.add(index)
         self.choice_events += 1
         self.text_bytes += _utf8(choice.get("text"))
+        if index == 0 and isinstance(choice.get("text"), str):
+            self._text.append(choice["text"])
         for key in ("delta", "message"):
             part = choice.get(key)
             if isinstance(part, dict):
+                if index == 0 and isinstance(part.get("content"), str):
+                    self._text.append(part["content"])
                 self.text_bytes += sum(_utf8(part.get(f)) for f in TEXT_FIELDS)
                 calls = part.get("tool_calls")
                 if isinstance(calls, list):

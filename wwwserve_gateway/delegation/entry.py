@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -22,12 +21,20 @@ import structlog
 from wwwserve_gateway.delegation import wire
 from wwwserve_gateway.delegation.answers import AnswerReader, MalformedAnswer, prompt_bound
 from wwwserve_gateway.delegation.continuation import Stitcher, continuation_body, progress
+from wwwserve_gateway.delegation.duels import Duels
+from wwwserve_gateway.delegation.execution import Execution, ExecutorFailed, ExecutorStalled, NoExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
 from wwwserve_gateway.delegation.strikes import Strikes
 from wwwserve_gateway.http.asgi import SSE_HEADERS, Send
 from wwwserve_gateway.http.errors import BackendError, UpstreamError
 from wwwserve_gateway.http.sse import DONE
-from wwwserve_gateway.network.receipts import InvalidReceipt, check_receipt, encode_receipt, request_hash
+from wwwserve_gateway.network.receipts import (
+    InvalidReceipt,
+    check_receipt,
+    encode_receipt,
+    request_hash,
+    text_hash,
+)
 from wwwserve_gateway.overlay.errors import OverlayError, PeerTimeout
 from wwwserve_gateway.plugin_api.backend import Endpoint, Usage
 from wwwserve_gateway.plugin_api.node import NodeAPI
@@ -39,47 +46,9 @@ log = structlog.get_logger(__name__)
 # The executor answers accept or decline before doing any work: waiting longer means it is stuck.
 ACCEPT_TIMEOUT_S = 2.0
 ROUTE_HEADER = b"x-wwwserve-route"
+# The share of its bonded stake an executor must commit in a receipt (stake moves while it works).
+COMMIT_SHARE = 0.5
 RECEIPT_HEADER = b"x-wwwserve-receipt"
-
-
-class NoExecutor(Exception):
-    """No candidate accepted the request."""
-
-
-class ExecutorFailed(Exception):
-    """The executor broke off, stalled, sent something malformed or failed with a server error."""
-
-
-class ExecutorStalled(ExecutorFailed):
-    """The executor went silent past the stall deadline (not even a heartbeat)."""
-
-
-@dataclass
-class Execution:
-    """A request an executor accepted: its items after the accept."""
-
-    peer: str  # the first hop, which this node asked
-    route: tuple[str, ...]  # the whole route, executor last
-    request: wire.DelegatedRequest
-    items: AsyncIterator[dict[str, Any]]
-
-    @property
-    def executor(self) -> str:
-        return self.route[-1]
-
-    async def __aiter__(self) -> AsyncIterator[tuple[str, Any]]:
-        try:
-            async for item in self.items:
-                kind, payload = wire.check_item(item)
-                if kind != "wait":  # a heartbeat only keeps the stall deadline away
-                    yield kind, payload
-        except (PeerTimeout, TimeoutError) as exc:
-            raise ExecutorStalled(f"{self.executor[:16]}: {exc}") from None
-        except (OverlayError, wire.WireError) as exc:
-            raise ExecutorFailed(f"{self.executor[:16]}: {exc}") from None
-
-    async def aclose(self) -> None:
-        await self.items.aclose()  # type: ignore[attr-defined]
 
 
 Paid = tuple[dict[str, Any], tuple[int, int]]  # a signed receipt, and the (prompt, completion) tokens paid
@@ -91,7 +60,12 @@ def answer_id(info: RequestInfo) -> str:
 
 class Delegator:
     def __init__(
-        self, api: NodeAPI, metrics: DelegationMetrics, stall_timeout: float, strikes: Strikes | None = None
+        self,
+        api: NodeAPI,
+        metrics: DelegationMetrics,
+        stall_timeout: float,
+        strikes: Strikes | None = None,
+        duels: Duels | None = None,
     ) -> None:
         self.api = api
         self.me = api.node_id
@@ -99,6 +73,7 @@ class Delegator:
         self.metrics = metrics
         self.stall_timeout = stall_timeout
         self.strikes = strikes or Strikes()
+        self.duels = duels
 
     # -- finding an executor ---------------------------------------------------------------------
     async def open(
@@ -149,12 +124,16 @@ class Delegator:
         return full
 
     # -- receipts ----------------------------------------------------------------------------------
-    def verify_receipt(self, record: Any, ex: Execution, response: str, reader: AnswerReader) -> Paid:
-        """The receipt and the tokens to pay for it; ExecutorFailed (and a strike) if it is wrong."""
+    def verify_receipt(
+        self, record: Any, ex: Execution, response: str, reader: AnswerReader, strike: bool = True
+    ) -> Paid:
+        """The receipt and the tokens to pay for it; ExecutorFailed (and a strike, unless this
+        answer was already checked) if it is wrong."""
+        struck = self._struck if strike else lambda executor, reason: None
         try:
             body = check_receipt(record, self.net)
         except InvalidReceipt as exc:
-            self._struck(ex.executor, "bad_receipt")
+            struck(ex.executor, "bad_receipt")
             raise ExecutorFailed(str(exc)) from None
         req = ex.request
         problems = [
@@ -162,12 +141,17 @@ class Delegator:
             body["entry"] != self.me and "names another entry node",
             body["request"] != request_hash(req.id, req.endpoint.value, req.body) and "another request",
             body["response"] != response and "another response than the bytes received",
+            body["text"] != text_hash(reader.text) and "another text than the answer's",
             body["model"] != req.body["model"] and "another model",
         ]
         wrong = [p for p in problems if p]
         if wrong:
-            self._struck(ex.executor, "bad_receipt")
+            struck(ex.executor, "bad_receipt")
             raise ExecutorFailed("receipt " + "; ".join(wrong))
+        # A duel's loser forfeits part of the stake it committed: committing much less than it has
+        # bonded (what the router weighed it by) would make it a duellist with nothing at risk.
+        if body["stake"] < COMMIT_SHARE * self.api.ledger.account(ex.executor).bonded:
+            struck(ex.executor, "uncommitted")
         # The request sent (a continuation's max_tokens is lower) bounds what the receipt may claim.
         prompt = min(body["prompt_tokens"], prompt_bound(req.body))
         completion = min(body["completion_tokens"], reader.completion_bound(request_max_tokens(req.body)))
@@ -178,7 +162,7 @@ class Delegator:
                 claimed=(body["prompt_tokens"], body["completion_tokens"]),
                 paid=(prompt, completion),
             )
-            self._struck(ex.executor, "inflated_receipt")
+            struck(ex.executor, "inflated_receipt")
         return record, (prompt, completion)
 
     def _failed(self, ex: Execution, exc: ExecutorFailed, avoid: set[str]) -> None:
@@ -195,6 +179,13 @@ class Delegator:
         await self.api.ledger.settle(record, tokens)
 
     # -- relaying ----------------------------------------------------------------------------------
+    def _duel_wanted(self, info: RequestInfo, endpoint: Endpoint, body: dict[str, Any]) -> bool:
+        """Whether this app request is duelled (and, by chance, sets off a canary)."""
+        if self.duels is None:
+            return False
+        self.duels.maybe_canary(self, info, endpoint, body)
+        return self.duels.wanted(info, endpoint, body)
+
     def _request(self, info: RequestInfo, endpoint: Endpoint, body: dict[str, Any], cont: bool):
         return wire.DelegatedRequest(info.id, endpoint, body, (self.me,), cont)
 
@@ -205,8 +196,11 @@ class Delegator:
         NoExecutor. Paying is left to the caller, after the answer is sent: storing the debt
         durably takes a disk flush the app need not wait for."""
         avoid: set[str] = set()
+        duel = self._duel_wanted(info, endpoint, body)
         while True:
             ex = await self.open(info, self._request(info, endpoint, body, False), avoid)
+            if duel:
+                ex, duel = await self.duels.hedge(self, info, endpoint, ex, avoid), False
             try:
                 answer, paid = await self._collect(ex, AnswerReader(endpoint, answer_id(info), body["model"]))
             except ExecutorFailed as exc:
@@ -257,6 +251,7 @@ class Delegator:
         trailer: list[str] = []
         usage = Usage()
         attempt_body, stitch = body, None
+        duel = self._duel_wanted(info, endpoint, body)
         while True:
             request = self._request(info, endpoint, attempt_body, stitch is not None)
             try:
@@ -266,6 +261,8 @@ class Delegator:
                     raise
                 await _send_text(send, _error_event("no other executor could continue the answer"))
                 return usage, paid
+            if duel:
+                ex, duel = await self.duels.hedge(self, info, endpoint, ex, avoid), False
             digest = hashlib.sha256()
             reader = AnswerReader(endpoint, answer_id(info), body["model"])
             try:

@@ -1,7 +1,8 @@
 """The executor side: serve a peer's request on a local backend, or relay it onward.
 
 The first item answers at once: accept or decline, by this node's policy. A served request streams
-its answer back and ends with a signed receipt whose response hash covers exactly the bytes sent.
+its answer back and ends with a signed receipt whose response hash covers exactly the bytes sent
+(and whose text hash, the answer's text, with the stake this node committed, serve duels).
 When the entry gives up (timeout, failover, its client left) the overlay cancels this handler, and
 the backend request is closed with it.
 """
@@ -19,13 +20,14 @@ from typing import Any, TypeVar
 import structlog
 
 from wwwserve_gateway.delegation import wire
+from wwwserve_gateway.delegation.answers import AnswerReader, MalformedAnswer
 from wwwserve_gateway.delegation.debtors import Debtors
 from wwwserve_gateway.delegation.entry import Delegator, NoExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
 from wwwserve_gateway.deployments import Deployments
 from wwwserve_gateway.http.errors import GatewayError, InvalidRequest
 from wwwserve_gateway.http.sse import DONE
-from wwwserve_gateway.network.receipts import request_hash, sign_receipt
+from wwwserve_gateway.network.receipts import request_hash, sign_receipt, text_hash
 from wwwserve_gateway.openai.protocol import REQUEST_TYPES, validate_request
 from wwwserve_gateway.plugin_api.backend import Backend, Endpoint, Usage
 from wwwserve_gateway.plugin_api.node import NodeAPI
@@ -108,6 +110,17 @@ async def with_heartbeats(source: AsyncIterator[T], every: float) -> AsyncIterat
             await task
 
 
+def _read_text(reader: AnswerReader, item: dict[str, Any]) -> None:
+    """Follow the answer's text; a backend's malformed output is the entry's to refuse."""
+    try:
+        if item["t"] == "sse":
+            reader.events(item["d"])
+        elif item["t"] == "json":
+            reader.whole(item["d"])
+    except MalformedAnswer:
+        pass
+
+
 PAYMENT_GRACE_S = 5.0  # slack on top of the payment windows and the replication
 
 
@@ -180,6 +193,8 @@ class PeerExecutor:
         if req.continuation:
             call.update(backend.continuation_params)
         digest = hashlib.sha256()
+        text = AnswerReader(req.endpoint, req.id, body["model"])  # what the receipt's `text` hashes
+        stake = self.api.ledger.account(self.me).bonded  # what this node puts at risk in a duel
         started = time.time()
         ok = False
         answer = _Answer()
@@ -192,6 +207,7 @@ class PeerExecutor:
                             yield wire.waiting()
                             continue
                         digest.update(item["d"].encode())
+                        _read_text(text, item)
                         yield item
                 except GatewayError as exc:
                     log.info("backend failed a peer's request", backend=backend.id, error=exc.message)
@@ -207,6 +223,8 @@ class PeerExecutor:
                 entry=req.entry,
                 request=request,
                 response=digest.hexdigest(),
+                text=text_hash(text.text),
+                stake=stake,
                 model=body["model"],
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,

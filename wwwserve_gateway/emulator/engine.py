@@ -2,9 +2,10 @@
 
 No sockets, no clock: callers pass the time. The engine runs in steps. At each step boundary the
 scheduler admits waiting sequences first come, first served, while the batch has room
-(`max_batch`) and the KV cache holds the tokens the sequence must compute. A step prefills what the
-newly admitted sequences need and decodes one token for every running sequence. It lasts
-`profile.step_seconds(batch, kv_tokens) + profile.prefill_seconds(prefill_tokens)`.
+(`max_batch`) and the KV cache holds the tokens the sequence must compute. A step decodes one token
+for every running sequence in `profile.step_seconds(batch, kv_tokens)`; a step that admits sequences
+also prefills them, in the same forward pass: on a GPU it takes the longer of the memory-bound decode
+and the compute-bound prefill, on a CPU (`prefill_overlaps_decode` false) their sum.
 
 KV blocks are allocated as tokens are produced, as vLLM's PagedAttention does. When the next step's
 tokens do not fit, the most recently admitted sequence is preempted (vLLM V1's policy): its KV is
@@ -146,6 +147,14 @@ class EngineModel:
             self._segment = None
             self._end_of_segment()
 
+    def advance_to_next_event(self) -> None:
+        """Offline runs: begin steps at the current boundary if none are committed, and apply them."""
+        if self._segment is None:
+            self._begin_segment()
+        nxt = self.next_event()
+        if self._segment is not None and nxt is not None:
+            self.advance(nxt)
+
     def next_event(self) -> float | None:
         """When the committed steps end (a sequence finishes or the batch changes), or the boundary
         due now when work is queued and no step is committed; None when idle."""
@@ -155,22 +164,29 @@ class EngineModel:
         return seg.start + self._duration(seg, seg.steps)
 
     def load(self) -> EngineLoad:
-        return EngineLoad(len(self.running), len(self.waiting), self.kv_used / self.profile.kv_capacity_tokens)
+        return EngineLoad(
+            len(self.running), len(self.waiting), self.kv_used / self.profile.kv_capacity_tokens
+        )
 
     # -- steps -------------------------------------------------------------------------------------
     def _duration(self, seg: _Segment, steps: int) -> float:
         """Seconds of the first `steps` steps of `seg`: each reads the KV held at its start, which
         grows by one token per sequence per step."""
         p = self.profile
-        fixed = (p.decode_base_ms + p.decode_per_seq_ms * seg.batch) / 1e3
         per_token = p.decode_per_kv_token_us / 1e6
+        if seg.prefill:  # a one-step segment: prefill shares the forward pass with the decodes
+            memory = p.decode_base_ms / 1e3 + per_token * seg.kv0
+            prefill = p.prefill_seconds(seg.prefill)
+            both = max(memory, prefill) if p.prefill_overlaps_decode else memory + prefill
+            return p.decode_per_seq_ms * seg.batch / 1e3 + both
+        fixed = (p.decode_base_ms + p.decode_per_seq_ms * seg.batch) / 1e3
         kv_sum = steps * seg.kv0 + seg.batch * steps * (steps - 1) / 2
-        return steps * fixed + per_token * kv_sum + p.prefill_seconds(seg.prefill)
+        return steps * fixed + per_token * kv_sum
 
     def _steps_ending_by(self, seg: _Segment, until: float) -> int:
         if not math.isfinite(until):
             return seg.steps
-        budget = until - seg.start
+        budget = until - seg.start + 1e-9  # next_event() is start + duration: allow the rounding
         if self._duration(seg, seg.steps) <= budget:
             return seg.steps
         lo, hi = 0, seg.steps  # largest k with duration(k) <= budget: duration is increasing in k

@@ -1,12 +1,14 @@
 """Engine profiles: how fast one model runs on one accelerator, as the timing model needs it.
 
 A GPU profile is derived from two small spec sheets, a model's (parameters, KV-cache bytes per
-token) and a GPU's (memory, bandwidth, tensor throughput), with three fitted constants:
+token) and a GPU's (memory, bandwidth, tensor throughput), and a few constants, each observed in
+published benchmarks, fitted to them, or assumed (docs/emulator.md says which):
 
 - decode is memory-bound: one step reads the weights once and every held token's K and V, at
   `DECODE_BANDWIDTH_EFFICIENCY` of the spec bandwidth, plus `per_seq_ms` of compute and scheduling per
   sequence in the batch;
-- prefill is compute-bound: 2 x params FLOPs per token at `PREFILL_MFU` of the dense tensor peak;
+- prefill is compute-bound: 2 x params FLOPs per token at `PREFILL_MFU` of the dense tensor peak,
+  overlapping the decodes of the same step;
 - the KV cache gets what vLLM leaves it: `gpu_memory_utilization` (0.9) of the memory, minus the
   weights and an activation reserve.
 
@@ -60,10 +62,19 @@ class EngineProfile(_Frozen):
     kv_capacity_tokens: int = Field(..., gt=0, description="tokens the KV cache holds")
     max_batch: int = Field(VLLM_MAX_NUM_SEQS, gt=0, description="sequences decoded at once at most")
     max_model_len: int = Field(..., gt=0, description="longest prompt + output accepted")
+    prefill_overlaps_decode: bool = Field(
+        True,
+        description="a GPU's memory-bound decode and compute-bound prefill share a step (the step takes "
+        "the longer of the two); on a CPU both are compute-bound and add up",
+    )
 
     def step_seconds(self, batch: int, kv_tokens: int) -> float:
         """One decode step of `batch` sequences holding `kv_tokens` tokens in all."""
-        ms = self.decode_base_ms + self.decode_per_seq_ms * batch + self.decode_per_kv_token_us * kv_tokens / 1e3
+        ms = (
+            self.decode_base_ms
+            + self.decode_per_seq_ms * batch
+            + self.decode_per_kv_token_us * kv_tokens / 1e3
+        )
         return ms / 1e3
 
     def prefill_seconds(self, tokens: int) -> float:
@@ -95,12 +106,15 @@ class ModelSpec(_Frozen):
 
 
 GPUS = {
-    # per_seq_ms: RTX 3090 fitted to gigagpu.com's vLLM batch sweep (Llama-3-8B FP16, 128 in / 256 out:
-    # 0.17, 0.98, 2.10, 2.40 req/s at batch 1, 8, 32, 64); A100 fitted to johnmusgrave.com's 6.6x
-    # throughput at concurrency 8; RTX 4090 scaled from the 3090 by tensor throughput (no sweep found).
-    "rtx3090": GpuSpec(name="RTX 3090", memory_gib=24, bandwidth_gb_s=936, tensor_tflops=71, per_seq_ms=1.25),
-    "rtx4090": GpuSpec(name="RTX 4090", memory_gib=24, bandwidth_gb_s=1008, tensor_tflops=165, per_seq_ms=0.54),
-    "a100": GpuSpec(name="A100 40GB", memory_gib=40, bandwidth_gb_s=1555, tensor_tflops=312, per_seq_ms=0.35),
+    # per_seq_ms: the RTX 3090's is fitted to gigagpu.com's vLLM batch sweep (Llama-3-8B FP16,
+    # 128 in / 256 out: 0.17, 0.58, 0.98, 1.55, 2.10, 2.40 req/s at batch 1, 4, 8, 16, 32, 64; the fit is
+    # within -2..+7 %, see benchmarks/emulator_check.py). It is compute (and sampling) per sequence, so
+    # the other GPUs' values are scaled from it by tensor throughput: no comparable sweep was found.
+    "rtx3090": GpuSpec(name="RTX 3090", memory_gib=24, bandwidth_gb_s=936, tensor_tflops=71, per_seq_ms=0.9),
+    "rtx4090": GpuSpec(
+        name="RTX 4090", memory_gib=24, bandwidth_gb_s=1008, tensor_tflops=165, per_seq_ms=0.39
+    ),
+    "a100": GpuSpec(name="A100 40GB", memory_gib=40, bandwidth_gb_s=1555, tensor_tflops=312, per_seq_ms=0.2),
 }
 
 MODELS = {
@@ -119,7 +133,9 @@ def derive_profile(model_key: str, gpu_key: str) -> EngineProfile:
     """A vLLM-on-GPU profile from the model's and the GPU's spec sheets (see the module docstring)."""
     model, gpu = MODELS[model_key], GPUS[gpu_key]
     bandwidth = gpu.bandwidth_gb_s * 1e9 * DECODE_BANDWIDTH_EFFICIENCY
-    kv_bytes = GPU_MEMORY_UTILIZATION * gpu.memory_gib * GIB - model.weight_bytes - ACTIVATION_RESERVE_GIB * GIB
+    kv_bytes = (
+        GPU_MEMORY_UTILIZATION * gpu.memory_gib * GIB - model.weight_bytes - ACTIVATION_RESERVE_GIB * GIB
+    )
     capacity = int(kv_bytes // model.kv_bytes_per_token)
     return EngineProfile(
         name=f"{model_key}-{gpu_key}",
@@ -134,20 +150,22 @@ def derive_profile(model_key: str, gpu_key: str) -> EngineProfile:
     )
 
 
-# SmolLM2-135M-Instruct (Q4_1 GGUF) in the embedded llama.cpp server on this project's 2-core CI
-# machine, one thread, 4 slots of 512 tokens: measured with benchmarks/emulator_calibrate_cpu.py
-# (docs/emulator.md has the run). llama.cpp's slots play the role of vLLM's batch.
+# SmolLM2-135M-Instruct (Q4_1 GGUF) in the embedded llama.cpp server on this project's 2-core machine,
+# one thread, 4 slots of 512 tokens, measured with benchmarks/emulator_calibrate_cpu.py (the run is in
+# benchmarks/results/emulator_calibration_cpu.json; docs/emulator.md). llama.cpp's slots play the
+# role of vLLM's batch.
 CPU_SMOLLM2 = EngineProfile(
     name="smollm2-cpu",
     description="SmolLM2-135M-Instruct Q4_1 in llama.cpp, 1 CPU thread, 4 slots (calibrated here)",
     model="smollm2",
-    decode_base_ms=9.0,
-    decode_per_seq_ms=3.0,
-    decode_per_kv_token_us=2.0,
-    prefill_tokens_per_s=900,
+    decode_base_ms=15.78,
+    decode_per_seq_ms=11.05,
+    decode_per_kv_token_us=3.9,
+    prefill_tokens_per_s=83,
     kv_capacity_tokens=2048,
     max_batch=4,
     max_model_len=512,
+    prefill_overlaps_decode=False,
 )
 
 PROFILES: dict[str, EngineProfile] = {
@@ -158,6 +176,7 @@ PROFILES: dict[str, EngineProfile] = {
         derive_profile("qwen3-8b", "a100"),
         derive_profile("qwen3-4b", "rtx4090"),
         derive_profile("llama-3.1-8b", "a100"),
+        derive_profile("llama-3.1-8b", "rtx3090"),
         CPU_SMOLLM2,
     )
 }

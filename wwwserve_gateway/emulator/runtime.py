@@ -60,13 +60,13 @@ class EngineRuntime:
         self._wake.set()
         return seq
 
-    async def wait(self, seq: Sequence, timeout: float | None = None) -> bool:
-        """Until `seq` is finished (True), or `timeout` wall seconds pass (False)."""
+    async def wait(self, seq: Sequence, within_s: float | None = None) -> bool:
+        """Until `seq` is finished (True), or `within_s` wall seconds pass (False)."""
         fut = self._waiters.get(seq)
         if fut is None:
             return True
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            await asyncio.wait_for(asyncio.shield(fut), within_s)
         except TimeoutError:
             return False
         return True

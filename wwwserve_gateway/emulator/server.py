@@ -19,7 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
+import signal
+import stat
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -142,9 +147,7 @@ class EmulatorServer:
             if not seq.done:  # the client left (handler cancelled) or the stream broke
                 self.runtime.cancel(seq)
 
-    async def _stream(
-        self, request: web.Request, reply: Reply, seq: Any, usage: bool
-    ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, reply: Reply, seq: Any, usage: bool) -> web.StreamResponse:
         assert self.runtime is not None
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
@@ -228,7 +231,13 @@ class Reply:
         return self._envelope(kind, []) | {"usage": self.usage()}
 
     def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
 
 def sse(obj: dict[str, Any]) -> bytes:
@@ -275,6 +284,13 @@ def _content_chars(content: Any) -> int:
     return 0
 
 
+def stdin_is_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 async def serve(
     profile: EngineProfile,
     model: str,
@@ -284,11 +300,12 @@ async def serve(
     seed: int | None,
     announce: Callable[[str], None] = print,
 ) -> None:
-    """Run until cancelled (SIGTERM/SIGINT stop the loop). Announces 'listening http://HOST:PORT'
-    once bound, so that a parent that asked for port 0 learns the port."""
+    """Run until SIGTERM or SIGINT, or until stdin closes when it is a pipe. Announces
+    'listening http://HOST:PORT' once bound, so that a parent that asked for port 0 learns the port."""
     server = EmulatorServer(profile, model, time_scale, seed)
     # Handler cancellation: a client that disconnects cancels its request, which frees its KV.
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
+    # Stopping does not wait for answers in progress (a killed GPU server does not finish them).
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
@@ -296,11 +313,15 @@ async def serve(
     announce(f"listening http://{host}:{bound}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    import signal
-
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    if stdin_is_pipe():
+        # Started by a parent through a pipe: stop when it closes, so the emulator never outlives it.
+        watcher = threading.Thread(
+            target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(stop.set)), daemon=True
+        )
+        watcher.start()
     try:
         await stop.wait()
     finally:

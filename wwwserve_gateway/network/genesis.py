@@ -47,6 +47,47 @@ class GossipParams(_Strict):
     )
 
 
+class DuelParams(_Strict):
+    """Duel-and-judge: how often delegated requests are served twice and judged, and what moves."""
+
+    rate: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="share of delegated requests an entry node also sends to a second executor",
+    )
+    judges: int = Field(3, ge=1, le=15, description="judges asked per duel")
+    judge_timeout_s: float = Field(
+        60.0, gt=0, description="seconds a judge has to answer; a judge that does not answer abstains"
+    )
+    canary_rate: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="chance, per delegated request, that its entry also sends a duel with a known answer",
+    )
+    gamma: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="fraction of the stake a duel's loser committed that moves to the winner (capped by its bond)",
+    )
+    judge_price: float = Field(0.2, ge=0, description="credits the entry pays each judge that votes")
+    minority_slash: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="fraction of a judge's bonded stake moved to the majority judges when it voted against the outcome",
+    )
+    abstain_slash: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="fraction of a judge's bonded stake moved to the majority judges when it abstained",
+    )
+    rating_k: float = Field(16.0, ge=0, description="Elo K-factor of the quality score per duel")
+
+
 class LedgerParams(_Strict):
     allocations: dict[str, int] = Field(
         default_factory=dict,
@@ -69,16 +110,11 @@ class LedgerParams(_Strict):
     fraud_slash_fraction: float = Field(
         1.0, ge=0, le=1, description="fraction of an equivocating node's bonded and unbonding stake destroyed"
     )
-    duel_gamma: float = Field(
-        1.0, ge=0, le=1, description="fraction of a duel loser's bonded stake transferred to the winner"
-    )
-    judge_minority_slash: float = Field(
-        0.2, ge=0, le=1, description="fraction of a minority judge's bonded stake taken in a duel settlement"
-    )
     payment_batch_window_s: float = Field(
         5.0, gt=0, description="seconds an entry node gathers receipts before paying them in one operation"
     )
     payment_batch_max: int = Field(100, ge=1, description="receipts paid at most by one pay operation")
+    duels: DuelParams = Field(default_factory=DuelParams)
 
     @field_validator("allocations")
     @classmethod

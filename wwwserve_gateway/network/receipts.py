@@ -5,11 +5,17 @@ The entry node checks a receipt before it relays the end of an answer, hands it 
 hashes only, never content: `request` hashes the delegated request (its id, endpoint and body), so
 the same prompt sent twice is two receipts; `response` hashes the exact bytes relayed. It names the
 network id (`net`), so a receipt signed in one network is worthless in another.
+
+Two fields serve duels: `text` hashes the answer's text (`text_hash`: the first choice's content,
+normalised), which judges' votes name, so a vote counts only for the answers it was shown whatever
+bytes carried them; `stake` is the bonded stake the executor committed when it accepted, which a
+lost duel puts at risk.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from typing import Any
 
@@ -33,11 +39,13 @@ RECEIPT_KEYS = frozenset(
         "entry",
         "request",
         "response",
+        "text",
         "model",
         "prompt_tokens",
         "completion_tokens",
         "started",
         "finished",
+        "stake",
     }
 )
 
@@ -64,6 +72,15 @@ def request_hash(request_id: str, endpoint: str, body: dict[str, Any]) -> str:
     return digest({"id": request_id, "endpoint": endpoint, "body": body})
 
 
+def normalise_text(text: str) -> str:
+    """An answer's text as judges see it and `text` hashes it: line ends unified, ends stripped."""
+    return text.replace("\r\n", "\n").strip()
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(normalise_text(text).encode()).hexdigest()
+
+
 def sign_receipt(
     identity: NodeIdentity,
     *,
@@ -76,7 +93,11 @@ def sign_receipt(
     completion_tokens: int,
     started: float,
     finished: float,
+    text: str = "",
+    stake: float = 0.0,
 ) -> dict[str, Any]:
+    """`text` is the answer's text hash (`text_hash`; default: of no text), `stake` the stake
+    committed."""
     body = {
         "id": identity.node_id,
         "kind": "receipt",
@@ -84,11 +105,13 @@ def sign_receipt(
         "entry": entry,
         "request": request,
         "response": response,
+        "text": text or text_hash(""),
         "model": model,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "started": round(started, 3),
         "finished": round(finished, 3),
+        "stake": round(stake, 6),
     }
     record = identity.sign_record(body)
     VERIFIED.add(record["sig"], canonical(body))
@@ -107,7 +130,7 @@ def check_receipt(record: Any, net: str) -> dict[str, Any]:
         raise InvalidReceipt("a receipt of another network")
     if not isinstance(body["entry"], str) or not NODE_ID.fullmatch(body["entry"]):
         raise InvalidReceipt("receipt entry must be a node id")
-    for field in ("request", "response"):
+    for field in ("request", "response", "text"):
         if not isinstance(body[field], str) or not HASH.fullmatch(body[field]):
             raise InvalidReceipt(f"receipt {field} must be a sha256 hex digest")
     if not isinstance(body["model"], str):
@@ -117,6 +140,8 @@ def check_receipt(record: Any, net: str) -> dict[str, Any]:
             raise InvalidReceipt(f"receipt {field} must be an integer >= 0")
     if not _is_number(body["started"]) or not _is_number(body["finished"]):
         raise InvalidReceipt("receipt started/finished must be numbers")
+    if not _is_number(body["stake"]) or not 0 <= body["stake"] < 1e15:
+        raise InvalidReceipt("receipt stake must be a number >= 0")
     return body
 
 

@@ -9,7 +9,7 @@ the node and `wwwserve check-config` validate before the plugin is built as `Plu
 - `node`: `NodeAPI`, what a node gives its plugins
 - `peers`: `PeerView` (typed, parsed from untrusted gossip records), `PeerState`, membership events
 - `requests`: `RequestInfo`, what decisions see of a request
-- `gossip`, `ledger`, `policy`, `router`, `backend`: the slot interfaces
+- `gossip`, `ledger`, `judge`, `policy`, `router`, `backend`: the slot interfaces
 - `loading`: finding plugin classes and validating their settings
 """
 
@@ -25,6 +25,7 @@ from wwwserve_gateway.plugin_api.backend import (
 )
 from wwwserve_gateway.plugin_api.base import Plugin, PluginSettings
 from wwwserve_gateway.plugin_api.gossip import GossipDelegate, GossipPlugin, MembershipListener
+from wwwserve_gateway.plugin_api.judge import Judge, JudgeCase, Verdict
 from wwwserve_gateway.plugin_api.ledger import Account, LedgerPlugin
 from wwwserve_gateway.plugin_api.node import Backends, NodeAPI, PluginNotBuilt
 from wwwserve_gateway.plugin_api.peers import (
@@ -38,11 +39,12 @@ from wwwserve_gateway.plugin_api.peers import (
 from wwwserve_gateway.plugin_api.policy import Decision, Policy
 from wwwserve_gateway.plugin_api.requests import RequestInfo
 from wwwserve_gateway.plugin_api.router import Router
-from wwwserve_gateway.plugin_api.slots import BACKEND, GOSSIP, LEDGER, NODE_SLOTS, POLICY, ROUTER, Slot
+from wwwserve_gateway.plugin_api.slots import BACKEND, GOSSIP, JUDGE, LEDGER, NODE_SLOTS, POLICY, ROUTER, Slot
 
 __all__ = [
     "BACKEND",
     "GOSSIP",
+    "JUDGE",
     "LEDGER",
     "NODE_SLOTS",
     "POLICY",
@@ -58,6 +60,8 @@ __all__ = [
     "GossipDelegate",
     "GossipPlugin",
     "JSONReply",
+    "Judge",
+    "JudgeCase",
     "LedgerPlugin",
     "MembershipEvent",
     "MembershipEventKind",
@@ -76,4 +80,5 @@ __all__ = [
     "SSEStream",
     "Slot",
     "Usage",
+    "Verdict",
 ]

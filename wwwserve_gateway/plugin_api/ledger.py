@@ -10,6 +10,8 @@ from typing import Any
 from wwwserve_gateway.network.genesis import NetworkGenesis
 from wwwserve_gateway.plugin_api.base import Plugin, PluginSettings
 
+NEUTRAL_QUALITY = 1500.0
+
 
 @dataclass(frozen=True, slots=True)
 class Account:
@@ -46,9 +48,15 @@ class LedgerPlugin(Plugin, ABC):
         """Whether a payment of `entry` to `executor` for the receipt of `request` (its hash) is
         in the ledger as this node holds it."""
 
+    def quality(self, node_id: str, model: str) -> float:
+        """`node_id`'s quality score for `model`: an Elo rating over the duels it has settled, 1500
+        when unknown (what a ledger without duels returns)."""
+        return NEUTRAL_QUALITY
+
     @abstractmethod
     def balances_view(self) -> dict[str, dict[str, Any]]:
-        """Every account, for the HTTP views and the CLI."""
+        """Every account, for the HTTP views and the CLI (with, where known, its `quality` by
+        model, its `duels` won/lost/tied and its `judging` record)."""
 
     @abstractmethod
     def ops_view(self, author: str, start: int, limit: int) -> list[dict[str, Any]]:

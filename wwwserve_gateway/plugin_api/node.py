@@ -15,6 +15,7 @@ from wwwserve_gateway.plugin_api.backend import Backend
 
 if TYPE_CHECKING:
     from wwwserve_gateway.plugin_api.gossip import GossipPlugin
+    from wwwserve_gateway.plugin_api.judge import Judge
     from wwwserve_gateway.plugin_api.ledger import LedgerPlugin
     from wwwserve_gateway.plugin_api.policy import Policy
     from wwwserve_gateway.plugin_api.router import Router
@@ -67,7 +68,7 @@ class NodeAPI:
         return self.identity.node_id
 
     def bind(self, **plugins: Any) -> None:
-        """Make plugins reachable by slot name (gossip=..., ledger=..., policy=..., router=...)."""
+        """Make plugins reachable by slot name (gossip=..., ledger=..., judge=..., ...)."""
         self._plugins.update(plugins)
 
     def _plugin(self, slot: str) -> Any:
@@ -81,6 +82,10 @@ class NodeAPI:
     @property
     def gossip(self) -> GossipPlugin:
         return self._plugin("gossip")
+
+    @property
+    def judge(self) -> Judge:
+        return self._plugin("judge")
 
     @property
     def ledger(self) -> LedgerPlugin:

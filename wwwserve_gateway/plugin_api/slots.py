@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from wwwserve_gateway.plugin_api.backend import Backend
 from wwwserve_gateway.plugin_api.base import Plugin
 from wwwserve_gateway.plugin_api.gossip import GossipPlugin
+from wwwserve_gateway.plugin_api.judge import Judge
 from wwwserve_gateway.plugin_api.ledger import LedgerPlugin
 from wwwserve_gateway.plugin_api.policy import Policy
 from wwwserve_gateway.plugin_api.router import Router
@@ -23,6 +24,7 @@ class Slot:
 
 GOSSIP = Slot("gossip", "wwwserve.gossip", GossipPlugin, "swim")
 LEDGER = Slot("ledger", "wwwserve.ledgers", LedgerPlugin, "chains")
+JUDGE = Slot("judge", "wwwserve.judges", Judge, "llm")
 POLICY = Slot("policy", "wwwserve.policies", Policy, "frequency")
 ROUTER = Slot("router", "wwwserve.routers", Router, "pos")
 # A deployment's backend is the one registered under its provider prefix; other prefixes go to
@@ -30,6 +32,6 @@ ROUTER = Slot("router", "wwwserve.routers", Router, "pos")
 BACKEND = Slot("backend", "wwwserve.backends", Backend, "litellm")
 
 # Node plugins, in the order they are started (and stopped in reverse).
-NODE_SLOTS: tuple[Slot, ...] = (LEDGER, GOSSIP, POLICY, ROUTER)
+NODE_SLOTS: tuple[Slot, ...] = (LEDGER, GOSSIP, JUDGE, POLICY, ROUTER)
 
-__all__ = ["BACKEND", "GOSSIP", "LEDGER", "NODE_SLOTS", "POLICY", "ROUTER", "Plugin", "Slot"]
+__all__ = ["BACKEND", "GOSSIP", "JUDGE", "LEDGER", "NODE_SLOTS", "POLICY", "ROUTER", "Plugin", "Slot"]

@@ -10,15 +10,15 @@ from starlette.routing import Route
 
 from wwwserve_gateway.http.auth import KeyCheck
 from wwwserve_gateway.http.errors import InvalidRequest
+from wwwserve_gateway.plugin_api.ledger import LedgerPlugin
 from wwwserve_gateway.plugin_api.node import NodeAPI
 from wwwserve_gateway.plugin_api.peers import PeerView
-
 
 # Sequence numbers are stored as 64-bit integers.
 MAX_SEQ = 2**63 - 1
 
 
-def peer_json(peer: PeerView, me: str, with_url: bool) -> dict[str, Any]:
+def peer_json(peer: PeerView, me: str, with_url: bool, ledger: LedgerPlugin) -> dict[str, Any]:
     return {
         "id": peer.id,
         "url": peer.url if with_url else None,
@@ -26,7 +26,14 @@ def peer_json(peer: PeerView, me: str, with_url: bool) -> dict[str, Any]:
         "incarnation": peer.incarnation,
         "heartbeat": peer.heartbeat,
         "age_s": round(peer.age_s, 3),
-        "models": [{"name": m.name, "context_length": m.context_length} for m in peer.models.values()],
+        "models": [
+            {
+                "name": m.name,
+                "context_length": m.context_length,
+                "quality": round(ledger.quality(peer.id, m.name), 1),
+            }
+            for m in peer.models.values()
+        ],
         "load": {"running": peer.load.running, "waiting": peer.load.waiting, "usage": peer.load.usage},
         "stake": peer.stake,
         "self": peer.id == me,
@@ -40,7 +47,7 @@ def network_routes(node: NodeAPI, operators: KeyCheck) -> list[Route]:
 
     async def peers(request: Request) -> Response:
         with_url = operators.presented(request.scope)
-        found = [peer_json(p, me, with_url) for p in node.gossip.peers()]
+        found = [peer_json(p, me, with_url, node.ledger) for p in node.gossip.peers()]
         found.sort(key=lambda p: (not p["self"], p["id"]))
         return JSONResponse(found)
 

@@ -202,7 +202,11 @@ def _node_paths() -> dict[str, Any]:
                 "summary": "One author's chain of operations",
                 "parameters": [
                     {"name": "author", "in": "query", "schema": {"type": "string"}},
-                    {"name": "from", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}},
+                    {
+                        "name": "from",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+                    },
                     {
                         "name": "limit",
                         "in": "query",
