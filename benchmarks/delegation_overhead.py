@@ -904,7 +904,13 @@ def main(argv: list[str] | None = None) -> int:
     nodes: dict[str, Node] = {}
     workdir = Path(tempfile.mkdtemp(prefix="delegation-overhead-", dir=args.data_dir))
     try:
-        from wwwserve_gateway.network.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
+        from wwwserve_gateway.network.genesis import (
+            DuelParams,
+            GossipParams,
+            LedgerParams,
+            NetworkGenesis,
+            write_genesis,
+        )
 
         with progress_bar(console) as progress:
             setup = progress.add_task("start stub", total=None)
@@ -922,7 +928,10 @@ def main(argv: list[str] | None = None) -> int:
             genesis = workdir / "network.yaml"
             gossip = GossipParams(interval_s=0.5, refresh_s=2.0)
             allocations = founding_allocations(workdir, ["E", "X", "A"], 10_000_000)
-            ledger = LedgerParams(allocations=allocations, price_per_request=1.0)
+            # Duels off: this benchmark measures one delegated hop, not the quality incentive.
+            ledger = LedgerParams(
+                allocations=allocations, price_per_request=1.0, duels=DuelParams(rate=0.0, canary_rate=0.0)
+            )
             write_genesis(NetworkGenesis(name="delegation-bench", gossip=gossip, ledger=ledger), genesis)
             model_list = stub_entries(stub.url + "/v1")
             if llama is not None:

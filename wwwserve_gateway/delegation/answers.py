@@ -59,6 +59,50 @@ def _utf8(value: Any) -> int:
     return len(value.encode()) if isinstance(value, str) else 0
 
 
+def _first_choice_text(obj: Any) -> str:
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if not isinstance(choices, list):
+        return ""
+    out = []
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        index = choice.get("index")
+        if isinstance(index, int) and index != 0:  # as AnswerReader reads it
+            continue
+        if isinstance(choice.get("text"), str):
+            out.append(choice["text"])
+        for key in ("delta", "message"):
+            part = choice.get(key)
+            if isinstance(part, dict) and isinstance(part.get("content"), str):
+                out.append(part["content"])
+    return "".join(out)
+
+
+class AnswerText:
+    """Only the first choice's content, as AnswerReader.text gathers it, without checking or
+    rewriting anything: what an executor hashes into its receipt on the hot path (the entry, which
+    reads the same answer with AnswerReader, refuses one that is malformed)."""
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    def events(self, payload: str) -> None:
+        for event in payload.split("\n\n"):
+            if event.startswith(DATA):
+                self.whole(event[len(DATA) :])
+
+    def whole(self, text: str) -> None:
+        try:
+            self._text.append(_first_choice_text(orjson.loads(text)))
+        except orjson.JSONDecodeError:
+            pass
+
+
 class AnswerReader:
     """Reads one executor's answer: checks, measures and rewrites it for the app."""
 

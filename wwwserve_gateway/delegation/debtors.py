@@ -34,20 +34,20 @@ class Debtors:
         queue.append((self.clock(), request))
 
     def defaults(self, entry: str) -> int:
-        """Receipts of `entry` unpaid past the grace period (paid ones are forgotten on the way)."""
+        """Receipts of `entry` unpaid past the grace period. Only those past it are looked up (the
+        queue is in issue order), and paid ones are forgotten: a request costs a look-up per
+        receipt that came due since the last one, not one per receipt outstanding."""
         queue = self._issued.get(entry)
         if not queue:
             return 0
         horizon = self.clock() - self.grace_s
-        unpaid: deque[tuple[float, str]] = deque(maxlen=MAX_TRACKED)
-        overdue = 0
-        for issued_at, request in queue:
-            if self.is_paid(entry, request):
-                continue
-            unpaid.append((issued_at, request))
-            overdue += issued_at <= horizon
-        self._issued[entry] = unpaid
-        return overdue
+        overdue: list[tuple[float, str]] = []
+        while queue and queue[0][0] <= horizon:
+            receipt = queue.popleft()
+            if not self.is_paid(entry, receipt[1]):
+                overdue.append(receipt)
+        queue.extendleft(reversed(overdue))
+        return len(overdue)
 
     def refuses(self, entry: str) -> bool:
         return self.defaults(entry) > self.max_defaults

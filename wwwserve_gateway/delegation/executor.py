@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import structlog
 
 from wwwserve_gateway.delegation import wire
-from wwwserve_gateway.delegation.answers import AnswerReader, MalformedAnswer
+from wwwserve_gateway.delegation.answers import AnswerText
 from wwwserve_gateway.delegation.debtors import Debtors
 from wwwserve_gateway.delegation.entry import Delegator, NoExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
@@ -75,50 +75,54 @@ _END = object()
 
 
 async def with_heartbeats(source: AsyncIterator[T], every: float) -> AsyncIterator[T | None]:
-    """`source`'s items, and None whenever `every` seconds pass without one, so the entry knows this
-    node is at work through a long prefill or an answer that is not streamed. The source runs in
-    a task of its own, which a heartbeat's timeout must not cancel; a queue of one keeps its
-    backpressure."""
+    """`source`'s items, and None when `every` to 2 x `every` seconds pass without one, so the entry
+    knows this node is at work through a long prefill or an answer that is not streamed. The source
+    runs in a task of its own and a ticker of its own adds the heartbeats: a timeout per item would
+    cost more than the relay itself. A queue of one keeps the backpressure."""
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+    moved = False
 
     async def pump() -> None:
+        nonlocal moved
         try:
             async for item in source:
+                moved = True
                 await queue.put(item)
         except Exception as exc:  # handed to the consumer, which raises it
             await queue.put(_Failed(exc))
             return
         await queue.put(_END)
 
-    task = asyncio.create_task(pump())
+    async def tick() -> None:
+        nonlocal moved
+        while True:
+            await asyncio.sleep(every)
+            if not moved and queue.empty():
+                queue.put_nowait(None)
+            moved = False
+
+    tasks = [asyncio.create_task(pump()), asyncio.create_task(tick())]
     try:
         while True:
-            try:
-                async with asyncio.timeout(every):
-                    item = await queue.get()
-            except TimeoutError:
-                yield None
-                continue
+            item = await queue.get()
             if item is _END:
                 return
             if isinstance(item, _Failed):
                 raise item.error
             yield item
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
-def _read_text(reader: AnswerReader, item: dict[str, Any]) -> None:
-    """Follow the answer's text; a backend's malformed output is the entry's to refuse."""
-    try:
-        if item["t"] == "sse":
-            reader.events(item["d"])
-        elif item["t"] == "json":
-            reader.whole(item["d"])
-    except MalformedAnswer:
-        pass
+def _read_text(reader: AnswerText, item: dict[str, Any]) -> None:
+    if item["t"] == "sse":
+        reader.events(item["d"])
+    elif item["t"] == "json":
+        reader.whole(item["d"])
 
 
 PAYMENT_GRACE_S = 5.0  # slack on top of the payment windows and the replication
@@ -193,7 +197,7 @@ class PeerExecutor:
         if req.continuation:
             call.update(backend.continuation_params)
         digest = hashlib.sha256()
-        text = AnswerReader(req.endpoint, req.id, body["model"])  # what the receipt's `text` hashes
+        text = AnswerText()  # what the receipt's `text` hashes
         stake = self.api.ledger.account(self.me).bonded  # what this node puts at risk in a duel
         started = time.time()
         ok = False
