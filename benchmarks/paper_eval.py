@@ -1,7 +1,7 @@
 """The WWW.Serve paper's scheduling evaluation on the real system, with emulated GPUs.
 
     python benchmarks/paper_eval.py --setting N|all [--quick] [--out DIR] [--time-scale X]
-                                    [--variants single,centralized,frequency,completion_time,ideal]
+                                    [--variants single,centralized,frequency,completion_time,least_loaded,ideal]
                                     [--duration S] [--seed K]
 
 Every node is a real `wwwserve node` process on loopback, in front of its own engine emulator
@@ -13,6 +13,7 @@ variant, one after the other, with the same seeded arrivals and lengths:
   centralized     the reference's metrics-polling dispatcher in front of those same nodes
   frequency       WWW.Serve, the paper's policy (offload 0.8, queue 0.2, accept 0.8, target 0.7)
   completion_time WWW.Serve, this project's completion-time policy (its defaults)
+  least_loaded    WWW.Serve, decentralized join-the-shortest-queue on gossiped request counts
   ideal           join-the-shortest-queue with exact counts, straight to the engines (no gateways)
 
 Per request it records submit and finish time (paper seconds), the route (x-wwwserve-route, as node

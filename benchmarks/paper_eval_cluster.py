@@ -63,6 +63,7 @@ VARIANTS = {
         Variant("centralized", "centralized (reference)", "centralized", "frequency", SINGLE_NODE),
         Variant("frequency", "WWW.Serve frequency (paper)", "gateway", "frequency", PAPER_DEFAULT),
         Variant("completion_time", "WWW.Serve completion_time", "gateway", "completion_time", {}),
+        Variant("least_loaded", "WWW.Serve least_loaded", "gateway", "least_loaded", {}),
         Variant("ideal", "ideal centralized (JSQ)", "ideal"),
     )
 }

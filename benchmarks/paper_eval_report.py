@@ -18,12 +18,13 @@ WINDOW_S = 60.0  # recovery: mean latency of the requests submitted in the last 
 RECOVERY_LIMIT_S = 30.0
 RECOVERY_TOLERANCE = 1.10  # "back to the pre-event level": within 10 %
 ROLLING = 45  # the paper's centred rolling mean over 45 requests
-OUR_POLICIES = ("frequency", "completion_time")
+OUR_POLICIES = ("frequency", "completion_time", "least_loaded")
 COLOURS = {
     "single": "#7f7f7f",
     "centralized": "#1f77b4",
     "frequency": "#d62728",
     "completion_time": "#ff7f0e",
+    "least_loaded": "#9467bd",
     "ideal": "#2ca02c",
 }
 
