@@ -278,6 +278,7 @@ class _Sim:
         for node in self.nodes:
             if bond > 0:
                 self.apply(node, "bond", {"amount": min(bond, grant)})
+        self.window_start: dict[str, tuple[int, int, int]] = {}  # per class: won, tied, played
         self.bonded_micro: dict[str, int] = {}
         self.weights: dict[str, float] = {}
         for node in self.nodes:
@@ -484,6 +485,8 @@ class _Sim:
             "bonded_share": {g: [] for g in self.members},
             "credit_share": {g: [] for g in self.members},
             "mean_elo": {g: [] for g in self.members},
+            # Duel score (won + tie/2 per duel played) within each sampling window; None: no duel.
+            "score": {g: [] for g in self.members},
             "judge_weight": {"honest": [], "colluders": []},
         }
 
@@ -499,6 +502,16 @@ class _Sim:
             series["credit_share"][g].append(round(credit / total_credit, 5))
             series["mean_elo"][g].append(
                 round(sum(self.balances.quality(i, MODEL) for i in ids) / len(ids), 2)
+            )
+            won = tied = played = 0
+            for i in ids:
+                w, lost, t = self.record.get(i, (0, 0, 0))
+                won, tied, played = won + w, tied + t, played + w + lost + t
+            last = self.window_start.get(g, (0, 0, 0))
+            self.window_start[g] = (won, tied, played)
+            window = played - last[2]
+            series["score"][g].append(
+                round((won - last[0] + (tied - last[1]) / 2) / window, 4) if window else None
             )
         weights = self.judge_weights()
         for key, ids in (
@@ -712,6 +725,7 @@ def _result(
         "config": config,
         **timing,
         "ms_per_duel": round(1000 * timing["seconds"] / max(1, c.steps), 3),
+        "cpu_ms_per_duel": round(1000 * timing["cpu_seconds"] / max(1, c.steps), 3),
         "duels": {
             "steps": c.steps,
             "settled": c.settled,
@@ -735,7 +749,7 @@ def _result(
     }
 
 
-# -- the scenarios ------------------------------------------------------------------------------------
+# -- the study: scenarios, targets, table, figure ----------------------------------------------------
 LAZY_MIX = {"good": 0.3, "mid": 0.3, "random": 0.2, "lazy": 0.2}
 COLOURS = {
     "good": "tab:green",
@@ -744,6 +758,18 @@ COLOURS = {
     "lazy": "tab:purple",
     "coalition": "black",
 }
+GRID_COLLUSIONS = (0.0, 0.1, 0.3, 0.45, 0.6)  # the issue's 10% and 30%, and points past them
+TARGET_COLLUSION = 0.3
+FULL = {"n100": (2000, (0, 1, 2)), "n1000": (4000, (0,))}  # duels, seeds per N
+QUICK = {"n100": (1500, (0,))}
+
+
+def collusion_mix(collusion: float) -> dict[str, float]:
+    """The class mix for a coalition of `collusion` of the nodes: a third each of good, mid and
+    random, and past a third (colluders are random-class executors) random = collusion, the rest
+    split evenly between good and mid. Per-node figures (credit/node) stay comparable."""
+    r = max(1 / 3, collusion)
+    return {"good": (1 - r) / 2, "mid": (1 - r) / 2, "random": r}
 
 
 @dataclass(frozen=True)
@@ -754,109 +780,96 @@ class Scenario:
     duels: int
     seeds: tuple[int, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    row: str = ""  # the summary grid's row and column (the figure's heat map)
+    col: str = ""
+    group: str = "other"  # "grid": the collusion x canaries grid
+
+
+def _col(n: int, canaries_on: bool) -> str:
+    return f"N={n:,} canaries {'on' if canaries_on else 'off'}"
 
 
 def scenarios(quick: bool = False) -> list[Scenario]:
-    """The runs of `main`: the collusion x canary grid at N = 100 (several seeds) and N = 1,000,
-    lazy executors, and the attacks the rules leave open."""
+    """The study: colluding judges (GRID_COLLUSIONS) x canaries on/off at N = 100 and 1,000 (quick:
+    N = 100 only, one seed), 20% lazy executors, cherry-picking entries (10%, 30%), and (full only)
+    the attacks the rules leave open."""
+    sizes = QUICK if quick else FULL
     out: list[Scenario] = []
-    if quick:
-        grid = [(100, 1000, (0,)), (1000, 300, (0,))]
-        collusions, n1000_collusions = (0.0, 0.1, 0.3), (0.3,)
-    else:
-        grid = [(100, 2000, (0, 1, 2)), (1000, 3000, (0,))]
-        collusions = n1000_collusions = (0.0, 0.1, 0.3)
-    for n, duels, seeds in grid:
-        for c in collusions if n == 100 else n1000_collusions:
+    for key, (duels, seeds) in sizes.items():
+        n = int(key[1:])
+        for c in GRID_COLLUSIONS:
             for can in (True, False):
-                if quick and n == 1000 and not can:
-                    continue
+                pct = round(c * 100)
                 out.append(
                     Scenario(
-                        f"n{n}-c{round(c * 100)}-{'canary' if can else 'nocanary'}",
-                        f"{round(c * 100)}% colluding judges, canaries {'on' if can else 'off'}",
+                        f"{key}-c{pct}-{'canary' if can else 'nocanary'}",
+                        f"{pct}% colluding judges, canaries {'on' if can else 'off'}",
                         n,
                         duels,
                         seeds,
-                        {"collusion": c, "canaries_on": can},
+                        {"collusion": c, "canaries_on": can, "mix": collusion_mix(c)},
+                        f"{pct}% colluders",
+                        _col(n, can),
+                        "grid",
                     )
                 )
-    n, duels, seeds = grid[0]
-    one = seeds[:1]
-    out.append(
-        Scenario("n100-lazy", "20% lazy executors (p = 0), canaries on", n, duels, seeds, {"mix": LAZY_MIX})
-    )
+    duels, seeds = sizes["n100"]
+    for can in (True,) if quick else (True, False):
+        out.append(
+            Scenario(
+                f"n100-lazy-{'canary' if can else 'nocanary'}",
+                f"20% lazy executors (p = 0), canaries {'on' if can else 'off'}",
+                100,
+                duels,
+                seeds,
+                {"mix": LAZY_MIX, "canaries_on": can},
+                "20% lazy executors",
+                _col(100, can),
+            )
+        )
+    if not quick:
+        d1000, s1000 = sizes["n1000"]
+        out.append(
+            Scenario(
+                "n1000-lazy-canary",
+                "20% lazy executors (p = 0), canaries on",
+                1000,
+                d1000,
+                s1000,
+                {"mix": LAZY_MIX},
+                "20% lazy executors",
+                _col(1000, True),
+            )
+        )
+    for c in (0.1, 0.3):
+        pct = round(c * 100)
+        out.append(
+            Scenario(
+                f"n100-c{pct}-cherry-pick",
+                f"{pct}% colluders whose entries keep only the votes for their executor, canaries on",
+                100,
+                duels,
+                seeds,
+                {"collusion": c, "cherry_pick": True},
+                f"{pct}% cherry-picking entries",
+                _col(100, True),
+            )
+        )
     if quick:
         return out
-    out += [
-        Scenario(
-            "n1000-lazy", "20% lazy executors (p = 0), canaries on", 1000, grid[1][1], (0,), {"mix": LAZY_MIX}
-        ),
-        Scenario(
-            "n1000-c30-canary-long",
-            "30% colluding judges, canaries on, 6 duels per node",
-            1000,
-            6000,
-            (0,),
-            {"collusion": 0.3, "canaries_on": True},
-        ),
-        Scenario(
-            "n100-lazy-sees-canaries",
-            "20% lazy executors that answer canaries right (canaries.recognise)",
-            n,
-            duels,
-            one,
-            {"mix": LAZY_MIX, "lazy_sees_canaries": True},
-        ),
-        Scenario(
-            "n100-c30-colluders-see-canaries",
-            "30% colluding judges that recognise canaries and vote them right",
-            n,
-            duels,
-            one,
-            {"collusion": 0.3, "colluders_see_canaries": True},
-        ),
-        Scenario(
-            "n100-c10-cherry-pick",
-            "10% colluders whose entries keep only the votes for their executor",
-            n,
-            duels,
-            one,
-            {"collusion": 0.1, "cherry_pick": True},
-        ),
-        Scenario(
-            "n100-c30-cherry-pick",
-            "30% colluders whose entries keep only the votes for their executor",
-            n,
-            duels,
-            one,
-            {"collusion": 0.3, "cherry_pick": True},
-        ),
-        Scenario(
-            "n100-c30-canary-random-votes",
-            "30% colluding judges voting a coordinated coin outside their own duels, canaries on",
-            n,
-            duels,
-            one,
-            {"collusion": 0.3, "collude_other": "random"},
-        ),
-        Scenario(
-            "n100-c30-canary-2pct",
-            "30% colluding judges, canaries 2% of duels (not 1/6)",
-            n,
-            duels,
-            one,
-            {"collusion": 0.3, "canary_share": 0.02},
-        ),
-        Scenario(
-            "n100-c30-canary-grant1000",
-            "30% colluding judges, canaries on, 1000 credits each (900 in reserve)",
-            n,
-            duels,
-            one,
-            {"collusion": 0.3, "grant": 1000},
-        ),
-    ]
+    one = seeds[:1]
+    attacks = [
+        ("n100-lazy-sees-canaries", "20% lazy executors that answer canaries right", "lazy, see canaries",
+         {"mix": LAZY_MIX, "lazy_sees_canaries": True}),
+        ("n100-c30-colluders-see-canaries", "30% colluding judges that recognise canaries and vote them right",
+         "30% colluders, see canaries", {"collusion": 0.3, "colluders_see_canaries": True}),
+        ("n100-c30-coin-votes", "30% colluders voting a coordinated coin outside their own duels",
+         "30% colluders, coin votes", {"collusion": 0.3, "collude_other": "random"}),
+        ("n100-c30-canary-2pct", "30% colluding judges, canaries 2% of duels (not 1/6)",
+         "30% colluders, canaries 2%", {"collusion": 0.3, "canary_share": 0.02}),
+    ]  # fmt: skip
+    for name, about, row, kwargs in attacks:
+        out.append(Scenario(name, about, 100, duels, one, kwargs, row, _col(100, True)))
     return out
 
 
@@ -866,7 +879,8 @@ def _run_one(args: tuple[Scenario, int]) -> dict[str, Any]:
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Across seeds: how often each ordering held, and the mean of the per-class figures."""
+    """Across seeds: how often each ordering held, the mean of the per-class figures, the smallest
+    score gap of the ordering (good - mid, mid - each bad class) and the CPU time per duel."""
     keys = (
         "score",
         "win_rate",
@@ -878,59 +892,212 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     )
     classes = runs[0]["classes"]
     mean = {
-        g: {k: round(sum(r["classes"][g][k] for r in runs) / len(runs), 4) for k in keys} for g in classes
+        g: {k: round(sum(r["classes"][g][k] or 0 for r in runs) / len(runs), 4) for k in keys}
+        for g in classes
     }
     held = {k: sum(r["ordering"][k] for r in runs) for k in runs[0]["ordering"]}
-    return {"seeds": len(runs), "held": held, "mean": mean}
+    gaps = []
+    for r in runs:
+        score = {g: v["score"] for g, v in r["classes"].items() if g in ORDER and v["score"] is not None}
+        bottom = [score[g] for g in ORDER[2:] if g in score]
+        gaps.append(min(score["good"] - score["mid"], *(score["mid"] - b for b in bottom)))
+    one_right = [r["duels"]["one_right_decided_right"] for r in runs if r["duels"]["one_right_decided_right"]]
+    return {
+        "seeds": len(runs),
+        "held": held,
+        "verdict": "holds" if held["holds"] == len(runs) else "breaks" if held["holds"] == 0 else "mixed",
+        "min_score_gap": round(min(gaps), 4),
+        "one_right_decided_right": round(sum(one_right) / len(one_right), 4) if one_right else None,
+        "cpu_ms_per_duel": round(sum(r["cpu_ms_per_duel"] for r in runs) / len(runs), 3),
+        "wall_ms_per_duel": round(sum(r["ms_per_duel"] for r in runs) / len(runs), 3),
+        "mean": mean,
+    }
 
 
 def _fmt(values: Iterable[Any], digits: int = 2) -> str:
     return "/".join(f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in values)
 
 
+def _exec_classes(entry: dict[str, Any]) -> list[str]:
+    return [g for g in ORDER if g in entry["summary"]["mean"]]
+
+
+def break_points(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per grid column (N, canaries): the largest collusion up to which the ordering held on every
+    seed, and the first collusion where it did not (None: it held across the grid)."""
+    out: dict[str, Any] = {}
+    for col in dict.fromkeys(e["col"] for e in results if e["group"] == "grid"):
+        row = sorted(
+            (e["kwargs"]["collusion"], e["summary"]["verdict"])
+            for e in results
+            if e["group"] == "grid" and e["col"] == col
+        )
+        first_miss = next((c for c, v in row if v != "holds"), None)
+        holds_to = max((c for c, v in row if first_miss is None or c < first_miss), default=None)
+        out[col] = {
+            "holds_up_to": holds_to,
+            "first_break": first_miss,
+            "verdicts": {str(c): v for c, v in row},
+        }
+    return out
+
+
+def targets(results: list[dict[str, Any]], quick: bool) -> list[dict[str, Any]]:
+    """The issue's target (with canaries, 30% colluding judges leave the ordering intact), at each N,
+    and the baseline it is measured against (honest judges: the ordering holds)."""
+    by_name = {e["name"]: e for e in results}
+    out = []
+    for n in (100, 1000):
+        for c, what in ((TARGET_COLLUSION, "with canaries, 30% colluding judges"), (0.0, "honest judges")):
+            name = f"n{n}-c{round(c * 100)}-canary"
+            e = by_name.get(name)
+            if e is None:
+                out.append(
+                    {
+                        "target": f"N={n:,}: {what}: ordering good > mid > random",
+                        "scenario": name,
+                        "value": "not run (--quick)" if quick else "not run",
+                        "limit": "every seed",
+                        "result": None,
+                        "note": "",
+                    }
+                )
+                continue
+            s = e["summary"]
+            m = s["mean"]
+            out.append(
+                {
+                    "target": f"N={n:,}: {what}: ordering good > mid > random",
+                    "scenario": name,
+                    "value": f"{s['held']['holds']}/{s['seeds']} seeds",
+                    "limit": "every seed",
+                    "result": s["held"]["holds"] == s["seeds"],
+                    "note": (
+                        f"score {_fmt(m[g]['score'] for g in _exec_classes(e))}, "
+                        f"credit/node {_fmt(m[g]['credit_per_node'] for g in _exec_classes(e))}, "
+                        f"min score gap {s['min_score_gap']:+.3f}"
+                    ),
+                }
+            )
+    return out
+
+
+def _verdict_text(ok: bool | None) -> str:
+    return "[green]PASS[/]" if ok else "[dim]-[/]" if ok is None else "[red]MISS[/]"
+
+
 def table(results: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     t = Table(
-        title="Duel-and-judge on the real fold: per class good/mid/random(/lazy); per node 1.00 = equal share",
-        show_lines=False,
+        title="Duel-and-judge on the real fold: per class good/mid/random(/lazy), mean over seeds; "
+        "per node 1.00 = an equal share",
     )
     for col in (
         "scenario",
         "N",
-        "duels",
+        "duels x seeds",
         "score",
         "credit/node",
-        "bonded share",
         "mean Elo",
         "judge w h/c",
         "1-right ok",
+        "cpu ms/duel",
         "ordering",
     ):
-        t.add_column(col, justify="left" if col == "scenario" else "right", no_wrap=True)
-    for entry in results:
-        r = entry["runs"][0]
-        cls = {g: v for g, v in r["classes"].items() if g in ORDER}
-        jw = r["judges"]
-        held = entry["summary"]["held"]["holds"]
-        seeds = entry["summary"]["seeds"]
-        verdict = ("holds" if held == seeds else "BREAKS" if held == 0 else "mixed") + f" {held}/{seeds}"
-        broken = [k for k in ("score", "mean_elo", "credit") if not r["ordering"][k]]
+        t.add_column(col, justify="left" if col in ("scenario", "ordering") else "right", no_wrap=True)
+    for e in results:
+        s, m = e["summary"], e["summary"]["mean"]
+        groups = _exec_classes(e)
+        jw = e["runs"][0]["judges"]
+        verdict = {"holds": "[green]holds[/]", "breaks": "[red]BREAKS[/]", "mixed": "[yellow]mixed[/]"}[
+            s["verdict"]
+        ] + f" {s['held']['holds']}/{s['seeds']}"
+        broken = [k for k in ("score", "mean_elo", "credit") if s["held"][k] < s["seeds"]]
         if broken:
             verdict += " (" + ",".join(broken) + ")"
         t.add_row(
-            entry["name"],
-            str(r["config"]["n_nodes"]),
-            str(r["config"]["duels"]),
-            _fmt(v["score"] for v in cls.values()),
-            _fmt(v["credit_per_node"] for v in cls.values()),
-            _fmt(v["bonded_share"] for v in cls.values()),
-            _fmt((v["mean_elo"] for v in cls.values()), 0),
+            e["name"],
+            f"{e['n']:,}",
+            f"{e['duels']:,} x {s['seeds']}",
+            _fmt(m[g]["score"] for g in groups),
+            _fmt(m[g]["credit_per_node"] for g in groups),
+            _fmt((m[g]["mean_elo"] for g in groups), 0),
             _fmt((jw["honest_weight"], jw["colluder_weight"] if jw["colluder_weight"] is not None else "-")),
-            f"{r['duels']['one_right_decided_right']:.2f}",
+            f"{s['one_right_decided_right']:.2f}" if s["one_right_decided_right"] is not None else "-",
+            f"{s['cpu_ms_per_duel']:.1f}",
             verdict,
         )
     return t
+
+
+def targets_table(rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="Targets (issue 11)")
+    for col in ("target", "value", "limit", "result", "note"):
+        t.add_column(col, no_wrap=col != "note")
+    for row in rows:
+        t.add_row(row["target"], row["value"], row["limit"], _verdict_text(row["result"]), row["note"])
+    return t
+
+
+def _smooth(values: list[float | None], width: int = 5) -> list[float | None]:
+    """A trailing moving average over the last `width` windows with a value (None before any)."""
+    out: list[float | None] = []
+    seen: list[float] = []
+    for v in values:
+        if v is not None:
+            seen.append(v)
+        recent = seen[-width:]
+        out.append(sum(recent) / len(recent) if recent else None)
+    return out
+
+
+def _summary_grid(ax: Any, results: list[dict[str, Any]]) -> None:
+    """Rows: collusion levels, lazy executors, cherry-picking and attacks; columns: N x canaries.
+    Green: the ordering held on every seed; red: on none; amber: some. The cell text: seeds held,
+    credit per node good/mid/bad."""
+    import matplotlib.colors as mcolors
+
+    rows = list(dict.fromkeys(e["row"] for e in results))
+    cols = list(dict.fromkeys(e["col"] for e in results if e["group"] == "grid")) or list(
+        dict.fromkeys(e["col"] for e in results)
+    )
+    for e in results:
+        if e["col"] not in cols:
+            cols.append(e["col"])
+    colour = {"holds": "#7fc97f", "breaks": "#f0027f", "mixed": "#fdc086"}
+    ax.set_xlim(0, len(cols))
+    ax.set_ylim(len(rows), 0)
+    for e in results:
+        x, y = cols.index(e["col"]), rows.index(e["row"])
+        s = e["summary"]
+        ax.add_patch(
+            __import__("matplotlib.patches", fromlist=["Rectangle"]).Rectangle(
+                (x, y), 1, 1, color=mcolors.to_rgba(colour[s["verdict"]], 0.75), ec="white"
+            )
+        )
+        credit = _fmt(s["mean"][g]["credit_per_node"] for g in _exec_classes(e))
+        ax.text(
+            x + 0.5,
+            y + 0.5,
+            f"{s['held']['holds']}/{s['seeds']} {s['verdict']}\ncredit/node {credit}\n"
+            f"gap {s['min_score_gap']:+.3f}",
+            ha="center",
+            va="center",
+            fontsize=6.3,
+        )
+    ax.set_xticks([i + 0.5 for i in range(len(cols))])
+    ax.set_xticklabels(cols, fontsize=7)
+    ax.set_yticks([i + 0.5 for i in range(len(rows))])
+    ax.set_yticklabels(rows, fontsize=7)
+    ax.tick_params(length=0)
+    ax.set_title(
+        "Where good > mid > random holds (score, Elo and credit per node; seeds held)\n"
+        "gap: smallest score gap of the ordering",
+        fontsize=8.5,
+    )
 
 
 def plot(results: list[dict[str, Any]], path: Any) -> None:
@@ -938,109 +1105,114 @@ def plot(results: list[dict[str, Any]], path: Any) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    panels = len(results) + 2
-    cols = 4
-    rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.1 * rows), squeeze=False)
-    flat = list(axes.flat)
-    for ax, entry in zip(flat, results, strict=False):
-        series = entry["runs"][0]["series"]
-        per_node = [d / entry["n"] for d in series["duel"]]
-        for g, values in series["bonded_share"].items():
-            ax.plot(per_node, values, color=COLOURS.get(g, "grey"), lw=1.6)
-            ax.plot(per_node, series["credit_share"][g], color=COLOURS.get(g, "grey"), lw=1, ls="--")
-        ax.set_title(entry["name"], fontsize=8.5)
-        ax.set_xlabel("duels per node", fontsize=8)
-        ax.set_ylabel("class share", fontsize=7)
-        ax.tick_params(labelsize=7)
-        ax.set_ylim(bottom=0)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=c, lw=1.6, label=g) for g, c in COLOURS.items()] + [
-        Line2D([], [], color="grey", lw=1.6, label="bonded share"),
-        Line2D([], [], color="grey", lw=1, ls="--", label="credit share"),
-    ]
-    flat[0].legend(handles=handles, fontsize=6, loc="lower left", ncol=2)
-    # Duel score per class, per scenario.
-    ax = flat[len(results)]
-    groups = [g for g in ORDER if any(g in e["runs"][0]["classes"] for e in results)]
-    width = 0.8 / len(groups)
-    for k, g in enumerate(groups):
-        xs = [i + (k - (len(groups) - 1) / 2) * width for i in range(len(results))]
-        ys = [e["runs"][0]["classes"].get(g, {}).get("score") or 0 for e in results]
-        ax.bar(xs, ys, width, color=COLOURS[g], label=g)
-    ax.axhline(0.5, color="grey", lw=0.6)
-    ax.set_xticks(range(len(results)))
-    ax.set_xticklabels([e["name"] for e in results], rotation=90, fontsize=5.5)
-    ax.set_title("duel score per class (won + tie/2)", fontsize=8.5)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6)
-    # Judge weights over time: colluders (solid) and honest judges (dotted).
-    ax = flat[len(results) + 1]
-    for entry in results:
-        series = entry["runs"][0]["series"]
-        weights = series["judge_weight"]
-        if (
-            entry["kwargs"].get("canaries_on", True)
-            and weights["colluders"]
-            and weights["colluders"][0] is not None
-        ):
-            per_node = [d / entry["n"] for d in series["duel"]]
-            (line,) = ax.plot(per_node, weights["colluders"], lw=1.2, label=entry["name"])
-            ax.plot(per_node, weights["honest"], lw=0.8, ls=":", color=line.get_color())
-    ax.set_title("judge weight: colluders (solid), honest (dotted)", fontsize=8.5)
-    ax.set_xlabel("duels per node", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=5.5)
-    for ax in flat[panels:]:
-        ax.axis("off")
+    sizes = list(dict.fromkeys(e["n"] for e in results if e["group"] == "grid"))
+    per_row = 4
+    small = math.ceil(len(results) / per_row)
+    top = 2  # the summary grid (2 x 2) and the good class over time (2 x len(sizes))
+    fig = plt.figure(figsize=(4.4 * per_row, 3.3 * (top + small) + 0.6))
+    grid = fig.add_gridspec(top + small, per_row)
+    _summary_grid(fig.add_subplot(grid[0:2, 0:2]), results)
+    cmap = plt.get_cmap("viridis")
+    levels = list(GRID_COLLUSIONS)
+    for k, n in enumerate(sizes[:2]):
+        share_ax = fig.add_subplot(grid[0, 2 + k])
+        score_ax = fig.add_subplot(grid[1, 2 + k])
+        for e in results:
+            if e["group"] != "grid" or e["n"] != n:
+                continue
+            series = e["runs"][0]["series"]
+            x = [d / n for d in series["duel"]]
+            c = cmap(levels.index(e["kwargs"]["collusion"]) / max(1, len(levels) - 1))
+            ls = "-" if e["kwargs"]["canaries_on"] else "--"
+            share_ax.plot(x, series["credit_share"]["good"], color=c, ls=ls, lw=1.3)
+            score_ax.plot(x[1:], _smooth(series["score"]["good"][1:]), color=c, ls=ls, lw=1.3)
+        share_ax.set_title(f"N={n:,}: good class's credit share (seed 0)", fontsize=8.5)
+        score_ax.set_title(f"N={n:,}: good class's duel score (moving window)", fontsize=8.5)
+        score_ax.axhline(0.5, color="grey", lw=0.6)
+        for ax in (share_ax, score_ax):
+            ax.set_xlabel("duels per node", fontsize=7)
+            ax.tick_params(labelsize=7)
+        share_ax.legend(
+            handles=[
+                Line2D([], [], color=cmap(i / max(1, len(levels) - 1)), label=f"{round(c * 100)}% colluders")
+                for i, c in enumerate(levels)
+            ]
+            + [
+                Line2D([], [], color="grey", label="canaries on"),
+                Line2D([], [], color="grey", ls="--", label="canaries off"),
+            ],
+            fontsize=5.5,
+            ncol=2,
+        )
+    for i, e in enumerate(results):
+        ax = fig.add_subplot(grid[top + i // per_row, i % per_row])
+        series = e["runs"][0]["series"]
+        x = [d / e["n"] for d in series["duel"]]
+        for g in (g for g in ORDER if g in series["credit_share"]):
+            ax.plot(x, series["credit_share"][g], color=COLOURS[g], lw=1.5)
+            ax.plot(x[1:], _smooth(series["score"][g][1:]), color=COLOURS[g], lw=0.9, ls=":")
+        ax.set_title(f"{e['name']}: {e['summary']['verdict']}", fontsize=8)
+        ax.set_xlabel("duels per node", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(0, 0.85)
+        if i == 0:
+            ax.legend(
+                handles=[Line2D([], [], color=c, label=g) for g, c in COLOURS.items() if g != "coalition"]
+                + [
+                    Line2D([], [], color="grey", label="credit share"),
+                    Line2D([], [], color="grey", ls=":", label="duel score (window)"),
+                ],
+                fontsize=5.5,
+                ncol=2,
+                loc="upper left",
+            )
     fig.suptitle(
-        "Duel-and-judge on the real ledger fold: class shares over time, scores, judge weights", fontsize=11
+        "Duel-and-judge on the real ledger fold (simulation/duels.py): seed 0 over time, all seeds in the grid",
+        fontsize=11,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-    import os
-    import platform
-    from concurrent.futures import ProcessPoolExecutor
-    from pathlib import Path
+def study(plan: list[Scenario], jobs: int = 1, console: Any = None) -> list[dict[str, Any]]:
+    """Run every (scenario, seed) of `plan` (in `jobs` processes) with a rich progress bar counted
+    in duels; the per-scenario result entries, in plan order."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="N = 100 and a short N = 1,000 run (about a minute)"
-    )
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and the PNG")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
-    args = parser.parse_args(argv)
-    console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plan = scenarios(args.quick)
     work = [(s, seed) for s in plan for seed in s.seeds]
-    started = time.perf_counter()
-    console.print(f"{len(plan)} scenarios, {len(work)} runs, {args.jobs} job(s)")
+    total = sum(s.duels for s, _ in work)
     done: dict[tuple[str, int], dict[str, Any]] = {}
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            for (s, seed), result in zip(work, pool.map(_run_one, work), strict=True):
-                done[(s.name, seed)] = result
-                console.print(f"  {s.name} seed {seed}: {result['seconds']} s")
-    else:
-        for s, seed in work:
-            result = _run_one((s, seed))
-            done[(s.name, seed)] = result
-            console.print(
-                f"  {s.name} seed {seed}: {result['seconds']} s ({result['ms_per_duel']} ms a duel)"
-            )
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        refresh_per_second=4,
+    ) as bar:
+        task = bar.add_task(f"{len(work)} runs", total=total)
+        if jobs > 1:
+            with ProcessPoolExecutor(jobs) as pool:
+                futures = {pool.submit(_run_one, item): item for item in work}
+                for future in as_completed(futures):
+                    s, seed = futures[future]
+                    done[(s.name, seed)] = future.result()
+                    bar.update(task, advance=s.duels, description=f"{s.name} seed {seed}")
+        else:
+            base = 0
+            for s, seed in work:
+                bar.update(task, description=f"{s.name} seed {seed}")
+
+                def tick(step: int, _total: int, base: int = base) -> None:
+                    bar.update(task, completed=base + step)
+
+                done[(s.name, seed)] = run(s.n, s.duels, seed=seed, progress=tick, **s.kwargs)
+                base += s.duels
     results = []
     for s in plan:
         runs = [done[(s.name, seed)] for seed in s.seeds]
@@ -1048,6 +1220,9 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "name": s.name,
                 "about": s.about,
+                "group": s.group,
+                "row": s.row,
+                "col": s.col,
                 "n": s.n,
                 "duels": s.duels,
                 "kwargs": s.kwargs,
@@ -1055,41 +1230,104 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": runs,
             }
         )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import os
+    import platform
+    from pathlib import Path
+
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="N = 100 only, 1,500 duels, one seed (under a minute idle)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "benchmarks" / "results",
+        help="folder for duel_simulation.json and duel_simulation.png (default benchmarks/results/)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel processes (default 2)"
+    )
+    args = parser.parse_args(argv)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plan = scenarios(args.quick)
+    runs = sum(len(s.seeds) for s in plan)
+    console.print(
+        f"duel simulation{' (quick)' if args.quick else ''}: {len(plan)} scenarios, {runs} runs, "
+        f"{sum(s.duels * len(s.seeds) for s in plan):,} duels, {args.jobs} job(s)"
+    )
+    started, cpu_started, load_before = time.perf_counter(), time.process_time(), os.getloadavg()
+    results = study(plan, args.jobs, console)
     elapsed = time.perf_counter() - started
+    rows = targets(results, args.quick)
+    breaks = break_points(results)
+    cpu_per_duel = {
+        f"N={n:,}": round(
+            sum(r["cpu_seconds"] for e in results if e["n"] == n for r in e["runs"])
+            * 1000
+            / sum(r["config"]["duels"] for e in results if e["n"] == n for r in e["runs"]),
+            3,
+        )
+        for n in dict.fromkeys(e["n"] for e in results)
+    }
     report = {
         "what": "duel-and-judge incentive simulated on the real ledger fold (simulation/duels.py)",
-        "quick": args.quick,
-        "seconds": round(elapsed, 1),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "load": os.getloadavg(),
-        },
-        "target": {
-            "claim": "with canaries, 30% colluding judges still leave the ordering good > mid > random",
-            "scenarios": {
-                e["name"]: e["summary"]["held"]["holds"] == e["summary"]["seeds"]
-                for e in results
-                if "-c30-canary" in e["name"] and e["kwargs"].keys() <= {"collusion", "canaries_on"}
+        "meta": {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else argv,
+            "quick": args.quick,
+            "jobs": args.jobs,
+            "seconds": round(elapsed, 1),
+            "cpu_seconds_main": round(time.process_time() - cpu_started, 1),
+            "cpu_ms_per_duel": cpu_per_duel,
+            "machine": {
+                "cpu_count": os.cpu_count(),
+                "python": platform.python_version(),
+                "loadavg_before": [round(x, 2) for x in load_before],
+                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             },
+            "grid_collusions": list(GRID_COLLUSIONS),
+            "ordering": "good > mid > random (and mid > lazy), strictly, per node, on duel score, mean Elo "
+            "and credit share; 'holds' when it held on every seed",
         },
+        "targets": rows,
+        "break_points": breaks,
         "scenarios": results,
     }
-    (out / "duel_simulation.json").write_text(json.dumps(report, indent=1))
-    plot(results, out / "duel_simulation.png")
+    (args.out / "duel_simulation.json").write_text(json.dumps(report, indent=1))
+    plot(results, args.out / "duel_simulation.png")
     console.print(table(results))
     console.print(
         "score: won + tie/2 per duel played; credit/node: class credit share / class node share; "
-        "judge w h/c: mean judge weight of honest judges / colluders; 1-right ok: share of app duels "
-        "with exactly one right answer decided for it; ordering: good > mid > random (and lazy) on score, "
-        "Elo and credit per node (seeds where it held)."
+        "judge w h/c: mean judge weight of honest judges / colluders (seed 0); 1-right ok: share of app "
+        "duels with exactly one right answer decided for it; cpu ms/duel: the run's process CPU time per "
+        "duel (signatures, judge and router draws over all N nodes, the fold)."
     )
-    for name, ok in report["target"]["scenarios"].items():
-        console.print(f"target ({name}): {'holds' if ok else 'BREAKS'}")
+    console.print(targets_table(rows))
+    for col, b in breaks.items():
+        console.print(
+            f"{col}: ordering holds up to {round(100 * b['holds_up_to']) if b['holds_up_to'] is not None else '-'}% "
+            f"colluders; "
+            + (
+                f"breaks at {round(100 * b['first_break'])}%"
+                if b["first_break"] is not None
+                else "no break in the grid"
+            )
+        )
     console.print(
-        f"wrote {out / 'duel_simulation.json'} and {out / 'duel_simulation.png'} in {elapsed:.0f} s"
+        f"CPU per duel: {', '.join(f'{k} {v:.1f} ms' for k, v in cpu_per_duel.items())}; "
+        f"wrote {args.out / 'duel_simulation.json'} and {args.out / 'duel_simulation.png'} in {elapsed:.0f} s"
     )
-    return 0
+    return 0  # a MISS is reported with its numbers, not as a failed run
 
 
 if __name__ == "__main__":
