@@ -7,6 +7,7 @@ so that load from other jobs on the machine hits them alike:
 
   direct         aiohttp client -> instant stub (benchmarks/stub_server.py)
   gateway        aiohttp client -> `wwwserve node` (openai/stub pass-through) -> stub
+  gateway-nolog  the same with `node.access_log: false`: the access log's cost is the difference
   aiohttp-proxy  aiohttp client -> 30-line aiohttp proxy (benchmarks/aiohttp_proxy.py) -> stub
   litellm-sdk    litellm.Router(openai/stub).acompletion in the client process -> stub
   llama-direct   aiohttp client -> llama.cpp server (tiny random model)
@@ -221,6 +222,7 @@ async def measure(
     progress: Progress,
     stub: Child,
     node: BenchNode,
+    nolog: BenchNode,
     proxy: Child,
     llama: Llama | None,
     profile: bool,
@@ -245,18 +247,20 @@ async def measure(
         num_retries=0,
         timeout=60,
     )
-    procs = {"gateway": node.ps, "aiohttp-proxy": proxy.ps, "stub": stub.ps}
+    procs = {"gateway": node.ps, "gateway-nolog": nolog.ps, "aiohttp-proxy": proxy.ps, "stub": stub.ps}
     if llama is not None:
         procs["llama"] = llama.ps
     bench = Bench(progress, procs)
     async with (
         client_session(64, 60) as direct_s,
         client_session(64, 60) as gateway_s,
+        client_session(64, 60) as nolog_s,
         client_session(64, 60) as proxy_s,
         client_session(LLAMA_POOL, 60) as llama_s,
     ):
         direct = HttpTarget(direct_s, stub.url, "stub")
         gateway = HttpTarget(gateway_s, node.url, "stub")
+        gateway_nolog = HttpTarget(nolog_s, nolog.url, "stub")
         proxied = HttpTarget(proxy_s, proxy.url, "stub")
         sdk = LiteLLMTarget(router, "stub")
         p = plan
@@ -267,6 +271,7 @@ async def measure(
             paths = [
                 ("direct", direct, n),
                 ("gateway", gateway, n),
+                ("gateway-nolog", gateway_nolog, n),
                 ("aiohttp-proxy", proxied, n),
                 ("litellm-sdk", sdk, n_sdk),
             ]
@@ -309,6 +314,7 @@ def derive(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     added: dict[str, dict[str, Any]] = {}
     for path, base in (
         ("gateway", "direct"),
+        ("gateway-nolog", "direct"),
         ("aiohttp-proxy", "direct"),
         ("litellm-sdk", "direct"),
         ("llama-gateway", "llama-direct"),
@@ -325,6 +331,7 @@ def derive(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
         client_direct = d["client_cpu_ms_per_req"] if d else None
         for path, proc in (
             ("gateway", "gateway"),
+            ("gateway-nolog", "gateway-nolog"),
             ("aiohttp-proxy", "aiohttp-proxy"),
             ("llama-gateway", "gateway"),
         ):
@@ -343,7 +350,7 @@ def derive(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
 
     per_chunk: dict[str, dict[str, float]] = {}
     for path, per_req in cpu.items():
-        if path in ("stub", "llama.cpp", "llama-gateway", "aiohttp-client"):
+        if path in ("stub", "llama.cpp", "llama-gateway", "aiohttp-client", "gateway-nolog"):
             continue
         for conc in ("c1", "c32"):
             if f"{conc}-stream" in per_req and conc in per_req:
@@ -365,7 +372,18 @@ def derive(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
         for path, per_req in cpu.items()
         if path in ("gateway", "aiohttp-proxy", "litellm-sdk")
     }
+    # The access log's cost: the same node with it on minus with it off, same settings, same run.
+    access_log: dict[str, dict[str, float]] = {}
+    for key in SETTINGS:
+        on, off = cpu.get("gateway", {}).get(key), cpu.get("gateway-nolog", {}).get(key)
+        lat_on = added.get("gateway", {}).get(key, {}).get("added_p50_ms")
+        lat_off = added.get("gateway-nolog", {}).get(key, {}).get("added_p50_ms")
+        if on is not None and off is not None:
+            access_log[key] = {"cpu_ms_per_req": on - off}
+            if lat_on is not None and lat_off is not None:
+                access_log[key]["p50_ms"] = lat_on - lat_off
     return {
+        "access_log": access_log,
         "added": added,
         "cpu_ms_per_req": cpu,
         "cpu_bound_rps_ceiling": ceiling,
@@ -436,7 +454,15 @@ def print_tables(report: dict[str, Any]) -> None:
         "client CPU/req",
     ):
         table.add_column(col, justify="left" if col in ("path", "setting") else "right")
-    order = ["direct", "gateway", "aiohttp-proxy", "litellm-sdk", "llama-direct", "llama-gateway"]
+    order = [
+        "direct",
+        "gateway",
+        "gateway-nolog",
+        "aiohttp-proxy",
+        "litellm-sdk",
+        "llama-direct",
+        "llama-gateway",
+    ]
     for key, setting in SETTINGS.items():
         for path in order:
             row = results.get(path, {}).get(key)
@@ -469,6 +495,13 @@ def print_tables(report: dict[str, Any]) -> None:
     for path, vals in derived["cpu_ms_per_chunk"].items():
         chunks.add_row(path, *(fmt(vals.get(c), 4) for c in ("burst c1", "burst c32", "spaced c8")))
     out.print(chunks)
+
+    access = Table(title="access log cost (gateway minus gateway-nolog, same run)")
+    for col in ("setting", "CPU ms/req", "p50 ms"):
+        access.add_column(col, justify="left" if col == "setting" else "right")
+    for key, vals in derived.get("access_log", {}).items():
+        access.add_row(SETTINGS[key].label, fmt(vals.get("cpu_ms_per_req"), 4), fmt(vals.get("p50_ms"), 3))
+    out.print(access)
 
     out.print(targets_table(report["targets"], lambda v: fmt(v, 3)))
     m = report["meta"]
@@ -681,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
             node = BenchNode(workdir, "gateway", model_list)
             nodes.append(node)
             node_ready = start_node(node)
+            nolog = BenchNode(workdir, "gateway-nolog", model_list[:1], access_log=False)
+            nodes.append(nolog)
+            start_node(nolog)
             proxy = Child(
                 "aiohttp-proxy",
                 [sys.executable, str(HERE / "aiohttp_proxy.py"), "--upstream", stub.url, "--port", "0"],
@@ -698,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.update(setup, description="setup done", total=1, completed=1)
 
             acc, profiles = uvloop.run(
-                measure(plan, progress, stub, node, proxy, llama, args.profile, out_dir)
+                measure(plan, progress, stub, node, nolog, proxy, llama, args.profile, out_dir)
             )
             time.sleep(1.0)
             rss["after_run"] = rss_mb(node.ps)

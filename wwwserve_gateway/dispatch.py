@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from typing import Any
 
 import structlog
 
+from wwwserve_gateway.access import RequestRecord, RequestRecords, wall_time
 from wwwserve_gateway.delegation.entry import ROUTE_HEADER, Delegator, NoExecutor, Paid
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
 from wwwserve_gateway.deployments import Deployments
-from wwwserve_gateway.http.asgi import ClientDisconnected, cancel_on_disconnect, send_bytes
+from wwwserve_gateway.http.asgi import ClientDisconnected, Send, cancel_on_disconnect, send_bytes
 from wwwserve_gateway.http.errors import BackendUnavailable, GatewayError, ModelNotFound, RateLimited
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.openai.request import AppRequest
@@ -42,8 +44,10 @@ class Dispatcher:
         metrics: GatewayMetrics,
         delegation_metrics: DelegationMetrics,
         request_timeout: float,
+        records: RequestRecords | None = None,
     ) -> None:
         self.api = api
+        self.records = records if records is not None else RequestRecords(access_log=False)
         self.me = api.node_id
         self.deployments = deployments
         self.local = local
@@ -72,26 +76,61 @@ class Dispatcher:
     # -- serving ------------------------------------------------------------------------------------
     async def serve(self, request: AppRequest) -> None:
         model = request.model
-        if not self.serves(model):
-            raise ModelNotFound(f"The model '{model}' does not exist on this node", param="model")
         m = self.metrics
-        m.in_flight.inc()
         status = 200
+        error: str | None = None
         usage: Usage | None = None
+        counted = False
         try:
+            if not self.serves(model):
+                raise ModelNotFound(f"The model '{model}' does not exist on this node", param="model")
+            m.in_flight.inc()
+            counted = True
             usage = await self._answer(request)
         except ClientDisconnected:
-            status = 499
+            status, error = 499, "the app disconnected"
             m.client_disconnects.inc()
             raise
         except GatewayError as exc:
-            status = exc.status
+            status, error = exc.status, exc.message
+            raise
+        except BaseException as exc:
+            status, error = 500, f"internal error: {type(exc).__name__}"
             raise
         finally:
-            m.in_flight.dec()
-            m.request_done(request.endpoint.value, model, status, time.perf_counter() - request.started)
+            latency = time.perf_counter() - request.started
+            if counted:
+                m.in_flight.dec()
+                m.request_done(request.endpoint.value, model, status, latency)
+            self._record(request, model, status, usage, latency, error)
         if usage is not None:
             m.count_tokens(model, usage.prompt_tokens, usage.completion_tokens)
+
+    def _record(
+        self,
+        request: AppRequest,
+        model: str,  # as the app asked (a backend rewrites the body's)
+        status: int,
+        usage: Usage | None,
+        latency: float,
+        error: str | None,
+    ) -> None:
+        self.records.add(
+            RequestRecord(
+                id=request.id,
+                started=wall_time(request.started),
+                endpoint=request.endpoint.value,
+                model=model,
+                deployment=request.deployment,
+                route=request.route or ((self.me,) if request.deployment else ()),
+                status=status,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+                latency_s=latency,
+                ttft_s=request.ttft,
+                error=error,
+            )
+        )
 
     async def _answer(self, request: AppRequest) -> Usage | None:
         policy = self.api.policy
@@ -142,7 +181,7 @@ class Dispatcher:
         the caller falls back."""
         if not self.api.ledger.can_delegate(self.me):
             raise NoExecutor("this node's balance does not allow delegating")
-        send = request.send
+        send = _Watch(request, request.send)
         outcome: bool | None = None
         receipts: list[Paid] = []
         try:
@@ -170,3 +209,28 @@ class Dispatcher:
         for receipt in receipts:
             await self.delegator.pay(receipt)
         return usage
+
+
+class _Watch:
+    """Notes what a delegated answer's first messages tell the access log: the route (from its
+    header) and, for a stream, when the first byte went out."""
+
+    __slots__ = ("request", "seen", "send")
+
+    def __init__(self, request: AppRequest, send: Send) -> None:
+        self.request = request
+        self.send = send
+        self.seen = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if not self.seen:
+            request = self.request
+            if message["type"] == "http.response.start":
+                for name, value in message.get("headers") or ():
+                    if name == ROUTE_HEADER:
+                        request.route = tuple(value.decode().split(","))
+            elif message.get("body"):
+                self.seen = True
+                if request.stream:
+                    request.ttft = time.perf_counter() - request.started
+        await self.send(message)

@@ -11,9 +11,11 @@ from typing import Any
 
 import structlog
 
+from wwwserve_gateway.access import RequestRecords
 from wwwserve_gateway.config.loading import load_config
 from wwwserve_gateway.config.problems import ConfigError, ConfigProblem
 from wwwserve_gateway.config.schema import GatewayConfig, ModelEntry
+from wwwserve_gateway.datadir import DataDirLock
 from wwwserve_gateway.delegation.duels import DuelMetrics, Duels
 from wwwserve_gateway.delegation.entry import Delegator
 from wwwserve_gateway.delegation.executor import PeerExecutor
@@ -40,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 # Load goes into the gossip record at most this many gossip rounds apart (see BackendOffer).
 LOAD_PUBLISH_ROUNDS = 5
+LEDGER_DRAIN_S = 5.0  # at most this long on a graceful stop to pay debts and hand the ledger over
 
 
 class Node:
@@ -48,6 +51,7 @@ class Node:
         self.config = config
         self.config_path = config_path
         settings = config.node
+        self.data_dir_lock = DataDirLock(settings.data_dir)  # first: before the identity or ledger opens
         self.metrics = GatewayMetrics()
         self.deployments = Deployments(BackendContext(settings.data_dir, settings.request_timeout))
         identity = NodeIdentity.load_or_create(settings.data_dir)
@@ -82,6 +86,10 @@ class Node:
             self.api, delegation_metrics, min(STALL_S, settings.request_timeout), duels=self.duels
         )
         self.executor = PeerExecutor(self.api, self.deployments, delegator, delegation_metrics)
+        self.requests = RequestRecords(  # recent requests and the access log
+            access_log=settings.access_log and settings.log_level in ("debug", "info"),
+            log_format=settings.log_format,
+        )
         self.dispatcher = Dispatcher(
             self.api,
             self.deployments,
@@ -90,6 +98,7 @@ class Node:
             self.metrics,
             delegation_metrics,
             settings.request_timeout,
+            self.requests,
         )
         self.app = create_app(
             AppParts(settings, self.dispatcher, self.deployments, self.metrics, self, self.api, self.lifespan)
@@ -115,7 +124,7 @@ class Node:
         for slot in NODE_SLOTS:
             await self.plugins[slot.name].start()
         log.info(
-            "joined the network",
+            "node started",
             node_id=self.node_id,
             network=self.api.genesis.network_id[:16],
             bootstrap=list(self.api.bootstrap),
@@ -123,8 +132,10 @@ class Node:
         )
 
     async def stop(self) -> None:
-        # uvicorn has drained the HTTP requests by now: leave the network, then stop the backends.
+        # uvicorn has drained the HTTP requests by now. Settle and hand the ledger over while the
+        # peers are still connected, then leave the network, then stop the backends.
         await self.duels.aclose()  # duels not yet judged are dropped; answers received are paid
+        await self.api.ledger.drain(LEDGER_DRAIN_S)
         for slot in reversed(NODE_SLOTS):
             await self.plugins[slot.name].stop()
         await self.api.overlay.aclose()
@@ -133,6 +144,7 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.deployments.aclose()
+        self.data_dir_lock.release()
         log.info("node stopped")
 
     def _on_membership(self, event: MembershipEvent) -> None:

@@ -56,6 +56,10 @@ class NodeSettings(StrictModel):
         None, description="the URL peers reach this node at (default: http://HOST:PORT)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = Field(
+        True,
+        description="log one line per app request (id, model, deployment, route, status, tokens, timings)",
+    )
     log_format: Literal["console", "json"] = "console"
     # Transport limits (docs/security.md, "Transport and HTTP limits"): each refusal is counted in
     # /metrics (wwwserve_http_rejected_total, wwwserve_overlay_rejected_total).

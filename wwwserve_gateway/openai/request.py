@@ -21,6 +21,10 @@ class AppRequest:
     receive: Receive
     send: Send
     id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the same on every hop
+    # Filled in on the way, for the access log (access.RequestRecord):
+    deployment: str | None = None  # the local deployment that answered
+    route: tuple[str, ...] = ()  # node ids that served it, this node first
+    ttft: float | None = None  # seconds from arrival to the first streamed byte
 
     @property
     def model(self) -> str:

@@ -30,6 +30,7 @@ class LocalServing:
         the usage. Errors before the answer starts are raised (the route sends them as JSON)."""
         model = request.model
         backend = self.deployments.pick(model)
+        request.deployment = backend.id
         if request.endpoint not in backend.endpoints:
             raise InvalidRequest(
                 f"The model '{model}' does not support /v1/{request.endpoint}",
@@ -59,7 +60,8 @@ class LocalServing:
         try:
             async for piece in sse:
                 if first:
-                    self.metrics.first_token(request.model, time.perf_counter() - request.started)
+                    request.ttft = time.perf_counter() - request.started
+                    self.metrics.first_token(request.model, request.ttft)
                     first = False
                 done = piece.endswith(DONE)
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
