@@ -1,11 +1,17 @@
 """Duel-and-judge at 100 and 1,000 nodes, settled by the ledger's own fold: where quality wins.
 
-    python -m simulation.duels [--quick] [--out DIR]
+    python simulation/duels.py [--quick] [--out DIR] [--jobs N]
+    python benchmarks/duel_simulation.py [--quick] [--out DIR] [--jobs N]   (the same study)
 
-`run(...)` simulates one network and returns a result dict; `main()` runs the scenarios (N = 100
-and 1,000; 0, 10% and 30% colluding judges; canaries on and off; lazy executors; two attacks the
-rules leave open) and writes duel_simulation.json and duel_simulation.png to --out (default
-benchmarks/results/).
+`run(...)` simulates one network and returns a result dict; `main()` runs issue 11's study: N = 100
+(3 seeds) and 1,000 (1 seed); 0, 10, 30 and 45% colluding judges (and 60% at N = 100), canaries on
+and off; 20% lazy executors; entries that cherry-pick votes (10%, 30%); and attacks the rules leave
+open (lazy executors or colluders that recognise canaries, coin-flip colluders, rare canaries).
+`--quick`: N = 100, 1,000 duels, one seed, no attacks (about a minute). It prints a table per
+scenario and the targets (PASS/MISS), and writes duel_simulation.json and duel_simulation.png to
+--out (default benchmarks/results/): a summary grid of where the ordering holds, the good class's
+credit share and duel score over time, and each scenario's classes over time. Past a third of the
+nodes, the coalition (random-class executors) is the random class: `collusion_mix`.
 
 Same rules, not a copy. Every duel is a real signed `duel` operation folded by the real
 `Balances.apply` (plugins/ledger/fold.py): both executors sign real receipts
@@ -495,6 +501,7 @@ class _Sim:
         total_bonded = sum(a.bonded for a in view.values()) or 1.0
         total_credit = sum(a.liquid + a.bonded + a.unbonding for a in view.values()) or 1.0
         series["duel"].append(step)
+        record = self.class_record()
         for g, ids in self.members.items():
             bonded = sum(view[i].bonded for i in ids)
             credit = sum(view[i].liquid + view[i].bonded + view[i].unbonding for i in ids)
@@ -503,10 +510,7 @@ class _Sim:
             series["mean_elo"][g].append(
                 round(sum(self.balances.quality(i, MODEL) for i in ids) / len(ids), 2)
             )
-            won = tied = played = 0
-            for i in ids:
-                w, lost, t = self.record.get(i, (0, 0, 0))
-                won, tied, played = won + w, tied + t, played + w + lost + t
+            won, tied, played = record[g]
             last = self.window_start.get(g, (0, 0, 0))
             self.window_start[g] = (won, tied, played)
             window = played - last[2]
@@ -521,6 +525,17 @@ class _Sim:
             series["judge_weight"][key].append(
                 round(sum(weights[i] for i in ids) / len(ids), 4) if ids else None
             )
+
+    def class_record(self) -> dict[str, tuple[int, int, int]]:
+        """Per class: duels won, tied and played so far (the fold's record)."""
+        out = {}
+        for g, ids in self.members.items():
+            won = tied = played = 0
+            for i in ids:
+                w, lost, t = self.record.get(i, (0, 0, 0))
+                won, tied, played = won + w, tied + t, played + w + lost + t
+            out[g] = (won, tied, played)
+        return out
 
     def judge_weights(self) -> dict[str, float]:
         """Each node's judge weight as the fold gives it (`judge_weight` of its canary grades)."""
@@ -605,11 +620,15 @@ def run(
     every = max(1, n_duels // max(1, samples))
     series = sim.new_series()
     sim.sample(series, 0)
+    late_from = n_duels - n_duels // 4  # the last quarter of the duels: where the run has got to
+    late_start: dict[str, tuple[int, int, int]] = sim.class_record() if late_from == 0 else {}
     with _shared_judge_draw(share_judge_draw) as shared:
         if share_judge_draw:
             sim.draw = shared
         for step in range(1, n_duels + 1):
             sim.step()
+            if step == late_from:
+                late_start = sim.class_record()
             if step % every == 0 or step == n_duels:
                 sim.sample(series, step)
             if progress is not None and (step % 100 == 0 or step == n_duels):
@@ -642,7 +661,7 @@ def run(
         "judge_draws": shared.calls,
         "judge_draws_reused": shared.reused,  # the fold's draw taken from the entry's, unchanged
     }
-    return _result(sim, config, series, timing)
+    return _result(sim, config, series, timing, late_start)
 
 
 def _ordered(values: Mapping[str, float]) -> bool:
@@ -656,7 +675,11 @@ def _ordered(values: Mapping[str, float]) -> bool:
 
 
 def _result(
-    sim: _Sim, config: dict[str, Any], series: dict[str, Any], timing: dict[str, Any]
+    sim: _Sim,
+    config: dict[str, Any],
+    series: dict[str, Any],
+    timing: dict[str, Any],
+    late_start: Mapping[str, tuple[int, int, int]],
 ) -> dict[str, Any]:
     nodes, members, balances, weights, counts = sim.nodes, sim.members, sim.balances, sim.weights, sim.counts
     view = balances.duel_view()
@@ -669,8 +692,10 @@ def _result(
     judge_w = sim.judge_weights()
     weight_of = judge_w.__getitem__
 
+    end = sim.class_record()
     classes: dict[str, Any] = {}
     for group, ids in members.items():
+        late = [x - y for x, y in zip(end[group], late_start.get(group, (0, 0, 0)), strict=True)]
         won = lost = tied = 0
         for i in ids:
             d = view.get(i, {}).get("duels", {})
@@ -689,6 +714,8 @@ def _result(
             "win_rate": round(won / played, 4) if played else None,
             "tie_rate": round(tied / played, 4) if played else None,
             "score": round((won + tied / 2) / played, 4) if played else None,
+            # the same over the last quarter of the duels only
+            "late_score": round((late[0] + late[1] / 2) / late[2], 4) if late[2] else None,
             "bonded_share": round(bonded, 4),
             "credit_share": round(credit, 4),
             "traffic_share": round(traffic, 4),  # share of the router's weight: expected share of requests
@@ -713,6 +740,7 @@ def _result(
 
     ordering = {
         "score": _ordered(metric("score")),
+        "late_score": _ordered(metric("late_score")),
         "win_rate": _ordered(metric("win_rate")),
         "mean_elo": _ordered(metric("mean_elo")),
         "credit": _ordered(metric("credit_per_node")),
@@ -758,10 +786,11 @@ COLOURS = {
     "lazy": "tab:purple",
     "coalition": "black",
 }
-GRID_COLLUSIONS = (0.0, 0.1, 0.3, 0.45, 0.6)  # the issue's 10% and 30%, and points past them
+GRID_COLLUSIONS = (0.0, 0.1, 0.3, 0.45)  # the issue's 10% and 30%, and a point past the break
 TARGET_COLLUSION = 0.3
 FULL = {"n100": (2000, (0, 1, 2)), "n1000": (4000, (0,))}  # duels, seeds per N
-QUICK = {"n100": (1500, (0,))}
+QUICK = {"n100": (1000, (0,))}
+PAST = 0.6  # N = 100 only (full run): further past the break
 
 
 def collusion_mix(collusion: float) -> dict[str, float]:
@@ -797,7 +826,7 @@ def scenarios(quick: bool = False) -> list[Scenario]:
     out: list[Scenario] = []
     for key, (duels, seeds) in sizes.items():
         n = int(key[1:])
-        for c in GRID_COLLUSIONS:
+        for c in GRID_COLLUSIONS + ((PAST,) if n == 100 and not quick else ()):
             for can in (True, False):
                 pct = round(c * 100)
                 out.append(
@@ -883,6 +912,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     score gap of the ordering (good - mid, mid - each bad class) and the CPU time per duel."""
     keys = (
         "score",
+        "late_score",
         "win_rate",
         "credit_share",
         "bonded_share",
@@ -998,6 +1028,7 @@ def table(results: list[dict[str, Any]]) -> Any:
         "N",
         "duels x seeds",
         "score",
+        "late score",
         "credit/node",
         "mean Elo",
         "judge w h/c",
@@ -1021,6 +1052,8 @@ def table(results: list[dict[str, Any]]) -> Any:
             f"{e['n']:,}",
             f"{e['duels']:,} x {s['seeds']}",
             _fmt(m[g]["score"] for g in groups),
+            _fmt(m[g]["late_score"] for g in groups)
+            + ("" if s["held"]["late_score"] == s["seeds"] else " [red]x[/]"),
             _fmt(m[g]["credit_per_node"] for g in groups),
             _fmt((m[g]["mean_elo"] for g in groups), 0),
             _fmt((jw["honest_weight"], jw["colluder_weight"] if jw["colluder_weight"] is not None else "-")),
@@ -1083,7 +1116,8 @@ def _summary_grid(ax: Any, results: list[dict[str, Any]]) -> None:
             x + 0.5,
             y + 0.5,
             f"{s['held']['holds']}/{s['seeds']} {s['verdict']}\ncredit/node {credit}\n"
-            f"gap {s['min_score_gap']:+.3f}",
+            f"gap {s['min_score_gap']:+.3f}; last quarter "
+            f"{'ordered' if s['held']['late_score'] == s['seeds'] else 'not ordered'}",
             ha="center",
             va="center",
             fontsize=6.3,
@@ -1115,7 +1149,7 @@ def plot(results: list[dict[str, Any]], path: Any) -> None:
     grid = fig.add_gridspec(top + small, per_row)
     _summary_grid(fig.add_subplot(grid[0:2, 0:2]), results)
     cmap = plt.get_cmap("viridis")
-    levels = list(GRID_COLLUSIONS)
+    levels = sorted({e["kwargs"]["collusion"] for e in results if e["group"] == "grid"})
     for k, n in enumerate(sizes[:2]):
         share_ax = fig.add_subplot(grid[0, 2 + k])
         score_ax = fig.add_subplot(grid[1, 2 + k])
@@ -1125,7 +1159,7 @@ def plot(results: list[dict[str, Any]], path: Any) -> None:
             series = e["runs"][0]["series"]
             x = [d / n for d in series["duel"]]
             c = cmap(levels.index(e["kwargs"]["collusion"]) / max(1, len(levels) - 1))
-            ls = "-" if e["kwargs"]["canaries_on"] else "--"
+            ls = "-" if e["kwargs"].get("canaries_on", True) else "--"
             share_ax.plot(x, series["credit_share"]["good"], color=c, ls=ls, lw=1.3)
             score_ax.plot(x[1:], _smooth(series["score"]["good"][1:]), color=c, ls=ls, lw=1.3)
         share_ax.set_title(f"N={n:,}: good class's credit share (seed 0)", fontsize=8.5)
@@ -1172,7 +1206,7 @@ def plot(results: list[dict[str, Any]], path: Any) -> None:
         "Duel-and-judge on the real ledger fold (simulation/duels.py): seed 0 over time, all seeds in the grid",
         fontsize=11,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -1246,7 +1280,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="N = 100 only, 1,500 duels, one seed (under a minute idle)"
+        "--quick", action="store_true", help="N = 100 only, 1,000 duels, one seed (about a minute)"
     )
     parser.add_argument(
         "--out",
@@ -1307,7 +1341,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, args.out / "duel_simulation.png")
     console.print(table(results))
     console.print(
-        "score: won + tie/2 per duel played; credit/node: class credit share / class node share; "
+        "score: won + tie/2 per duel played (late score: in the last quarter of the duels; x: not "
+        "ordered on some seed); credit/node: class credit share / class node share; "
         "judge w h/c: mean judge weight of honest judges / colluders (seed 0); 1-right ok: share of app "
         "duels with exactly one right answer decided for it; cpu ms/duel: the run's process CPU time per "
         "duel (signatures, judge and router draws over all N nodes, the fold)."

@@ -86,3 +86,48 @@ def test_cherry_picking_entries_and_lazy_executors_run() -> None:
     assert lazy["classes"]["lazy"]["score"] < lazy["classes"]["good"]["score"]
     with pytest.raises(ValueError, match="colluders"):
         run(9, 5, collusion=0.5)
+
+
+def test_the_study_writes_its_json_figure_and_targets(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`main` on a tiny plan (the --quick study itself takes about a minute): the JSON, the targets,
+    the break points of the grid, the figure asked for."""
+    import json
+
+    def tiny(quick: bool = False) -> list[duels.Scenario]:
+        grid = [
+            duels.Scenario(
+                f"n100-c{round(c * 100)}-{'canary' if can else 'nocanary'}",
+                "tiny",
+                16,
+                80,
+                (0,),
+                {"collusion": c, "canaries_on": can, "mix": duels.collusion_mix(c)},
+                f"{round(c * 100)}% colluders",
+                duels._col(100, can),
+                "grid",
+            )
+            for c in (0.0, 0.3)
+            for can in (True, False)
+        ]
+        return [
+            *grid,
+            duels.Scenario("n100-lazy-canary", "tiny", 16, 80, (0, 1), {"mix": duels.LAZY_MIX}, "lazy"),
+        ]
+
+    monkeypatch.setattr(duels, "scenarios", tiny)
+    plotted = []  # matplotlib takes 10-30 s on a loaded 2-core machine: the CLI run draws the figure
+    monkeypatch.setattr(duels, "plot", lambda results, path: plotted.append((len(results), path.name)))
+    assert duels.main(["--quick", "--out", str(tmp_path), "--jobs", "1"]) == 0
+    report = json.loads((tmp_path / "duel_simulation.json").read_text())
+    assert plotted == [(len(tiny()), "duel_simulation.png")]
+    assert [s["name"] for s in report["scenarios"]] == [s.name for s in tiny()]
+    lazy = report["scenarios"][-1]
+    assert lazy["summary"]["seeds"] == 2 and lazy["summary"]["verdict"] in ("holds", "breaks", "mixed")
+    targets = {t["scenario"]: t for t in report["targets"]}
+    assert targets["n100-c30-canary"]["result"] in (True, False)
+    assert targets["n1000-c30-canary"]["result"] is None  # not run: reported, not failed
+    assert set(report["break_points"]) == {duels._col(100, True), duels._col(100, False)}
+    assert report["meta"]["cpu_ms_per_duel"]["N=16"] > 0
+    series = report["scenarios"][0]["runs"][0]["series"]
+    assert len(series["score"]["good"]) == len(series["duel"])
+    assert 0 <= report["scenarios"][0]["runs"][0]["classes"]["good"]["late_score"] <= 1
