@@ -72,6 +72,7 @@ RANGE_LIMIT = 1000
 # A range answer must fit one overlay frame (1 MiB); receipt-laden pay operations run to a few KB.
 RANGE_MAX_BYTES = 512 * 1024
 PULL_TIMEOUT_S = 30.0
+HEADS_VIEW_TIMEOUT_S = 2.0  # the dashboard's replication lag: a peer slower than this shows none
 # Pulled ranges usually sort before operations already folded, and each would force a full refold
 # (seconds at 100,000 operations): they are stored at once and folded together when no pull is left
 # running, and at least this long after the last append.
@@ -628,6 +629,34 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
 
     def ops_view(self, author: str, start: int, limit: int) -> list[dict[str, Any]]:
         return [dict(op.op, hash=op.hash, sig=op.sig) for op in self.store.ops(author, start, None, limit)]
+
+    def pending_view(self) -> dict[str, Any]:
+        now = asyncio.get_running_loop().time()
+        oldest = min((debt.since for debt in self._pending.values()), default=None)
+        return {
+            "count": len(self._pending),
+            "credits": self._owed / MICRO,
+            "oldest_s": None if oldest is None else round(max(now - oldest, 0.0), 3),
+        }
+
+    def heads_view(self) -> dict[str, int]:
+        return {author: seq for author, (seq, _) in self.store.heads().items()}
+
+    async def peer_heads(self, peer_id: str) -> dict[str, int] | None:
+        try:
+            reply = await self.node.overlay.request(
+                peer_id, HEADS_KIND, {"buckets": list(range(BUCKETS))}, timeout=HEADS_VIEW_TIMEOUT_S
+            )
+        except Exception:
+            return None
+        heads = reply.get("heads") if isinstance(reply, dict) else None
+        if not isinstance(heads, dict):
+            return None
+        return {
+            a: e[0]
+            for a, e in heads.items()
+            if isinstance(a, str) and isinstance(e, list) and e and type(e[0]) is int
+        }
 
     def account(self, node_id: str) -> Account:
         """Folded operations only: this node's pending debts are not in its liquid balance until paid."""

@@ -62,6 +62,20 @@ class LedgerPlugin(Plugin, ABC):
     def ops_view(self, author: str, start: int, limit: int) -> list[dict[str, Any]]:
         """Operations of one chain from seq `start`, for the HTTP views and the CLI."""
 
+    def pending_view(self) -> dict[str, Any]:
+        """This node's debts not yet paid, for the operator's dashboard: `count`, `credits` and
+        `oldest_s` (seconds the oldest has waited; None without debts)."""
+        return {"count": 0, "credits": 0.0, "oldest_s": None}
+
+    def heads_view(self) -> dict[str, int]:
+        """How many operations of each author's chain this node holds ({} for a ledger without chains)."""
+        return {}
+
+    async def peer_heads(self, peer_id: str) -> dict[str, int] | None:
+        """The same, as a peer says it holds them (None when it does not answer): the dashboard's
+        replication lag per peer."""
+        return None
+
     @classmethod
     def verify_offline(
         cls, settings: PluginSettings, data_dir: Path, genesis: NetworkGenesis, location: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from wwwserve_gateway.plugin_api.node import NodeAPI
 from wwwserve_gateway.web.admin import BackendAdmin, admin_routes
 from wwwserve_gateway.web.network_views import network_routes
 from wwwserve_gateway.web.openapi import openapi_route
+from wwwserve_gateway.web.ui.routes import dashboard_routes, docs_routes
+from wwwserve_gateway.web.ui.sources import DashboardSources, RequestLog
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 
@@ -68,6 +71,7 @@ class AppParts:
     admin: BackendAdmin
     node: NodeAPI
     lifespan: Lifespan
+    requests: RequestLog | None = None  # the recent app requests, for the dashboard
 
 
 def create_app(parts: AppParts) -> GatewayApp:
@@ -79,11 +83,9 @@ def create_app(parts: AppParts) -> GatewayApp:
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        backends = [{"id": b.id, "model": b.model_name, "ready": b.ready} for b in deployments]
-        ok = all(b["ready"] for b in backends)
-        return JSONResponse(
-            {"status": "ready" if ok else "starting", "backends": backends}, 200 if ok else 503
-        )
+        status, backends = deployments.readiness()  # deployments cooling down count as not ready
+        ok = status in ("ready", "degraded")
+        return JSONResponse({"status": status, "backends": backends}, 200 if ok else 503)
 
     async def render_metrics(request: Request) -> Response:
         for backend in deployments:
@@ -102,6 +104,9 @@ def create_app(parts: AppParts) -> GatewayApp:
     operators = [*settings.operator_keys, *([settings.admin_key] if settings.admin_key else [])]
     routes += network_routes(parts.node, KeyCheck(operators))
     routes.append(openapi_route(parts.dispatcher, settings))
+    sources = DashboardSources(parts.node, deployments, parts.requests, tuple(operators), time.time())
+    routes += dashboard_routes(sources)
+    routes += docs_routes()
     app = Starlette(
         routes=routes,
         lifespan=parts.lifespan,

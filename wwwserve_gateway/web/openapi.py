@@ -138,14 +138,28 @@ def openapi_document(models: list[str], *, authenticated: bool, admin: bool) -> 
         }
     }
     paths.update(_node_paths())
+    paths.update(_dashboard_paths())
     if admin:
         paths.update(_admin_paths())
     components: dict[str, Any] = {"schemas": schemas}
-    if authenticated or admin:
-        components["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer", "description": "an API key (node.api_keys)"},
-            "admin": {"type": "http", "scheme": "bearer", "description": "the admin key (node.admin_key)"},
+    components["securitySchemes"] = {
+        "operator": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "an operator key (node.operator_keys) or the admin key",
         }
+    }
+    if authenticated or admin:
+        components["securitySchemes"].update(
+            {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "an API key (node.api_keys)"},
+                "admin": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the admin key (node.admin_key)",
+                },
+            }
+        )
     return {
         "openapi": "3.1.0",
         "info": {
@@ -225,6 +239,57 @@ def _node_paths() -> dict[str, Any]:
                 "operationId": "openapi",
                 "summary": "This document",
                 "responses": {"200": _json(ANY_OBJECT)},
+            }
+        },
+    }
+
+
+def _html(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
+
+
+def _dashboard_paths() -> dict[str, Any]:
+    """The operator's dashboard and these docs (wwwserve_gateway/web/ui)."""
+    operator = [{"operator": []}]
+    refused = _errors({"401": "a missing or wrong operator key"})
+    return {
+        "/docs": {
+            "get": {
+                "operationId": "docs",
+                "summary": "This API, rendered by Swagger UI",
+                "responses": {"200": _html("OK")},
+            }
+        },
+        "/ui": {
+            "get": {
+                "operationId": "dashboard",
+                "summary": "The operator's dashboard (a sign-in form without a session)",
+                "responses": {
+                    "200": _html("the dashboard, or its sign-in form"),
+                    **_errors({"403": "disabled: the node has no operator key and no admin key"}),
+                },
+            }
+        },
+        "/ui/api/snapshot": {
+            "get": {
+                "operationId": "dashboard_snapshot",
+                "summary": "What the dashboard shows: network, traffic, requests, credits, backends",
+                "security": operator,
+                "responses": {"200": _json(ANY_OBJECT), **refused},
+            }
+        },
+        "/ui/api/events": {
+            "get": {
+                "operationId": "dashboard_events",
+                "summary": "The dashboard's live feed: one snapshot a second (server-sent events)",
+                "security": operator,
+                "responses": {
+                    "200": {
+                        "description": "OK",
+                        "content": {"text/event-stream": {"schema": {"type": "array", "items": SSE_EVENT}}},
+                    },
+                    **refused,
+                },
             }
         },
     }
