@@ -1292,7 +1292,7 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel processes (default 2)"
     )
     args = parser.parse_args(argv)
-    console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 250)
     args.out.mkdir(parents=True, exist_ok=True)
     plan = scenarios(args.quick)
     runs = sum(len(s.seeds) for s in plan)
