@@ -4,10 +4,12 @@ members and clients do their worst, one attack at a time (docs/security.md).
     python benchmarks/attack_resilience.py [--quick] [--out DIR] [--attacks KEY,KEY,...]
 
 The network: five real `wwwserve node` processes on loopback, founded by one genesis (founding
-credits for all five; gossip as fast as in tests/test_hostile_peers.py). Two entries, E1 and E2,
-serve no shared model themselves: every app request for it is delegated. Three executors, X1..X3,
-bond 100 and serve it from the instant stub (benchmarks/stub_server.py). The entries have a local
-model of their own (`local-long`) only for the slow readers' comparison.
+credits for all five; gossip as fast as in tests/test_hostile_peers.py; no duels: a duel pays a
+second executor and judges, which would blur what an attacker is paid, and duels are measured by
+benchmarks/quality_incentive.py). Two entries, E1 and E2, serve no shared model themselves: every
+app request for it is delegated. Three executors, X1..X3, bond 100 and serve it from the instant stub
+(benchmarks/stub_server.py). The entries have a local model of their own (`local-long`) only for
+the slow readers' comparison.
 
 The attackers are tests/hostile.py's HostileMember (a real key, a real overlay, in this process):
 H, a fresh unfunded key, makes the gossip, ledger and entry attacks; H4, H5 and H6, funded in the
@@ -50,8 +52,9 @@ Per attack: served (ok / sent in the window, and as a fraction of the baseline's
 target >= 99%); credits moved to the attacker (its keys' liquid + bonded + unbonding on the honest
 ledgers, the highest over the five, minus their genesis allocations, after the run settles; target
 0 beyond work verifiably done, which for attack 4 is the price of what the entries could verify of
-the answers H4 sent); honest nodes not alive in some honest node's view during the window or the
-heal observation (target 0), and for how long; for the slow readers, E1's RSS growth over E2's
+the answers H4 sent); honest nodes evicted: declared dead (or lost) in some honest node's view during
+the window or the heal observation (target 0), and, beside it, those only suspected, and for how long
+not every honest node was alive everywhere; for the slow readers, E1's RSS growth over E2's
 (target <= 2x; a local growth under 1 MB counts as 1 MB); the time from the attack's stop until
 every honest node is alive everywhere and every 1-second bucket of requests succeeds at least at
 the baseline's rate (0 when both already held at the stop). The JSON also has, per phase, each
@@ -95,7 +98,13 @@ from tests.hostile import HostileMember
 from tests.support import NodeProcess, http_get
 from wwwserve_gateway.delegation.answers import AnswerReader, MalformedAnswer, prompt_bound
 from wwwserve_gateway.logs import configure_logging
-from wwwserve_gateway.network.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
+from wwwserve_gateway.network.genesis import (
+    DuelParams,
+    GossipParams,
+    LedgerParams,
+    NetworkGenesis,
+    write_genesis,
+)
 from wwwserve_gateway.network.identity import NodeIdentity
 from wwwserve_gateway.network.receipts import request_hash, sign_receipt, text_hash
 from wwwserve_gateway.overlay import overlay_url
@@ -131,7 +140,7 @@ SLOW_READ = (256, 0.25)  # a slow reader takes 256 bytes every 0.25 s
 RSS_FLOOR_MB = 1.0  # local growth below this is counted as this (RSS sampling noise)
 ROUTE = "x-wwwserve-route"
 
-TARGETS = {"served_fraction": 0.99, "credits_beyond_work": 0.0, "honest_not_alive": 0, "rss_ratio": 2.0}
+TARGETS = {"served_fraction": 0.99, "credits_beyond_work": 0.0, "honest_evicted": 0, "rss_ratio": 2.0}
 
 
 @dataclass(frozen=True)
@@ -196,8 +205,14 @@ def write_network(workdir: Path, staked: dict[str, NodeIdentity]) -> tuple[Netwo
         **bench.founding_allocations(workdir, EXECUTORS, CREDITS),
         **{key.node_id: CREDITS for key in staked.values()},
     }
+    # No duels (issue 11): a duel pays a second executor and judges, which the credits count would
+    # take for moved credits; tests/test_duels.py and benchmarks/quality_incentive.py cover duels.
     ledger = LedgerParams(
-        allocations=allocations, payment_batch_window_s=0.3, price_per_1k_tokens=1.0, max_price_per_request=50
+        allocations=allocations,
+        payment_batch_window_s=0.3,
+        price_per_1k_tokens=1.0,
+        max_price_per_request=50,
+        duels=DuelParams(rate=0.0, canary_rate=0.0),
     )
     genesis = NetworkGenesis(name="attack-resilience", gossip=GOSSIP, ledger=ledger)
     path = workdir / "network.yaml"
@@ -272,7 +287,9 @@ def summed(deltas: dict[str, dict[str, float]], needle: str) -> float:
 class Watch(threading.Thread):
     """Every `every` s until halted (at most a day): each honest node's view of the network, the
     entries' RSS and buffered overlay bytes, and every process's CPU time. Blocking calls, on a
-    thread of their own: the hostile members live on the event loop and must answer probes meanwhile."""
+    thread of their own: the hostile members live on the event loop and must answer probes meanwhile.
+    What needs no HTTP call (CPU times, RSS, kernel send queues) is sampled on a second thread, so
+    that a node slow to answer its peer view (5 s at most, each) leaves no gap in those series."""
 
     def __init__(self, nodes: dict[str, Honest], procs: dict[str, psutil.Process], every: float) -> None:
         super().__init__(name="watch", daemon=True)
@@ -288,15 +305,15 @@ class Watch(threading.Thread):
         self.kernel: list[tuple[float, str, float]] = []
         self.cpu: list[tuple[float, dict[str, float]]] = []
         self.halt = threading.Event()
+        self.gauges = threading.Thread(target=self.sample_gauges, name="watch-gauges", daemon=True)
 
     def run(self) -> None:
+        self.gauges.start()
         deadline = time.monotonic() + 86_400
         for i in itertools.count():
             if self.halt.is_set() or time.monotonic() > deadline:
                 return
             t = time.monotonic()
-            with contextlib.suppress(psutil.Error):
-                self.cpu.append((t, {name: bench.cpu_s(p) for name, p in self.procs.items()}))
             for name, node in self.nodes.items():
                 view = None
                 with contextlib.suppress(OSError, RuntimeError, ValueError, KeyError):
@@ -304,14 +321,23 @@ class Watch(threading.Thread):
                     view = {p["id"]: (p["state"], p["incarnation"]) for p in peers}
                     self.latest[name] = view
                 self.views.append((t, name, view))
+            if i % 2 == 0:
+                for name in ENTRIES:
+                    with contextlib.suppress(OSError, ValueError):
+                        value = self.nodes[name].metric("wwwserve_overlay_buffered_bytes")
+                        self.buffered.append((t, name, value))
+            self.halt.wait(max(0.0, self.every - (time.monotonic() - t)))
+
+    def sample_gauges(self) -> None:
+        deadline = time.monotonic() + 86_400
+        while not self.halt.is_set() and time.monotonic() < deadline:
+            t = time.monotonic()
+            with contextlib.suppress(psutil.Error):
+                self.cpu.append((t, {name: bench.cpu_s(p) for name, p in self.procs.items()}))
             for name in ENTRIES:
                 with contextlib.suppress(psutil.Error):
                     self.rss.append((t, name, bench.rss_mb(self.nodes[name].ps)))
                 self.kernel.append((t, name, send_queue_mb(self.nodes[name].port)))
-                if i % 2 == 0:
-                    with contextlib.suppress(OSError, ValueError):
-                        value = self.nodes[name].metric("wwwserve_overlay_buffered_bytes")
-                        self.buffered.append((t, name, value))
             self.halt.wait(max(0.0, self.every - (time.monotonic() - t)))
 
     def rounds(
@@ -700,11 +726,14 @@ class StakedExecutor(Attack):
         entries = [self.ctx.nodes[e] for e in ENTRIES]
 
         def staked() -> bool:
-            return all(
-                e.peers().get(m.id, {}).get("state") == "alive"
-                and e.balances().get(m.id, {}).get("bonded") == HOSTILE_BOND
-                for e in entries
-            )
+            try:
+                return all(
+                    e.peers().get(m.id, {}).get("state") == "alive"
+                    and e.balances().get(m.id, {}).get("bonded") == HOSTILE_BOND
+                    for e in entries
+                )
+            except OSError:  # an entry slow to answer (a loaded machine): ask again
+                return False
 
         await asyncio.to_thread(
             bench.wait_until, staked, 60, 0.2, f"{self.name} staked and alive at the entries"
@@ -1077,8 +1106,11 @@ async def all_counters(nodes: dict[str, Honest]) -> dict[str, dict[str, float]]:
 
 
 async def run_phases(
-    ctx: Ctx, attacks: list[type[Attack]], progress: Progress
+    ctx: Ctx, attacks: list[type[Attack]], progress: Progress, skipped: list[dict[str, str]]
 ) -> tuple[list[Phase], AppLoad]:
+    """The baseline, then each attack's setup, window, stop and heal observation. An attack whose
+    setup fails (say, a staked attacker not seen staked within a minute on a loaded machine) is
+    stopped and listed in `skipped` with the reason, and the run goes on with the next."""
     plan = ctx.plan
     total_max = (plan.window_s + plan.heal_max_s + 90) * (len(attacks) + 1)
     load = AppLoad(ctx.nodes, plan.rate, total_max)
@@ -1102,8 +1134,17 @@ async def run_phases(
             progress.update(task, description=f"{attack.label}: setup")
             before = await all_counters(ctx.nodes)
             prepared = time.monotonic()
-            async with asyncio.timeout(120):
-                await attack.prepare()
+            try:
+                async with asyncio.timeout(120):
+                    await attack.prepare()
+            except (TimeoutError, OSError, OverlayError) as exc:
+                skipped.append({"attack": attack.key, "label": attack.label, "setup_failed": repr(exc)})
+                console.print(f"[red]{attack.label}: setup failed ({exc!r}); skipped")
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(60):
+                        await attack.finish()
+                progress.advance(task)
+                continue
             start = time.monotonic()
             progress.update(task, description=f"{attack.label}: attack")
             async with asyncio.timeout(plan.window_s + 60):
@@ -1354,17 +1395,25 @@ def analyse(ctx: Ctx, phases: list[Phase], load: AppLoad, views: dict, agreed: b
 
 
 def evaluate(row: dict[str, Any]) -> list[dict[str, Any]]:
+    # The baseline's own success rate is held to the same bar: when the machine cannot serve the
+    # load without an attack, the fractions of it below mean little, and the baseline row says so.
+    baseline = row["attack"] == "baseline"
     out = [
         bench.target_result(
-            "served vs baseline",
-            row["served_fraction"],
+            "served (baseline: success rate)" if baseline else "served vs baseline",
+            row["requests"]["success_rate"] if baseline else row["served_fraction"],
             TARGETS["served_fraction"],
             ">=",
             "",
             f"{row['requests']['ok']}/{row['requests']['sent']}",
         ),
         bench.target_result(
-            "honest nodes not alive", len(row["honest_not_alive"]), TARGETS["honest_not_alive"], "<=", ""
+            "honest nodes evicted",
+            len(row["honest_seen_dead"]),
+            TARGETS["honest_evicted"],
+            "<=",
+            "",
+            ",".join(row["honest_seen_dead"]),
         ),
     ]
     if "attacker" in row:
@@ -1409,7 +1458,7 @@ def print_table(report: dict[str, Any]) -> None:
     table = Table(
         title="attack resilience (targets: served >= 99% of baseline, no credits beyond verified work, "
     )
-    table.title += "no honest node seen other than alive, slow readers' RSS growth <= 2x local)"
+    table.title += "no honest node evicted (seen dead), slow readers' RSS growth <= 2x local)"
     for name in (
         "attack",
         "served",
@@ -1417,10 +1466,10 @@ def print_table(report: dict[str, Any]) -> None:
         "p50/p99 ms",
         ">5 s",
         "attacker credits",
-        "honest not alive",
+        "honest nodes not alive (evicted: dead)",
         "RSS",
     ):
-        table.add_column(name, justify="left" if name in ("attack", "honest not alive") else "right")
+        table.add_column(name, justify="left" if name == "attack" or name.startswith("honest") else "right")
     table.add_column("heal s", justify="right")
     table.add_column("")
     for row in report["results"]["phases"]:
@@ -1445,6 +1494,9 @@ def print_table(report: dict[str, Any]) -> None:
             "-" if not heal else fmt(heal["heal_s"], ".1f", "never"),
             bench.verdict(row["result"] == "PASS"),
         )
+    for skip in report["results"].get("skipped", []):
+        failed = f"setup failed: {skip['setup_failed']}"
+        table.add_row(skip["label"], *["-"] * 5, failed, "-", "-", bench.verdict(False))
     Console(stderr=True, width=max(console.width, 190)).print(table)
 
 
@@ -1507,7 +1559,7 @@ def plot(report: dict[str, Any], samples: list[Sample], t_base: float, out: Path
         if r["honest_not_alive"]:
             seconds = f"{r['membership_disturbed_s']:.1f} s"
             ax.annotate(seconds, (i, dead[i] + suspect[i]), ha="center", va="bottom", fontsize=7)
-    ax.axhline(TARGETS["honest_not_alive"], c="k", lw=0.8, ls="--", label="target 0")
+    ax.axhline(TARGETS["honest_evicted"], c="k", lw=0.8, ls="--", label="target: none seen dead")
     ax.set_ylim(0, len(HONEST) + 0.5)
     ax.set_xticks(x, labels)
     ax.set_ylabel("honest nodes (of 5); label: for how long")
@@ -1571,7 +1623,7 @@ async def attack_network(
     try:
         for node in ctx.nodes.values():
             await h.connect(node.url)
-        phases, load = await run_phases(ctx, attacks, progress)
+        phases, load = await run_phases(ctx, attacks, progress, ctx_parts["skipped"])
     finally:
         await h.stop()
     return ctx, phases, load
@@ -1624,12 +1676,14 @@ def main(argv: list[str] | None = None) -> int:
             }
             watch = Watch(nodes, procs, 0.3)
             watch.start()
-            parts = {"genesis": genesis, "nodes": nodes, "staked": staked, "watch": watch}
+            skipped: list[dict[str, str]] = []  # attacks whose setup failed
+            parts = {"genesis": genesis, "nodes": nodes, "staked": staked, "watch": watch, "skipped": skipped}
             ctx, phases, load = uvloop.run(attack_network(parts, plan, attacks, progress))
             progress.update(setup, description="the honest ledgers settle")
             views, agreed = settle_ledgers(nodes, plan.settle_s)
             watch.halt.set()
         results = analyse(ctx, phases, load, views, agreed)
+        results["skipped"] = skipped
         t_base = phases[0].start
         for row, phase in zip(results["phases"], phases, strict=True):
             row["window_s"] = [round(phase.start - t_base, 2), round(phase.end - t_base, 2)]
