@@ -220,9 +220,10 @@ def gateway_error(exc: Exception, backend_id: str) -> GatewayError:
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, lx.Timeout) or caused_by(exc, (httpx.TimeoutException, TimeoutError)):
-        return BackendTimeout(f"backend {backend_id} timed out: {exc}")
+        return _with_cause(BackendTimeout(f"backend {backend_id} timed out"), exc)
     if isinstance(exc, lx.APIConnectionError) or caused_by(exc, (httpx.TransportError, ConnectionError)):
-        return BackendUnreachable(f"backend {backend_id} is unreachable: {exc}")
+        # LiteLLM's message names the address: the log gets it (as the cause), the app does not.
+        return _with_cause(BackendUnreachable(f"backend {backend_id} is unreachable"), exc)
     if isinstance(exc, lx.ServiceUnavailableError):
         return BackendUnavailable(f"backend {backend_id} is unavailable: {exc}")
     status = getattr(exc, "status_code", None)
@@ -233,6 +234,11 @@ def gateway_error(exc: Exception, backend_id: str) -> GatewayError:
         return UpstreamError.from_response(status, raw, backend=backend_id)
     log.warning("unexpected LiteLLM failure", backend=backend_id, error=repr(exc))
     return BackendError(f"backend {backend_id} failed: {type(exc).__name__}: {exc}")
+
+
+def _with_cause(error: GatewayError, cause: BaseException) -> GatewayError:
+    error.__cause__ = cause
+    return error
 
 
 def caused_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:

@@ -7,6 +7,7 @@ the one event that carries it (found with a substring test, so other chunks are 
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -58,6 +59,12 @@ class OpenAICompatBackend(Backend):
         self._session: aiohttp.ClientSession | None = None
         self._fresh_session: aiohttp.ClientSession | None = None
         self._urls = {e: self.url(e.value) for e in Endpoint}
+        stream_timeout = self.settings.stream_timeout
+        self._stream_timeout = (
+            aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=stream_timeout)
+            if stream_timeout
+            else None
+        )
 
     def url(self, path: str) -> str:
         return f"{self.base_url.rstrip('/')}/{path}"
@@ -80,6 +87,8 @@ class OpenAICompatBackend(Backend):
         headers = dict(self.settings.extra_headers)
         if self.settings.api_key:
             headers["Authorization"] = f"Bearer {self.settings.api_key}"
+        if self.settings.organization:
+            headers["OpenAI-Organization"] = self.settings.organization
         keepalive = {"force_close": True} if force_close else {"keepalive_timeout": 60}
         connector = aiohttp.TCPConnector(limit=self.settings.max_connections, **keepalive)
         return aiohttp.ClientSession(
@@ -105,22 +114,27 @@ class OpenAICompatBackend(Backend):
         body["model"] = self.upstream_model
         data = orjson.dumps(body)
         url = self._urls[endpoint]
+        # Messages name the deployment, never its address (apps see them); the cause, kept as
+        # __cause__, goes to the node's log.
+        # A stream_timeout replaces the session's read timeout; passing timeout=None would remove it.
+        options = {"timeout": self._stream_timeout} if stream and self._stream_timeout else {}
         try:
             try:
                 session = self.session(fresh=stream and not self.reuse_stream_connections)
-                resp = await session.post(url, data=data, headers=JSON_HEADERS)
+                resp = await session.post(url, data=data, headers=JSON_HEADERS, **options)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError):
                     raise
                 # A pooled keep-alive connection that the server had closed (servers may close one at
                 # any time): the request was never answered, so send it again on a new connection.
-                resp = await self.session(fresh=True).post(url, data=data, headers=JSON_HEADERS)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise BackendTimeout(f"backend {self.id} did not answer within {self.timeout:g} s") from None
+                resp = await self.session(fresh=True).post(url, data=data, headers=JSON_HEADERS, **options)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            waited = self.settings.stream_timeout if stream and self.settings.stream_timeout else self.timeout
+            raise BackendTimeout(f"backend {self.id} did not answer within {waited:g} s") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise BackendUnreachable(f"backend {self.id} is unreachable: {exc.os_error or exc}") from None
+            raise BackendUnreachable(f"backend {self.id} is unreachable ({_reason(exc)})") from exc
         except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"backend {self.id} failed: {exc}") from None
+            raise BackendUnreachable(f"backend {self.id} failed ({_reason(exc)})") from exc
         if resp.status != 200:
             try:
                 raw = await resp.read()
@@ -138,7 +152,7 @@ class OpenAICompatBackend(Backend):
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise BackendTimeout(f"backend {self.id} stalled for {self.timeout:g} s") from None
         except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"backend {self.id} broke off its answer: {exc}") from None
+            raise BackendUnreachable(f"backend {self.id} broke off its answer ({_reason(exc)})") from exc
         finally:
             resp.release()
         try:
@@ -162,10 +176,19 @@ class OpenAICompatBackend(Backend):
             raise BackendProtocolError(
                 f"backend {self.id} answered a stream request with {resp.content_type or 'no content type'}"
             )
-        return PassThroughSSE(resp, hide_usage=hide_usage, backend_id=self.id, timeout=self.timeout)
+        timeout = self.settings.stream_timeout or self.timeout
+        return PassThroughSSE(resp, hide_usage=hide_usage, backend_id=self.id, timeout=timeout)
 
     async def probe_load(self) -> BackendLoad | None:
         return None
+
+
+def _reason(exc: aiohttp.ClientError) -> str:
+    """What went wrong, without the address aiohttp puts in its messages."""
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(os_error, OSError) and os_error.errno:
+        return os.strerror(os_error.errno).lower()
+    return type(exc).__name__
 
 
 class PassThroughSSE(SSEStream):
@@ -199,7 +222,9 @@ class PassThroughSSE(SSEStream):
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise BackendTimeout(f"backend {self._backend_id} stalled for {self._timeout:g} s") from None
         except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"backend {self._backend_id} broke off its stream: {exc}") from None
+            raise BackendUnreachable(
+                f"backend {self._backend_id} broke off its stream ({_reason(exc)})"
+            ) from exc
         except MalformedEvent as exc:
             raise BackendProtocolError(f"backend {self._backend_id} sent a malformed event: {exc}") from None
 

@@ -173,9 +173,12 @@ def test_backend_not_ready(timeout_node: NodeProcess) -> None:
     assert resp.headers["retry-after"] == "1"
     ready = httpx.get(timeout_node.url + "/health/ready")
     assert ready.status_code == 503
-    assert {"id": "never-ready:llamacpp/x", "model": "never-ready", "ready": False} in ready.json()[
-        "backends"
-    ]
+    assert {
+        "id": "never-ready:llamacpp/x",
+        "model": "never-ready",
+        "ready": False,
+        "cooldown_s": None,
+    } in ready.json()["backends"]
 
 
 def test_startup_failure_is_logged(timeout_node: NodeProcess) -> None:

@@ -5,19 +5,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import structlog
 
-from wwwserve_gateway.config.schema import ModelEntry
-from wwwserve_gateway.http.errors import BackendUnavailable, ModelNotFound, RateLimited
+from wwwserve_gateway.config.schema import ModelEntry, RouterSettings
+from wwwserve_gateway.http.errors import (
+    BackendError,
+    BackendUnavailable,
+    BackendUnreachable,
+    GatewayError,
+    ModelNotFound,
+    RateLimited,
+    UpstreamError,
+)
 from wwwserve_gateway.plugin_api.backend import Backend, BackendContext, BackendLoad, Usage
 from wwwserve_gateway.plugin_api.loading import backend_class
 
 log = structlog.get_logger(__name__)
 
 WINDOW_S = 60.0
+LATENCY_WEIGHT = 0.2  # of the newest request in a deployment's latency average
+
+
+def worth_another_deployment(exc: GatewayError) -> bool:
+    """Whether another deployment might answer where this one failed before its first byte:
+    unreachable, timed out, garbled, or an HTTP 5xx or 429; not the request's own fault (4xx)."""
+    if isinstance(exc, UpstreamError):
+        return exc.status >= 500 or exc.status == 429
+    return isinstance(exc, BackendError)
 
 
 def build_backend(entry: ModelEntry, ctx: BackendContext) -> Backend:
@@ -40,10 +59,13 @@ class Lease:
 
 
 class Deployments:
-    """Deployments by model name. `pick` chooses the least busy ready one within its limits."""
+    """Deployments by model name (a model group). `pick` chooses a ready one within its limits and
+    not cooling down, by the routing strategy; `failed` counts a failure and starts a cooldown
+    (LiteLLM's allowed_fails and cooldown_time, from `router_settings`)."""
 
-    def __init__(self, ctx: BackendContext) -> None:
+    def __init__(self, ctx: BackendContext, router: RouterSettings | None = None) -> None:
         self.ctx = ctx
+        self.router = router or RouterSettings()
         self._by_id: dict[str, Backend] = {}
         self._by_model: dict[str, list[Backend]] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
@@ -90,35 +112,132 @@ class Deployments:
     async def aclose(self) -> None:
         await asyncio.gather(*(self.remove(i) for i in list(self._by_id)), return_exceptions=True)
 
-    def pick(self, model: str) -> Backend:
+    def group(self, model: str) -> list[Backend]:
+        return list(self._by_model.get(model, ()))
+
+    def pick(self, model: str, exclude: Collection[str] = ()) -> Backend:
+        """A deployment of `model` to send a request to, leaving out those in `exclude` (tried
+        already) and those cooling down."""
         candidates = self._by_model.get(model)
         if not candidates:
             raise ModelNotFound(f"The model '{model}' does not exist on this node", param="model")
         now = time.monotonic()
-        best: Backend | None = None
-        best_score = 0.0
-        ready = limited = 0
+        usable: list[Backend] = []
+        ready = limited = cooling = 0
+        cooldown_ends = math.inf
         for backend in candidates:
-            if not backend.ready:
+            if not backend.ready or backend.id in exclude:
                 continue
             ready += 1
+            until = backend.state.cooldown_until
+            if until > now:
+                cooling += 1
+                cooldown_ends = min(cooldown_ends, until)
+                continue
             if not _within_limits(backend, now):
                 limited += 1
                 continue
-            load = backend.state.load
-            score = backend.state.in_flight + (load.waiting if load else 0)
-            if best is None or score < best_score:
-                best, best_score = backend, score
-        if best is not None:
-            return best
+            usable.append(backend)
+        if usable:
+            return usable[0] if len(usable) == 1 else self._choose(usable)
+        if cooling:
+            wait = max(1, math.ceil(cooldown_ends - now))
+            raise BackendUnavailable(
+                f"every deployment of '{model}' failed recently; retry in {wait} s",
+                headers={"retry-after": str(wait)},
+            )
         if ready and limited == ready:
             raise RateLimited(
                 f"every deployment of '{model}' is at its rpm/tpm/parallel limit",
                 headers={"retry-after": "1"},
             )
+        if exclude:
+            raise BackendUnavailable(
+                f"no other deployment of '{model}' is ready; retry shortly", headers={"retry-after": "1"}
+            )
         raise BackendUnavailable(
             f"no backend for '{model}' is ready yet; retry shortly", headers={"retry-after": "1"}
         )
+
+    def _choose(self, usable: list[Backend]) -> Backend:
+        strategy = self.router.routing_strategy
+        if strategy == "simple-shuffle":
+            weights = [b.settings.weight or 1.0 for b in usable]
+            return random.choices(usable, weights)[0]
+        if strategy == "latency-based-routing":
+            # Unmeasured deployments first (0), so that each gets measured.
+            return min(usable, key=lambda b: (b.state.latency_s or 0.0, b.state.in_flight))
+        best, best_score = usable[0], math.inf
+        for backend in usable:
+            load = backend.state.load
+            score = backend.state.in_flight + (load.waiting if load else 0)
+            if score < best_score:
+                best, best_score = backend, score
+        return best
+
+    def available(self, backend: Backend, now: float | None = None) -> bool:
+        """Ready and not cooling down."""
+        return backend.ready and backend.state.cooldown_until <= (now or time.monotonic())
+
+    def readiness(self) -> tuple[str, list[dict[str, object]]]:
+        """For /health/ready: "ready" when every deployment can serve, "degraded" when some are
+        cooling down after failures but every model still has one, "unavailable" when a model has
+        none, "starting" while some have not started; and each deployment's state."""
+        now = time.monotonic()
+        backends: list[dict[str, object]] = []
+        for b in self._by_id.values():
+            left = max(0.0, b.state.cooldown_until - now)
+            entry: dict[str, object] = {"id": b.id, "model": b.model_name, "ready": b.ready}
+            entry["cooldown_s"] = round(left, 1) if left else None
+            backends.append(entry)
+        if not all(b.ready for b in self._by_id.values()):
+            return "starting", backends
+        if all(any(self.available(b, now) for b in group) for group in self._by_model.values()):
+            cooling = any(b["cooldown_s"] for b in backends)
+            return ("degraded" if cooling else "ready"), backends
+        return "unavailable", backends
+
+    def cooldown_left(self, backend: Backend) -> float:
+        return max(0.0, backend.state.cooldown_until - time.monotonic())
+
+    def failed(self, backend: Backend, exc: GatewayError) -> None:
+        """Count a failure of `backend`, logged with its id (and the cause, which may name its
+        address: the log is the operator's); past allowed_fails in a minute, or at once when it is
+        unreachable or says 429, it cools down, unless it is its group's only deployment."""
+        now = time.monotonic()
+        state = backend.state
+        state.failures.append(now)
+        while state.failures and now - state.failures[0] > WINDOW_S:
+            state.failures.popleft()
+        cause = exc.__cause__
+        log.warning(
+            "deployment failed",
+            deployment=backend.id,
+            model=backend.model_name,
+            status=exc.status,
+            error=exc.message,
+            cause=str(cause) if cause else None,
+        )
+        router = self.router
+        at_once = isinstance(exc, BackendUnreachable) or exc.status == 429
+        if len(self._by_model.get(backend.model_name, ())) < 2 or router.cooldown_time <= 0:
+            return
+        if at_once or len(state.failures) > router.allowed_fails:
+            state.cooldown_until = now + router.cooldown_time
+            state.failures.clear()
+            log.warning(
+                "deployment cooling down",
+                deployment=backend.id,
+                model=backend.model_name,
+                seconds=router.cooldown_time,
+            )
+
+    @staticmethod
+    def answered(backend: Backend, seconds: float) -> None:
+        """A request answered in `seconds`: the latency-based strategy's measure."""
+        state = backend.state
+        last = state.latency_s
+        state.latency_s = seconds if last is None else last + LATENCY_WEIGHT * (seconds - last)
 
     @staticmethod
     @contextlib.contextmanager

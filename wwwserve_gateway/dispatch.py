@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
 from typing import Any
 
@@ -22,7 +23,14 @@ from wwwserve_gateway.delegation.entry import ROUTE_HEADER, Delegator, NoExecuto
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
 from wwwserve_gateway.deployments import Deployments
 from wwwserve_gateway.http.asgi import ClientDisconnected, Send, cancel_on_disconnect, send_bytes
-from wwwserve_gateway.http.errors import BackendUnavailable, GatewayError, ModelNotFound, RateLimited
+from wwwserve_gateway.http.errors import (
+    BackendError,
+    BackendUnavailable,
+    GatewayError,
+    ModelNotFound,
+    RateLimited,
+    UpstreamError,
+)
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.openai.request import AppRequest
 from wwwserve_gateway.openai.serving import LocalServing
@@ -32,6 +40,26 @@ from wwwserve_gateway.plugin_api.policy import Decision
 from wwwserve_gateway.plugin_api.requests import RequestInfo
 
 log = structlog.get_logger(__name__)
+
+# How backends word "the prompt does not fit": vLLM and OpenAI ("maximum context length"),
+# llama.cpp ("exceeds the available context size"), others ("context window", "too many tokens").
+CONTEXT_OVERFLOW = re.compile(
+    r"context[ _](length|size|window)|maximum context|too many tokens|prompt is too long", re.IGNORECASE
+)
+
+
+def is_context_overflow(exc: GatewayError) -> bool:
+    return exc.status == 400 and (
+        exc.code == "context_length_exceeded" or bool(CONTEXT_OVERFLOW.search(exc.message))
+    )
+
+
+def worth_a_fallback(exc: GatewayError) -> bool:
+    """A group's failure that another group may not share: its deployments failed or are busy, or
+    the prompt is too long for it (context_window_fallbacks). Not other faults of the request."""
+    if isinstance(exc, UpstreamError) and 400 <= exc.status < 500 and exc.status != 429:
+        return is_context_overflow(exc)
+    return isinstance(exc, (BackendError, RateLimited))
 
 
 class Dispatcher:
@@ -170,11 +198,40 @@ class Dispatcher:
     async def _local(self, info: RequestInfo, request: AppRequest) -> Usage | None:
         ok = False
         try:
-            usage = await self.local.serve(request, self.local_route)
+            usage = await self._local_or_fallback(info, request)
             ok = True
             return usage
         finally:
             self.api.policy.on_request_done(info, "local", time.perf_counter() - request.started, ok)
+
+    async def _local_or_fallback(self, info: RequestInfo, request: AppRequest) -> Usage | None:
+        """The model's own deployments (with their retries), then `router_settings` fallback
+        groups served here, then peers: each only if nothing was sent to the app yet."""
+        model = request.model
+        try:
+            return await self.local.serve(request, self.local_route)
+        except GatewayError as exc:
+            if not worth_a_fallback(exc):
+                raise
+            failure = exc
+        router = self.deployments.router
+        context = failure.status == 400
+        for group in router.fallbacks_for(model, context=context):
+            if group == model or not self.deployments.serves(group):
+                continue
+            log.info("falling back", model=model, fallback=group, reason=failure.message)
+            try:
+                return await self.local.serve(request, self.local_route, model=group)
+            except GatewayError as exc:
+                if not worth_a_fallback(exc):
+                    raise
+                failure = exc
+        if not context and model in self._network_models():
+            try:
+                return await self._delegate(info, request)
+            except NoExecutor:
+                self.dm.delegations.labels(model, "no_executor").inc()
+        raise failure
 
     async def _delegate(self, info: RequestInfo, request: AppRequest) -> Usage | None:
         """Hand the request to peers. NoExecutor (nobody took it, nothing sent) leaves no trace:

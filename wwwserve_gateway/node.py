@@ -53,7 +53,9 @@ class Node:
         settings = config.node
         self.data_dir_lock = DataDirLock(settings.data_dir)  # first: before the identity or ledger opens
         self.metrics = GatewayMetrics()
-        self.deployments = Deployments(BackendContext(settings.data_dir, settings.request_timeout))
+        self.deployments = Deployments(
+            BackendContext(settings.data_dir, settings.request_timeout), config.router_settings
+        )
         identity = NodeIdentity.load_or_create(settings.data_dir)
         genesis = load_genesis(settings.network) if settings.network else NetworkGenesis()
         self.api = NodeAPI(

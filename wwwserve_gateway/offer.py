@@ -46,8 +46,10 @@ class BackendOffer(GossipDelegate):
 
     def models(self) -> list[dict[str, Any]]:
         offered: dict[str, dict[str, Any]] = {}
+        now = time.monotonic()
         for backend in self.backends:
-            if not self.policy.shares(backend.model_name):
+            # A model whose every deployment is cooling down after failures is withdrawn meanwhile.
+            if not self.policy.shares(backend.model_name) or backend.state.cooldown_until > now:
                 continue
             extra = backend.entry.model_info.model_extra or {}
             context = getattr(backend.settings, "n_ctx", None) or extra.get("max_input_tokens")

@@ -142,6 +142,51 @@ class ModelEntry(StrictModel):
         return self.model_info.id or f"{self.model_name}:{self.litellm_params['model']}"
 
 
+RoutingStrategy = Literal["least-busy", "simple-shuffle", "latency-based-routing"]
+
+
+class RouterSettings(BaseModel):
+    """LiteLLM's `router_settings`: how a request moves among the node's own deployments before it
+    goes to the network. Keys LiteLLM knows that have no effect here are accepted with a warning
+    (config.litellm); see docs/litellm-config.md."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    routing_strategy: RoutingStrategy = Field(
+        "least-busy",
+        description="least-busy, simple-shuffle (random, by weight) or latency-based-routing",
+    )
+    num_retries: int | None = Field(
+        None,
+        ge=0,
+        description="other deployments of the group tried after a failure (default: every one once)",
+    )
+    timeout: float | None = Field(
+        None, gt=0, description="default seconds to wait for a backend (node.request_timeout if unset)"
+    )
+    allowed_fails: int = Field(3, ge=0, description="failures a minute a deployment may have before cooldown")
+    cooldown_time: float = Field(5.0, ge=0, description="seconds a failing deployment is left out")
+    retry_after: float = Field(0.0, ge=0, description="seconds to wait before trying the next deployment")
+    fallbacks: list[dict[str, list[str]]] = Field(
+        default_factory=list,
+        description="[{group: [other groups]}] tried in order when every deployment of group failed",
+    )
+    context_window_fallbacks: list[dict[str, list[str]]] = Field(
+        default_factory=list,
+        description="[{group: [larger groups]}] tried when a prompt is too long for group",
+    )
+    default_fallbacks: list[str] = Field(
+        default_factory=list, description="groups tried for any group that failed and has no fallbacks"
+    )
+
+    def fallbacks_for(self, model: str, *, context: bool = False) -> list[str]:
+        table = self.context_window_fallbacks if context else self.fallbacks
+        for entry in table:
+            if model in entry:
+                return list(entry[model])
+        return [] if context else list(self.default_fallbacks)
+
+
 class PluginSlot(StrictModel):
     """A plugin slot (policy, router, gossip, ledger, judge): which plugin, and its settings (validated
     by that plugin's own `Settings` model)."""
@@ -155,6 +200,7 @@ class PluginSlot(StrictModel):
 class GatewayConfig(StrictModel):
     node: NodeSettings = Field(default_factory=NodeSettings)
     model_list: list[ModelEntry] = Field(default_factory=list, description="the models this node serves")
+    router_settings: RouterSettings = Field(default_factory=RouterSettings)
     policy: PluginSlot = Field(default_factory=PluginSlot)
     router: PluginSlot = Field(default_factory=PluginSlot)
     gossip: PluginSlot = Field(default_factory=PluginSlot)

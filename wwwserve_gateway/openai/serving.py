@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import orjson
 import structlog
 
-from wwwserve_gateway.deployments import Deployments
+from wwwserve_gateway.deployments import Deployments, worth_another_deployment
 from wwwserve_gateway.http.asgi import SSE_HEADERS, Headers, cancel_on_disconnect, send_bytes
-from wwwserve_gateway.http.errors import BackendError, InvalidRequest
+from wwwserve_gateway.http.errors import BackendError, GatewayError, InvalidRequest
 from wwwserve_gateway.http.sse import DONE
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.openai.request import AppRequest
@@ -25,35 +27,72 @@ class LocalServing:
         self.deployments = deployments
         self.metrics = metrics
 
-    async def serve(self, request: AppRequest, headers: Headers) -> Usage | None:
-        """Answer `request` from a local deployment, with `headers` added to the answer's; return
-        the usage. Errors before the answer starts are raised (the route sends them as JSON)."""
-        model = request.model
-        backend = self.deployments.pick(model)
-        request.deployment = backend.id
-        if request.endpoint not in backend.endpoints:
-            raise InvalidRequest(
-                f"The model '{model}' does not support /v1/{request.endpoint}",
-                param="model",
-                code="unsupported_endpoint",
-            )
+    async def serve(self, request: AppRequest, headers: Headers, model: str | None = None) -> Usage | None:
+        """Answer `request` from a deployment of `model` (default: the one asked for), with `headers`
+        added to the answer's; return the usage. Errors before the answer starts are raised (the
+        route sends them as JSON).
+
+        A deployment that fails before its first byte (unreachable, timed out, 5xx, 429) is
+        counted (`Deployments.failed`: cooldowns) and the request goes to the next deployment of
+        the group, up to `router_settings.num_retries` times (default: each deployment once).
+        """
+        model = model or request.model
+        deployments = self.deployments
+        router = deployments.router
+        tried: list[str] = []
+        last: BackendError | None = None
+        while True:
+            try:
+                backend = deployments.pick(model, tried)
+            except GatewayError:
+                if last is not None:
+                    raise last from None  # the app hears why the group failed, not "none left"
+                raise
+            if request.endpoint not in backend.endpoints:
+                raise InvalidRequest(
+                    f"The model '{request.model}' does not support /v1/{request.endpoint}",
+                    param="model",
+                    code="unsupported_endpoint",
+                )
+            request.deployment = backend.id
+            for _ in range(1 + (backend.settings.max_retries or 0)):
+                if last is not None and router.retry_after:
+                    await cancel_on_disconnect(request.receive, asyncio.sleep(router.retry_after))
+                try:
+                    return await self._once(backend, request, headers)
+                except BackendError as exc:
+                    if not worth_another_deployment(exc):
+                        raise
+                    deployments.failed(backend, exc)
+                    last = exc
+                if not deployments.available(backend):
+                    break  # cooling down: no more tries here
+            tried.append(backend.id)
+            if router.num_retries is not None and len(tried) > router.num_retries:
+                raise last from None
+
+    async def _once(self, backend: Backend, request: AppRequest, headers: Headers) -> Usage | None:
+        body = dict(request.body)  # each deployment rewrites `model` (and stream options) in its copy
         with self.deployments.lease(backend) as lease:
             if request.stream:
-                usage = await cancel_on_disconnect(request.receive, self._stream(backend, request, headers))
+                work = self._stream(backend, request, body, headers)
+                usage = await cancel_on_disconnect(request.receive, work)
                 await request.send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
-                call = backend.complete(request.endpoint, request.body)
-                reply = await cancel_on_disconnect(request.receive, call)
+                reply = await cancel_on_disconnect(request.receive, backend.complete(request.endpoint, body))
                 usage, extra = self._ensure_usage(request.endpoint, reply)
                 await send_bytes(request.send, 200, reply.body, headers + extra)
             lease.used(usage)
+        self.deployments.answered(backend, time.perf_counter() - request.started)
         return usage
 
-    async def _stream(self, backend: Backend, request: AppRequest, headers: Headers) -> Usage | None:
+    async def _stream(
+        self, backend: Backend, request: AppRequest, body: dict[str, Any], headers: Headers
+    ) -> Usage | None:
         """Relay a stream. Failures before the first byte raise (a JSON error follows); after the
         headers are out, a failure becomes an SSE error event."""
         send = request.send
-        sse = await backend.stream(request.endpoint, request.body)
+        sse = await backend.stream(request.endpoint, body)
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
         done = False
         first = True
@@ -68,7 +107,7 @@ class LocalServing:
             if not done:
                 await send({"type": "http.response.body", "body": DONE, "more_body": True})
         except BackendError as exc:
-            log.warning("stream broke off", model=request.model, error=exc.message)
+            self.deployments.failed(backend, exc)  # logged there, with the deployment's id
             self.metrics.count_error("stream", exc.type)
             await send(
                 {"type": "http.response.body", "body": b"data: " + exc.body() + b"\n\n", "more_body": True}

@@ -102,6 +102,17 @@ class BackendSettings(PluginSettings):
     max_parallel_requests: int | None = Field(
         None, gt=0, description="requests sent to this deployment at once; more are refused with 429"
     )
+    # LiteLLM's per-deployment routing and client keys (docs/litellm-config.md):
+    weight: float | None = Field(
+        None, gt=0, description="share of requests under routing_strategy simple-shuffle (default 1)"
+    )
+    stream_timeout: float | None = Field(
+        None, gt=0, description="seconds to wait for a streamed answer's next byte (default: timeout)"
+    )
+    max_retries: int | None = Field(
+        None, ge=0, description="extra tries on this deployment after a failure, before the next one"
+    )
+    organization: str | None = Field(None, description="sent as the OpenAI-Organization header")
 
     @property
     def upstream_model(self) -> str:
@@ -124,6 +135,9 @@ class BackendState:
     load: BackendLoad | None = None
     recent_requests: deque[float] = field(default_factory=deque)
     recent_tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    failures: deque[float] = field(default_factory=deque)  # monotonic times, the last minute's
+    cooldown_until: float = 0.0  # monotonic time; not picked before it
+    latency_s: float | None = None  # moving average of answered requests' latency
 
 
 class Backend(ABC):
