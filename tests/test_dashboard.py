@@ -216,8 +216,9 @@ def test_the_page_shows_what_the_apis_say(net: Net, browser, tmp_path: Path) -> 
 
     driver = browser
     entry = net.entry
+    last_route = ""
     for i in range(8):
-        chat(entry, stream=i % 2 == 1)
+        last_route = chat(entry, stream=i % 2 == 1).headers["x-wwwserve-route"]
     sign_in(driver, entry.url)
 
     def agrees() -> bool:
@@ -236,8 +237,25 @@ def test_the_page_shows_what_the_apis_say(net: Net, browser, tmp_path: Path) -> 
     links = driver.find_element(By.ID, "link-count").text
     assert int(links) >= 2  # the entry holds a connection to each executor
     where = screenshot_dir(tmp_path)
-    driver.save_screenshot(str(where / "dashboard.png"))
+    driver.save_screenshot(str(where / "dashboard-network.png"))
 
+    driver.find_element(By.CSS_SELECTOR, "a[data-tab=traffic]").click()
+
+    def last_request_route() -> str | None:
+        cells = driver.find_elements(By.CSS_SELECTOR, "#recent tbody tr[data-request] [data-route]")
+        return cells[0].get_attribute("data-route") if cells else None
+
+    wait_until(lambda: last_request_route() == last_route, 20, what="the last request's route on the page")
+    assert last_route.split(",")[0] == net.ids["E"] and len(last_route.split(",")) == 2
+
+    def charted() -> bool:  # traffic while the page watches: the charts fill
+        chat(entry, stream=True)
+        return driver.execute_script(
+            "const s = state.snap; return !!s && s.traffic.points.filter(p => p.delegated > 0).length >= 3"
+        )
+
+    wait_until(charted, 30, interval=0.05, what="requests per second charted")
+    driver.save_screenshot(str(where / "dashboard.png"))
     for tab in ("credits", "backends"):
         driver.find_element(By.CSS_SELECTOR, f"a[data-tab={tab}]").click()
         wait_until(

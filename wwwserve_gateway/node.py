@@ -103,7 +103,16 @@ class Node:
             self.requests,
         )
         self.app = create_app(
-            AppParts(settings, self.dispatcher, self.deployments, self.metrics, self, self.api, self.lifespan)
+            AppParts(
+                settings,
+                self.dispatcher,
+                self.deployments,
+                self.metrics,
+                self,
+                self.api,
+                self.lifespan,
+                requests=self.requests,
+            )
         )
         self._tasks: list[asyncio.Task[None]] = []
 

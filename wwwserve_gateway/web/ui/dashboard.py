@@ -102,7 +102,7 @@ class Dashboard:
 
     async def refresh(self) -> None:
         """One tick's reads: a traffic point, new ledger operations, now and then the lag."""
-        self.traffic.sample()
+        self.traffic.sample(self.sources.requests.recent() if self.sources.requests is not None else ())
         node = self.sources.node
         if self._ticks % CREDITS_EVERY == 0:
             authors = sorted(node.ledger.balances_view())

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.samples import Sample
+
+from wwwserve_gateway.web.ui.sources import RequestRecordLike
 
 REQUESTS = "wwwserve_requests_total"
 DELEGATED = "wwwserve_delegations_total"
@@ -74,6 +76,13 @@ def quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:
     return lower
 
 
+def exact(q: float, ordered: Sequence[float]) -> float | None:
+    """The q-quantile of sorted values (nearest rank); None without values."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(math.ceil(q * len(ordered)) - 1, 0))]
+
+
 def _bucket_sums(samples: list[Sample]) -> tuple[tuple[float, float], ...]:
     sums: dict[float, float] = {}
     for s in samples:
@@ -123,8 +132,10 @@ class TrafficSampler:
             time.time(), requests, failed, delegated, served, _bucket_sums(latency), _bucket_sums(ttft)
         )
 
-    def sample(self) -> TrafficPoint | None:
-        """Take a reading; the point since the previous one (None for the first reading)."""
+    def sample(self, records: Sequence[RequestRecordLike] = ()) -> TrafficPoint | None:
+        """Take a reading; the point since the previous one (None for the first reading). With the
+        node's recent request records, percentiles are exact over the requests that ended in the
+        tick (the histograms' buckets are coarse, and delegated streams' TTFT is only in records)."""
         now = self.read()
         before, self._last = self._last, now
         if before is None:
@@ -151,6 +162,18 @@ class TrafficSampler:
             ttft_p50_ms=_ms(quantile(0.5, ttft)),
             ttft_p95_ms=_ms(quantile(0.95, ttft)),
         )
+        ended = [r for r in records if before.at < r.started + r.latency_s <= now.at]
+        if ended:
+            latencies = sorted(r.latency_s for r in ended)
+            ttfts = sorted(r.ttft_s for r in ended if r.ttft_s is not None)
+            point = replace(
+                point,
+                p50_ms=_ms(exact(0.5, latencies)),
+                p95_ms=_ms(exact(0.95, latencies)),
+                p99_ms=_ms(exact(0.99, latencies)),
+                ttft_p50_ms=_ms(exact(0.5, ttfts)),
+                ttft_p95_ms=_ms(exact(0.95, ttfts)),
+            )
         self.points.append(point)
         return point
 

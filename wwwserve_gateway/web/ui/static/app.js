@@ -70,7 +70,7 @@ function chart(id, series, data) {
       width: host.offsetWidth, height: 240,
       series: [{}, ...series.map(([label, color]) => ({ label, stroke: css(color), width: 2, spanGaps: false }))],
       axes: [axis, { ...axis, size: 56 }],
-      scales: { x: { time: true } },
+      scales: { x: { time: true, range: (u, lo, hi) => [Math.min(lo, hi - 120), hi] } },
       cursor: { points: { size: 6 } },
     }, data, host);
   } else {
