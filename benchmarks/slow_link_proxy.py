@@ -21,6 +21,15 @@ A closed side is closed on the other after the data in flight (with the latency)
 target that does not answer is closed at once (the client sees the connection close, as with a dead
 peer behind a live router).
 
+Per pair of nodes (`--pairs JSON`, {TARGET_PORT: {NODE_ID: LATENCY_MS}}): a node reaches a peer at
+one address (its gossiped public URL, the peer's proxy), so a proxy in front of each node cannot tell
+who dialled from the address. It reads it from the connection instead: a wwwserve overlay connection
+opens with an HTTP upgrade and then the dialler's handshake `hello`, a (masked) websocket message
+holding its node id in clear JSON. Once that message has crossed, the connection's latency becomes the
+pair's (both directions), so a link between A and B has the same delay whoever dialled. What crosses
+before (the upgrade request and answer) has the link's own latency. Connections whose dialler is not
+in the table keep the link's latency (`identified`/`unidentified` in the stats).
+
 Prints 'listening http://127.0.0.1:LISTEN -> 127.0.0.1:TARGET @LATENCY ms' per link once bound, and
 exits when stdin closes, printing one last line 'stats {JSON}' (per link: connections, bytes each
 way, stalls, stalled seconds). As a library: `SlowLinkProxy(target_port, spec).start()` in a running
@@ -35,6 +44,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections import deque
@@ -70,6 +80,44 @@ class LinkStats:
     bytes_out: int = 0  # target -> client
     stalls: int = 0
     stalled_s: float = 0.0
+    identified: int = 0  # connections whose dialler was found in the pair table
+    unidentified: int = 0  # overlay connections from a node not in the table
+
+
+HELLO_ID = re.compile(rb'"id"\s*:\s*"([0-9a-f]{64})"')
+SNIFF_LIMIT = 16384  # bytes of a connection's start searched for the dialler's hello
+
+
+def first_ws_message(data: bytes) -> bytes | None:
+    """The unmasked payload of the first websocket frame after an HTTP request's headers in `data`,
+    or None while it is incomplete (or when `data` is no websocket upgrade)."""
+    head_end = data.find(b"\r\n\r\n")
+    if head_end < 0 or b"websocket" not in data[:head_end].lower():
+        return None
+    at = head_end + 4
+    if len(data) < at + 2:
+        return None
+    masked, size = data[at + 1] & 0x80, data[at + 1] & 0x7F
+    at += 2
+    if size == 126:
+        if len(data) < at + 2:
+            return None
+        size, at = int.from_bytes(data[at : at + 2], "big"), at + 2
+    elif size == 127:
+        if len(data) < at + 8:
+            return None
+        size, at = int.from_bytes(data[at : at + 8], "big"), at + 8
+    key = b""
+    if masked:
+        if len(data) < at + 4:
+            return None
+        key, at = data[at : at + 4], at + 4
+    if len(data) < at + size:
+        return None
+    payload = data[at : at + size]
+    if key:
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return payload
 
 
 class _Direction:
@@ -92,11 +140,14 @@ class _Direction:
         self.bw_free_at = 0.0
 
     async def read(self) -> None:
-        spec, loop = self.conn.spec, asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 await self.room.wait()
                 data = await self.reader.read(READ_SIZE)
+                if self.inbound and data and self.conn.sniffing:
+                    self.conn.sniff(data)
+                spec = self.conn.spec
                 now = loop.time()
                 due = max(self.last_due, now + spec.delay(self.conn.rng))
                 if data and spec.bandwidth_kbps > 0:
@@ -116,7 +167,7 @@ class _Direction:
                     stats.bytes_out += len(data)
                 if self.queued >= spec.max_buffer:
                     self.room.clear()
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, RuntimeError):  # uvloop: RuntimeError on a closed transport
             self.queue.append((loop.time(), None))
             self.wake.set()
 
@@ -144,7 +195,7 @@ class _Direction:
                 self.queued -= len(data)
                 if self.queued < self.conn.spec.max_buffer:
                     self.room.set()
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, RuntimeError):  # uvloop: RuntimeError on a closed transport
             return
 
 
@@ -155,6 +206,30 @@ class _Connection:
         self.stats = proxy.stats
         self.rng = random.Random(proxy.rng.random())
         self.frozen_until = 0.0
+        self.sniffing = bool(proxy.pairs)
+        self.seen = b""
+        self.peer: str | None = None
+
+    def sniff(self, data: bytes) -> None:
+        """Look for the dialler's overlay hello in the connection's first bytes; once found, the
+        pair's latency applies from the next read on (see the module doc)."""
+        self.seen += data
+        message = first_ws_message(self.seen)
+        if message is None and len(self.seen) < SNIFF_LIMIT:
+            return
+        self.sniffing = False
+        self.seen = b""
+        found = HELLO_ID.search(message or b"")
+        if not found:
+            return
+        peer = found.group(1).decode()
+        latency = self.proxy.pairs.get(peer)
+        if latency is None:
+            self.stats.unidentified += 1
+            return
+        self.peer = peer
+        self.stats.identified += 1
+        self.spec = LinkSpec(**{**asdict(self.spec), "latency_ms": latency})
 
     async def run(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.stats.connections += 1
@@ -198,10 +273,16 @@ class SlowLinkProxy:
     """One link: listens on 127.0.0.1:listen_port and forwards to 127.0.0.1:target_port via `spec`."""
 
     def __init__(
-        self, target_port: int, spec: LinkSpec, listen_port: int = 0, seed: int | None = None
+        self,
+        target_port: int,
+        spec: LinkSpec,
+        listen_port: int = 0,
+        seed: int | None = None,
+        pairs: dict[str, float] | None = None,
     ) -> None:
         self.target_port = target_port
         self.spec = spec
+        self.pairs = pairs or {}  # dialler's node id -> one-way latency ms
         self.listen_port = listen_port
         self.rng = random.Random(seed)
         self.stats = LinkStats()
@@ -261,12 +342,15 @@ class ProxyProcess:
     links: list[Link]
     spec: LinkSpec = field(default_factory=LinkSpec)
     seed: int | None = None
+    pairs: dict[int, dict[str, float]] = field(default_factory=dict)  # target port -> {node id: ms}
     urls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), *cli_args(self.spec, self.seed)]
         for link in self.links:
             cmd += ["--link", link.arg()]
+        if self.pairs:
+            cmd += ["--pairs", json.dumps({str(k): v for k, v in self.pairs.items()})]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         for _ in self.links:
@@ -312,13 +396,19 @@ def parse_link(text: str, default_latency: float) -> Link:
     return Link(int(target), float(latency) if latency else default_latency, int(listen) if listen else 0)
 
 
-async def serve(links: list[Link], spec: LinkSpec, seed: int | None) -> None:
+async def serve(
+    links: list[Link], spec: LinkSpec, seed: int | None, pairs: dict[int, dict[str, float]] | None = None
+) -> None:
     rng = random.Random(seed)
     proxies = []
     for link in links:
         link_spec = LinkSpec(**{**asdict(spec), "latency_ms": link.latency_ms})
         proxy = await SlowLinkProxy(
-            link.target_port, link_spec, link.listen_port, rng.randrange(2**32)
+            link.target_port,
+            link_spec,
+            link.listen_port,
+            rng.randrange(2**32),
+            (pairs or {}).get(link.target_port),
         ).start()
         proxies.append(proxy)
         print(f"listening {proxy.url} -> {LOOPBACK}:{link.target_port} @{link.latency_ms:g} ms", flush=True)
@@ -362,6 +452,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-buffer", type=int, default=4 * 2**20, help="bytes held per direction at most")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--pairs",
+        default=None,
+        help='per-pair one-way latency: JSON {"TARGET_PORT": {"NODE_ID": MS}} (see above)',
+    )
     args = parser.parse_args(argv)
     lo, _, hi = args.stall_s.partition("-")
     spec = LinkSpec(
@@ -381,7 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:  # pragma: no cover
         run = asyncio.run
     with contextlib.suppress(KeyboardInterrupt):
-        run(serve(links, spec, args.seed))
+        pairs = {int(k): v for k, v in json.loads(args.pairs).items()} if args.pairs else None
+        run(serve(links, spec, args.seed, pairs))
     sys.stdout.flush()
     os._exit(0)  # the stdin reader thread would otherwise block interpreter shutdown
 
