@@ -10,10 +10,12 @@ else to the test's temporary directory.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -291,6 +293,31 @@ def test_docs_list_every_route(net: Net, browser) -> None:
 
     wait_until(lambda: listed() == expected, 30, interval=0.2, what="every route of /openapi.json on /docs")
     assert ("POST", "/v1/chat/completions") in expected
+
+
+def wwwserve(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "wwwserve_gateway", *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_cli_shows_peers_with_stake_and_balance_and_a_top_view(net: Net) -> None:
+    url = net.entry.url
+    listed = {p["id"]: p for p in json.loads(wwwserve("peers", "--url", url, "--json"))}
+    assert set(listed) == set(net.ids.values())
+    for peer in listed.values():
+        assert set(peer["account"]) >= {"liquid", "bonded", "unbonding", "barred"}
+        assert peer["url"] is None  # no operator key given
+    assert listed[net.ids["X1"]]["account"]["bonded"] == BOND
+    # Not a terminal: full ids and URLs, never cut.
+    table = wwwserve("peers", "--url", url, "--key", KEY)
+    for node_id in net.ids.values():
+        assert node_id in table
+    assert net.nodes["X1"].url in table
+    screen = wwwserve("top", "--url", url, "--key", KEY, "--once")
+    assert "req/s" in screen and "peers (3)" in screen and "credits" in screen
 
 
 def test_a_killed_node_shows_dead_within_the_gossip_bound(net: Net, browser) -> None:

@@ -346,59 +346,69 @@ def peers(
             envvar="WWWSERVE_OPERATOR_KEY", help="an operator (or the admin) key: shows peers' URLs"
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON: each peer with its account")] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="full ids and URLs (always so when not writing to a terminal)")
+    ] = False,
 ) -> None:
-    """Show the nodes a node knows: state, incarnation, models, load, seconds since last heard."""
+    """Show the nodes a node knows: state, models, load, stake, bonded stake, balance, last heard."""
+    import json
+    import sys
+
+    from wwwserve_gateway.web.ui.terminal import merge_peers, peers_table
+
+    base = url.rstrip("/")
+    known = merge_peers(
+        _get_json(base + "/wwwserve/peers", key), _get_json(base + "/wwwserve/ledger/balances")
+    )
+    if as_json:
+        typer.echo(json.dumps(known, indent=2))
+        return
+    terminal = sys.stdout.isatty()
+    out = Console() if terminal else Console(width=10_000, no_color=True)
+    out.print(peers_table(known, f"{len(known)} nodes known to {url}", wide or not terminal))
+
+
+@app.command()
+def top(
+    url: Annotated[str, typer.Option(help="a node's URL")] = "http://127.0.0.1:4000",
+    key: Annotated[
+        str | None,
+        typer.Option(envvar="WWWSERVE_OPERATOR_KEY", help="an operator (or the admin) key of that node"),
+    ] = None,
+    interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes")] = 1.0,
+    once: Annotated[bool, typer.Option(help="print one screen and exit")] = False,
+) -> None:
+    """A live view of a node: traffic, peers, credits and recent requests (its dashboard's data)."""
+    import time
+
+    from rich.live import Live
+
+    from wwwserve_gateway.web.ui.terminal import top_view
+
+    snapshot_url = url.rstrip("/") + "/ui/api/snapshot"
+    if once:
+        Console().print(top_view(_get_json(snapshot_url, key), url))
+        return
+    with Live(top_view(_get_json(snapshot_url, key), url), refresh_per_second=4, screen=True) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(top_view(_get_json(snapshot_url, key), url))
+        except KeyboardInterrupt:
+            pass
+
+
+def _get_json(url: str, key: str | None = None):
     import json
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(url.rstrip("/") + "/wwwserve/peers")
+    request = urllib.request.Request(url)
     if key:
         request.add_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
-            known = json.load(resp)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        console.print(f"[red]error[/red] cannot read {url}/wwwserve/peers: {exc}")
-        raise typer.Exit(1) from None
-    if as_json:
-        typer.echo(json.dumps(known, indent=2))
-        return
-    from wwwserve_gateway.plugin_api.peers import PeerState
-
-    colours = {
-        PeerState.ALIVE: "green",
-        PeerState.SUSPECT: "yellow",
-        PeerState.DEAD: "red",
-        PeerState.LEFT: "dim",
-    }
-    table = Table(title=f"{len(known)} nodes known to {url}")
-    for column in ("id", "state", "inc", "age s", "models", "running", "waiting", "url"):
-        table.add_column(column)
-    for peer in known:
-        load = peer.get("load") or {}
-        state = peer["state"]
-        table.add_row(
-            peer["id"][:16] + (" (self)" if peer.get("self") else ""),
-            f"[{colours.get(state, 'white')}]{state}[/]",
-            str(peer["incarnation"]),
-            f"{peer['age_s']:.1f}",
-            ", ".join(m["name"] for m in peer.get("models", [])),
-            str(load.get("running", "-")),
-            str(load.get("waiting", "-")),
-            peer["url"] or "(operator key needed)",
-        )
-    Console().print(table)
-
-
-def _get_json(url: str):
-    import json
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
             return json.load(resp)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         console.print(f"[red]error[/red] cannot read {url}: {exc}")
