@@ -77,12 +77,39 @@ class Plan:
         return cls(settings, variants, horizon, scale, args.seed, args.quick, args.workers)
 
 
+START_ATTEMPTS = (
+    2  # a network that does not converge (a node slow to start on a loaded machine) is retried once
+)
+
+
 async def run_variant(setting: Setting, variant: Variant, plan: Plan, progress: Progress) -> dict[str, Any]:
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            result = await run_variant_once(setting, variant, plan, progress)
+        except TimeoutError as exc:
+            if attempt == START_ATTEMPTS:
+                raise
+            console.print(f"[yellow]  {variant.name}: {exc}; starting the network again[/]")
+            continue
+        result["start_attempts"] = attempt
+        return result
+    raise AssertionError("unreachable")
+
+
+async def run_variant_once(
+    setting: Setting, variant: Variant, plan: Plan, progress: Progress
+) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"paper_eval_s{setting.number}_{variant.name}_"))
     cluster = Cluster(setting, variant, plan.time_scale, workdir, plan.seed)
     t0 = time.monotonic()
     try:
-        await cluster.start()
+        try:
+            await cluster.start()
+        except TimeoutError:
+            for name, node in cluster.nodes.items():  # say why, before the workdir goes
+                tail = node.log_path.read_text(errors="replace")[-600:] if node.log_path.exists() else ""
+                console.print(f"[yellow]  {name} log tail:[/] {tail}")
+            raise
         started_s = time.monotonic() - t0
         timeout = aiohttp.ClientTimeout(total=(setting.horizon + DRAIN_PAPER_S) / plan.time_scale + 60)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
