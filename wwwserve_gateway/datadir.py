@@ -49,3 +49,41 @@ def _tighten(path: Path, changed: list[str]) -> None:
         changed.append(f"{path}: left at {old:o} ({exc.strerror})")
         return
     changed.append(f"{path}: {old:o} -> {new:o}")
+
+
+LOCK_FILE = "node.lock"
+
+
+class DataDirInUse(RuntimeError):
+    """Another process holds this data dir, and with it the node's identity."""
+
+
+class DataDirLock:
+    """An exclusive lock on the data dir for this process's lifetime (released by the kernel when
+    the process dies, kill -9 included). Two processes with one identity would sign two different
+    operations at the same seq of its ledger chain, and the network bars a forked chain for good."""
+
+    def __init__(self, data_dir: Path) -> None:
+        import fcntl
+
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = data_dir / LOCK_FILE
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirInUse(
+                f"the data dir {data_dir} is in use by another node process (pid {holder}): two "
+                "processes with one identity would fork its ledger chain. Stop the other process, "
+                "or give this one its own node.data_dir (and so its own identity)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -26,8 +28,11 @@ from wwwserve_gateway.plugins.gossip.membership import Membership, Outgoing
 log = structlog.get_logger(__name__)
 
 KIND = "gossip"
-REJOIN_AFTER_ROUNDS = 1  # a lone node retries its bootstrap every round (one message)
+REJOIN_AFTER_ROUNDS = 1  # a lone node retries its seeds every round (one message each)
 LEAVE_FLUSH_S = 1.0
+PEERS_FILE = "known_peers.json"  # in the data dir: the peers to rejoin through after a restart
+MAX_REMEMBERED = 32
+ALONE_WARNING_ROUNDS = 10  # a node with seeds that is still alone after this many rounds says so
 
 
 def overlay_endpoint(url: str) -> str:
@@ -58,19 +63,46 @@ class SwimGossip(GossipPlugin):
         self._published: dict[str, Any] | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
+        self._peers_file = node.data_dir / PEERS_FILE
+        self._remembered: list[str] = _read_peers(self._peers_file)
         node.metrics.register(_MembershipCollector(self.membership))
 
     async def start(self) -> None:
         self.node.overlay.on_message(KIND, self._on_message)
         self._publish_own()
-        self._deliver(self.membership.join(list(self.node.bootstrap)))
+        seeds = self._seeds()
+        if seeds:
+            log.info("joining the network", seeds=seeds)
+        else:
+            log.info("first node of the network: waiting for peers to join through it")
+        self._deliver(self.membership.join(seeds))
         self._loop = asyncio.create_task(self._run())
+
+    def _seeds(self) -> list[str]:
+        """The bootstrap list and the peers this node last knew (a seed node has no bootstrap
+        list, yet must find its network again after a restart)."""
+        return list(dict.fromkeys([*self.node.bootstrap, *self._remembered]))
+
+    def _remember(self) -> None:
+        """Keep the live peers' URLs in the data dir (rewritten only when they change)."""
+        urls = sorted({p.url for p in self.membership.members() if p.alive and p.id != self.node.node_id})
+        urls = urls[:MAX_REMEMBERED]
+        if not urls or urls == self._remembered:
+            return
+        self._remembered = urls
+        try:
+            tmp = self._peers_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(urls))
+            tmp.replace(self._peers_file)
+        except OSError as exc:
+            log.warning("cannot remember the known peers", path=str(self._peers_file), error=str(exc))
 
     async def stop(self) -> None:
         if self._loop is not None:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
+        self._remember()
         self._deliver(self.membership.leave())
         if self._sending:
             await asyncio.wait(self._sending, timeout=LEAVE_FLUSH_S)
@@ -99,6 +131,8 @@ class SwimGossip(GossipPlugin):
         interval = self.params.interval_s
         next_round = time.monotonic() + interval
         rounds_alone = 0
+        rounds_unjoined = 0  # rounds with seeds and no peer ever heard from
+        joined = False
         while True:
             # Wake for each round, and between rounds when an indirect probe or a suspicion is due.
             wake = min(self.membership.next_deadline(), next_round)
@@ -107,11 +141,25 @@ class SwimGossip(GossipPlugin):
                 if time.monotonic() >= next_round:
                     next_round += interval
                     self._publish_own()
-                    rounds_alone = 0 if self.membership.alive_ids() else rounds_alone + 1
-                    if self.node.bootstrap and rounds_alone >= REJOIN_AFTER_ROUNDS:
-                        # No peer known (every bootstrap was unreachable, or all left): keep trying.
+                    alive = [i for i in self.membership.alive_ids() if i != self.node.node_id]
+                    rounds_alone = 0 if alive else rounds_alone + 1
+                    if alive and not joined:
+                        joined = True
+                        log.info("joined the network", peers=len(alive))
+                    if alive:
+                        self._remember()
+                    seeds = self._seeds()
+                    if seeds and rounds_alone >= REJOIN_AFTER_ROUNDS:
+                        # No peer known (every seed was unreachable, or all left): keep trying.
                         rounds_alone = 0
-                        self._deliver(self.membership.join(list(self.node.bootstrap)))
+                        self._deliver(self.membership.join(seeds))
+                    rounds_unjoined = rounds_unjoined + 1 if seeds and not joined else 0
+                    if rounds_unjoined == ALONE_WARNING_ROUNDS:
+                        log.warning(
+                            "no seed answers: this node is alone; still trying each round",
+                            seeds=seeds,
+                            rounds=rounds_unjoined,
+                        )
                 self._deliver(self.membership.tick())
             except Exception:
                 log.exception("gossip round failed")
@@ -153,6 +201,19 @@ class SwimGossip(GossipPlugin):
                 await overlay.send(peer, KIND, out.message)
         except Exception as exc:  # the membership core treats silence as failure; nothing to do here
             log.debug("gossip send failed", to=out.to[:16] or out.url, error=str(exc))
+
+
+def _read_peers(path: Path) -> list[str]:
+    """The remembered peers' URLs; what this node wrote, yet read as untrusted (a list of URLs)."""
+    try:
+        urls = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(urls, list):
+        return []
+    return [
+        u for u in urls if isinstance(u, str) and u.startswith(("http://", "https://", "ws://", "wss://"))
+    ][:MAX_REMEMBERED]
 
 
 class _MembershipCollector:

@@ -65,6 +65,7 @@ log = structlog.get_logger(__name__)
 RANGE_KIND = "ledger.range"
 HEADS_KIND = "ledger.heads"
 COUNTERSIGN_KIND = "ledger.countersign"
+ANNOUNCE_KIND = "ledger.announce"
 # An executor that does not countersign within this is paid by its receipts (the long form).
 COUNTERSIGN_TIMEOUT_S = 5.0
 BUCKETS = 64
@@ -123,6 +124,16 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
         # Opening re-verifies each chain's latest operations: a tampered database stops the node
         # here, with the offending rows named.
         self.store = LedgerStore(settings.database_url or default_url(node.data_dir), node.genesis.network_id)
+        try:
+            self.store.hold_author(node.node_id)
+            # Every row's links now (cheap: a flipped byte stops the node here, naming the row);
+            # signatures in the background once running (see start).
+            self._stored: list[Operation] | None = self.store.linked_ops()
+        except Exception:
+            self.store.close()
+            raise
+        self._signatures_checked = False
+        self._checking: asyncio.Task[None] | None = None
         self.net = node.genesis.network_id
         self.balances = Balances(self.params, self.net)
         self._lock = asyncio.Lock()
@@ -162,8 +173,11 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
         overlay.on_request(RANGE_KIND, self._serve_range)
         overlay.on_request(HEADS_KIND, self._serve_heads)
         overlay.on_request(COUNTERSIGN_KIND, self._serve_countersign)
-        ops = await asyncio.to_thread(lambda: list(self.store.all_ops()))
-        self.balances = Balances.fold(ops, self.params, self.net)
+        overlay.on_request(ANNOUNCE_KIND, self._serve_announce)
+        ops, self._stored = self._stored or [], None
+        self.balances = await asyncio.to_thread(Balances.fold, ops, self.params, self.net)
+        del ops
+        self._checking = asyncio.create_task(self._check_signatures())
         if self.store.head(self.node.identity.node_id) is None:
             grant = self.params.allocations.get(self.node.node_id, 0)
             await self.append_own("join", {"grant": grant})
@@ -176,6 +190,62 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
             except Exception as exc:
                 log.warning("paying pending receipts failed; retrying later", error=str(exc))
                 self._arm_flush(self.params.payment_batch_window_s)
+
+    async def drain(self, within_s: float) -> None:
+        """Pay the pending debts, then announce this node's head to every live peer, each of which
+        pulls what it lacks before it answers: a payment made on the way out reaches the network
+        before this node is gone (gossip would carry it a sync round later, too late)."""
+        try:
+            async with asyncio.timeout(within_s):
+                await self._flush()
+                head = self.store.head(self.node.node_id)
+                peers = [p.id for p in self.node.gossip.peers() if p.alive and p.id != self.node.node_id]
+                if head is None or not peers:
+                    return
+                body = {"author": self.node.node_id, "seq": head[0], "head": head[1]}
+                answers = await asyncio.gather(
+                    *(self.node.overlay.request(p, ANNOUNCE_KIND, body, timeout=within_s) for p in peers),
+                    return_exceptions=True,
+                )
+                caught_up = sum(isinstance(a, dict) and a.get("seq") == head[0] for a in answers)
+                log.info("ledger handed over", head=head[0], peers=len(peers), caught_up=caught_up)
+        except TimeoutError:
+            log.warning("ledger hand-over cut short at the stop deadline", within_s=within_s)
+        except Exception as exc:  # still on disk: it goes out when the node is back
+            log.warning("ledger hand-over failed", error=str(exc))
+
+    async def _check_signatures(self) -> None:
+        """Every stored operation's signature, off the event loop. Until it is done this node serves
+        no ledger data (a peer asks again on its next sync); if it fails, it never does."""
+        started = time.perf_counter()
+        problems = await asyncio.to_thread(self.store.verify)
+        if problems:
+            log.error("the stored ledger fails verification: serving none of it", problems=problems[:20])
+            return
+        self._signatures_checked = True
+        log.info("stored ledger verified", seconds=round(time.perf_counter() - started, 3))
+
+    def _require_checked(self) -> None:
+        if not self._signatures_checked:
+            raise ValueError("this node's stored ledger is still being verified; ask again later")
+
+    async def _serve_announce(self, peer_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A peer about to leave names its own head: pull what is missing of its chain, then say
+        where this node's copy stands. Only the announcer's own chain, from the announcer."""
+        author, seq = body.get("author"), body.get("seq")
+        if author != peer_id or not isinstance(seq, int):
+            raise ValueError("ledger.announce takes {author: the sender's own id, seq: int}")
+        head = self.store.head(author)
+        if head is None or head[0] < seq:
+            key = f"{peer_id}:{author}"
+            if key not in self._pulling:
+                self._pulling.add(key)
+                try:
+                    await self._pull(peer_id, author)
+                finally:
+                    self._pull_done(key)
+            head = self.store.head(author)
+        return {"seq": head[0] if head else 0}
 
     async def stop(self) -> None:
         self._stopped = True
@@ -191,6 +261,10 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
             self._refold.cancel()
         if self._refolding is not None:
             self._refolding.cancel()
+        if self._checking is not None:
+            self._checking.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._checking
         self._verifier.close()
         await asyncio.to_thread(self.store.close)
 
@@ -508,6 +582,7 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
                 self._schedule_pull(peer_id, author)
 
     async def _serve_heads(self, peer_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        self._require_checked()
         wanted = body.get("buckets")
         if not isinstance(wanted, list) or not all(isinstance(i, int) for i in wanted):
             raise ValueError("ledger.heads takes {buckets: [int]}")
@@ -605,6 +680,7 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
         await self.append_own("fraud", {"a": a.signed, "b": b.signed})
 
     async def _serve_range(self, peer_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        self._require_checked()
         author, start, limit = body.get("author"), body.get("from", 1), body.get("limit", RANGE_LIMIT)
         if not isinstance(author, str) or not isinstance(start, int) or not isinstance(limit, int):
             raise ValueError("ledger.range takes {author: str, from: int, limit: int}")

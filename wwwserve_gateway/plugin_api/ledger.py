@@ -48,6 +48,11 @@ class LedgerPlugin(Plugin, ABC):
         """Whether a payment of `entry` to `executor` for the receipt of `request` (its hash) is
         in the ledger as this node holds it."""
 
+    async def drain(self, within_s: float) -> None:
+        """Before the node leaves the network (a graceful stop): pay what it owes and hand its own
+        latest operations to its peers, waiting at most `within_s`. What is not done by then is
+        still on disk, and goes out when the node returns."""
+
     def quality(self, node_id: str, model: str) -> float:
         """`node_id`'s quality score for `model`: an Elo rating over the duels it has settled, 1500
         when unknown (what a ledger without duels returns)."""
