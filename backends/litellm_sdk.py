@@ -126,7 +126,7 @@ class LiteLLMBackend(Backend):
                 )
             kwargs[key] = value
         kwargs.update(
-            model=self.upstream_model,
+            model=self.upstream_for(str(body.get("model", ""))),
             api_base=self.settings.api_base,
             api_key=self.settings.api_key,
             timeout=self.timeout,

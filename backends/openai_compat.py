@@ -59,6 +59,7 @@ class OpenAICompatBackend(Backend):
         self._session: aiohttp.ClientSession | None = None
         self._fresh_session: aiohttp.ClientSession | None = None
         self._urls = {e: self.url(e.value) for e in Endpoint}
+        self._wildcard = "*" in self.entry.litellm_params["model"]
         stream_timeout = self.settings.stream_timeout
         self._stream_timeout = (
             aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=stream_timeout)
@@ -111,7 +112,7 @@ class OpenAICompatBackend(Backend):
     async def _post(
         self, endpoint: Endpoint, body: dict[str, Any], *, stream: bool = False
     ) -> aiohttp.ClientResponse:
-        body["model"] = self.upstream_model
+        body["model"] = self.upstream_for(body["model"]) if self._wildcard else self.upstream_model
         data = orjson.dumps(body)
         url = self._urls[endpoint]
         # Messages name the deployment, never its address (apps see them); the cause, kept as

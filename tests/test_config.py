@@ -91,9 +91,13 @@ def test_unknown_top_level_key_suggests_a_fix() -> None:
     assert "model_list" in message
 
 
-def test_litellm_proxy_section_is_explained() -> None:
-    [message] = problems({"litellm_settings": {"callbacks": []}})
-    assert "LiteLLM" in message and "remove it" in message
+def test_litellm_proxy_section_is_accepted_with_one_warning_per_key() -> None:
+    config = parse_config({"litellm_settings": {"callbacks": [], "request_timeout": 30}})
+    assert [str(w) for w in config.warnings] == [
+        "litellm_settings.callbacks: no effect on a wwwserve node: LiteLLM callbacks are not run; "
+        "use /metrics and the access log (node.access_log)"
+    ]
+    assert config.node.request_timeout == 30  # honoured
 
 
 def test_unknown_node_key() -> None:
@@ -107,10 +111,29 @@ def test_wrong_type_says_what_is_expected() -> None:
     assert "TCP port" in message and "'eighty'" in message
 
 
-def test_model_without_provider_prefix() -> None:
-    [message] = problems({"model_list": [{"model_name": "m", "litellm_params": {"model": "gpt-4o"}}]})
-    assert message.startswith("model_list[0].litellm_params:")
-    assert "provider/name" in message
+@pytest.mark.parametrize(
+    ("params", "model"),
+    [
+        ({"model": "gpt-4o"}, "openai/gpt-4o"),  # LiteLLM infers OpenAI's names
+        ({"model": "text-embedding-3-small"}, "openai/text-embedding-3-small"),
+        ({"model": "my-model", "api_base": "http://h/v1"}, "openai/my-model"),
+        ({"model": "claude-3-5-sonnet"}, "litellm/claude-3-5-sonnet"),  # LiteLLM's own inference
+        ({"model": "llama3", "custom_llm_provider": "ollama_chat"}, "ollama_chat/llama3"),
+    ],
+)
+def test_a_bare_model_name_gets_the_provider_litellm_infers(params: dict, model: str) -> None:
+    config = parse_config({"model_list": [{"model_name": "m", "litellm_params": params}]})
+    assert config.model_list[0].litellm_params["model"] == model
+
+
+def test_env_references_of_unused_keys_are_not_resolved() -> None:
+    raw = {
+        "router_settings": {"redis_host": "os.environ/WWWSERVE_TEST_UNSET"},
+        "general_settings": {"database_url": "os.environ/WWWSERVE_TEST_UNSET"},
+        "node": {"admin_key": "os.environ/WWWSERVE_TEST_UNSET"},
+    }
+    [message] = problems(raw)  # only the key in use needs its variable
+    assert message.startswith("node.admin_key: environment variable WWWSERVE_TEST_UNSET is not set")
 
 
 def test_missing_model_name() -> None:

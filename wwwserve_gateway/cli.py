@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -85,16 +84,6 @@ def node(
             changed=tightened,
         )
     _raise_open_file_limit(settings.max_connections, log)
-    # The port first: a busy one must stop the node before it opens its ledger or dials a peer.
-    try:
-        listening = _bind(settings.host, settings.port)
-    except OSError as exc:
-        console.print(
-            f"[red]cannot start the node:[/red] cannot listen on {settings.host}:{settings.port} "
-            f"({exc.strerror}); set node.port (or --port) to a free port, or stop what holds it",
-            highlight=False,
-        )
-        raise typer.Exit(1) from None
     try:
         gateway = Node(cfg, config_path=config)
     except Exception as exc:  # a refused identity key, a tampered ledger, a broken plugin: say which
@@ -129,25 +118,11 @@ def node(
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(gateway)))
-        await server.serve(sockets=[listening])
+        await server.serve()
 
     import uvloop
 
     uvloop.run(serve())
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port (as uvicorn would bind it), before anything else starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _raise_open_file_limit(max_connections: int, log) -> None:
@@ -201,6 +176,8 @@ def demo(
 def check_config(path: Annotated[Path, typer.Argument(help="the policy file to check")]) -> None:
     """Validate a policy file; exit 2 with one line per problem, naming the key and the fix."""
     cfg = _load(path)
+    for warning in cfg.warnings:  # keys accepted without effect (a LiteLLM config's)
+        console.print(f"[yellow]warning[/yellow] {warning}", highlight=False)
     table = Table(title=f"{path}: OK")
     for column in ("model_name", "provider", "backend model", "deployment id"):
         table.add_column(column)

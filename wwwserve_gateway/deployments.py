@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import math
 import random
 import time
@@ -77,10 +78,35 @@ class Deployments:
         return self._by_id.get(deployment_id)
 
     def model_names(self) -> list[str]:
-        return sorted(self._by_model)
+        return sorted({*self._by_model, *self.router.model_group_alias})
 
     def serves(self, model: str) -> bool:
-        return model in self._by_model
+        return self._group(model) is not None
+
+    def group_name(self, model: str) -> str | None:
+        """The model group that serves `model` (itself, an alias's target, or a wildcard group)."""
+        if model in self._by_model:
+            return model
+        alias = self.router.model_group_alias.get(model)
+        if alias is not None:
+            return alias if alias in self._by_model else None
+        for name in self._by_model:
+            if "*" in name and fnmatch.fnmatchcase(model, name):
+                return name
+        return None
+
+    def _group(self, model: str) -> list[Backend] | None:
+        """The deployments that serve `model`: its group, an alias's group, or a wildcard group
+        ("*", "openai/*") whose pattern it matches (the first listed)."""
+        group = self._by_model.get(model)
+        if group is None:
+            alias = self.router.model_group_alias.get(model)
+            if alias is not None:
+                return self._by_model.get(alias)
+            for name, backends in self._by_model.items():
+                if "*" in name and fnmatch.fnmatchcase(model, name):
+                    return backends
+        return group
 
     async def add(self, entry: ModelEntry) -> Backend:
         """Register a deployment and start it in the background (model loads can take a while)."""
@@ -112,13 +138,10 @@ class Deployments:
     async def aclose(self) -> None:
         await asyncio.gather(*(self.remove(i) for i in list(self._by_id)), return_exceptions=True)
 
-    def group(self, model: str) -> list[Backend]:
-        return list(self._by_model.get(model, ()))
-
     def pick(self, model: str, exclude: Collection[str] = ()) -> Backend:
         """A deployment of `model` to send a request to, leaving out those in `exclude` (tried
         already) and those cooling down."""
-        candidates = self._by_model.get(model)
+        candidates = self._by_model.get(model) or self._group(model)
         if not candidates:
             raise ModelNotFound(f"The model '{model}' does not exist on this node", param="model")
         now = time.monotonic()

@@ -163,8 +163,11 @@ class Dispatcher:
     async def _answer(self, request: AppRequest) -> Usage | None:
         policy = self.api.policy
         model = request.model
-        local = self.deployments.serves(model)
+        group = self.deployments.group_name(model)
+        local = group is not None
         info = request.info()
+        if local and group != model:  # an alias or a wildcard group's model: policies see the group
+            info = dataclasses.replace(info, model=group)
         deadline = request.started + self.request_timeout
         while True:
             decision = policy.decide(info)

@@ -48,6 +48,8 @@ LEDGER_DRAIN_S = 5.0  # at most this long on a graceful stop to pay debts and ha
 class Node:
     def __init__(self, config: GatewayConfig, config_path: Path | None = None) -> None:
         require_valid(config, str(config_path or "config"))
+        for warning in config.warnings:  # keys accepted without effect (a LiteLLM config's)
+            log.warning("config key has no effect", key=warning.key, reason=warning.reason)
         self.config = config
         self.config_path = config_path
         settings = config.node

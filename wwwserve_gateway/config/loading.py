@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from wwwserve_gateway.config.litellm import adopt_litellm
 from wwwserve_gateway.config.problems import ConfigError, ConfigProblem, problems_from_validation
 from wwwserve_gateway.config.schema import GatewayConfig
 
@@ -57,13 +58,15 @@ def parse_config(raw: Any, *, source: str = "config", checks: Iterable[Check] = 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, [ConfigProblem((), "the file must be a YAML mapping of sections")])
-    resolved, problems = resolve_env_refs(raw)
+    adopted, warnings = adopt_litellm(raw)  # LiteLLM's sections: honoured, or dropped with a warning
+    resolved, problems = resolve_env_refs(adopted)
     if problems:
         raise ConfigError(source, problems)
     try:
         config = GatewayConfig.model_validate(resolved)
     except ValidationError as exc:
         raise ConfigError(source, problems_from_validation(exc, GatewayConfig)) from None
+    config.warnings.extend(warnings)
     problems = []
     names: set[str] = set()
     for i, entry in enumerate(config.model_list):
@@ -104,4 +107,6 @@ def load_config(path: str | Path, checks: Iterable[Check] = ()) -> GatewayConfig
     paths = {"data_dir": beside(config.node.data_dir)}
     if config.node.network is not None:
         paths["network"] = beside(config.node.network)
-    return config.model_copy(update={"node": config.node.model_copy(update=paths)})
+    located = config.model_copy(update={"node": config.node.model_copy(update=paths)})
+    located.warnings[:] = config.warnings
+    return located

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 
 def default_home() -> Path:
@@ -145,12 +145,10 @@ class ModelEntry(StrictModel):
 RoutingStrategy = Literal["least-busy", "simple-shuffle", "latency-based-routing"]
 
 
-class RouterSettings(BaseModel):
+class RouterSettings(StrictModel):
     """LiteLLM's `router_settings`: how a request moves among the node's own deployments before it
     goes to the network. Keys LiteLLM knows that have no effect here are accepted with a warning
     (config.litellm); see docs/litellm-config.md."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
 
     routing_strategy: RoutingStrategy = Field(
         "least-busy",
@@ -178,6 +176,9 @@ class RouterSettings(BaseModel):
     default_fallbacks: list[str] = Field(
         default_factory=list, description="groups tried for any group that failed and has no fallbacks"
     )
+    model_group_alias: dict[str, str] = Field(
+        default_factory=dict, description="{name apps ask for: model group that serves it}"
+    )
 
     def fallbacks_for(self, model: str, *, context: bool = False) -> list[str]:
         table = self.context_window_fallbacks if context else self.fallbacks
@@ -201,6 +202,13 @@ class GatewayConfig(StrictModel):
     node: NodeSettings = Field(default_factory=NodeSettings)
     model_list: list[ModelEntry] = Field(default_factory=list, description="the models this node serves")
     router_settings: RouterSettings = Field(default_factory=RouterSettings)
+    # Keys accepted without effect (a LiteLLM proxy config's), each with why: logged at start.
+    _warnings: list[Any] = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[Any]:
+        return self._warnings
+
     policy: PluginSlot = Field(default_factory=PluginSlot)
     router: PluginSlot = Field(default_factory=PluginSlot)
     gossip: PluginSlot = Field(default_factory=PluginSlot)

@@ -11,6 +11,7 @@ the entry-point name is the provider prefix of `litellm_params.model` that selec
 from __future__ import annotations
 
 import asyncio
+import re
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator
@@ -163,6 +164,17 @@ class Backend(ABC):
     @property
     def upstream_model(self) -> str:
         return self.settings.upstream_model
+
+    def upstream_for(self, requested: str) -> str:
+        """The model name to send upstream for a request that asked for `requested`: the
+        deployment's, or in a wildcard group (`model_name: "openai/*"`, `model: openai/*`) the
+        part of `requested` that the group's `*` stands for."""
+        upstream = self.upstream_model
+        if "*" not in upstream:
+            return upstream
+        pattern = "^" + re.escape(self.model_name).replace(r"\*", "(.*)") + "$"
+        match = re.match(pattern, requested)
+        return upstream.replace("*", match.group(1) if match and match.groups() else requested, 1)
 
     @property
     def ready(self) -> bool:
