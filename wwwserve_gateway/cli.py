@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -84,6 +85,16 @@ def node(
             changed=tightened,
         )
     _raise_open_file_limit(settings.max_connections, log)
+    # The port first: a busy one must stop the node before it opens its ledger or dials a peer.
+    try:
+        listening = _bind(settings.host, settings.port)
+    except OSError as exc:
+        console.print(
+            f"[red]cannot start the node:[/red] cannot listen on {settings.host}:{settings.port} "
+            f"({exc.strerror}); set node.port (or --port) to a free port, or stop what holds it",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
     try:
         gateway = Node(cfg, config_path=config)
     except Exception as exc:  # a refused identity key, a tampered ledger, a broken plugin: say which
@@ -118,11 +129,25 @@ def node(
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(gateway)))
-        await server.serve()
+        await server.serve(sockets=[listening])
 
     import uvloop
 
     uvloop.run(serve())
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (as uvicorn would bind it), before anything else starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _raise_open_file_limit(max_connections: int, log) -> None:
