@@ -786,6 +786,30 @@ class _LedgerCollector:
         for reason, count in sorted(self.ledger.rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
+        account = self.ledger.account(self.ledger.node.node_id)
+        balance = GaugeMetricFamily(
+            "wwwserve_ledger_balance",
+            "This node's credits, by kind (liquid, bonded, unbonding)",
+            labels=["kind"],
+        )
+        for kind in ("liquid", "bonded", "unbonding"):
+            balance.add_metric([kind], getattr(account, kind))
+        yield balance
+        yield GaugeMetricFamily(
+            "wwwserve_ledger_owed_credits",
+            "Credits this node owes for receipts not paid yet",
+            value=self.ledger.owed,
+        )
+        heads = self.ledger.heads_view()
+        own = heads.get(self.ledger.node.node_id, 0)
+        operations = GaugeMetricFamily(
+            "wwwserve_ledger_operations",
+            "Operations stored, by chain (own: this node's; peers: everyone else's)",
+            labels=["chain"],
+        )
+        operations.add_metric(["own"], own)
+        operations.add_metric(["peers"], sum(heads.values()) - own)
+        yield operations
 
 
 def bucket_of(author: str) -> int:
