@@ -220,9 +220,28 @@ def models_pull(
     ] = None,
 ) -> None:
     """Fetch a model into the models directory and verify its checksum."""
+    import sys
+
     from wwwserve_gateway.model_store import ModelStoreError, models_dir, pull
 
     target_dir = dest or models_dir()
+    if not (sys.stdout.isatty() and console.is_terminal):
+        # Logs and pipes get plain lines on stderr (stdout stays the path alone): no live bar.
+        from wwwserve_gateway.pull_progress import ProgressLines
+
+        console.print(f"{name}: fetching", highlight=False, markup=False)
+        try:
+            path = pull(
+                name,
+                target_dir,
+                ProgressLines(name, lambda line: console.print(line, highlight=False, markup=False)),
+            )
+        except ModelStoreError as exc:
+            console.print(f"error {exc}", highlight=False, markup=False)
+            raise typer.Exit(1) from None
+        console.print(f"{name}: done", highlight=False, markup=False)
+        typer.echo(path)
+        return
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
