@@ -64,6 +64,7 @@ class Plan:
     seed: int
     quick: bool
     workers: int | None  # keep only the first N workers of each setting (smoke tests)
+    merge: bool = False  # add this run's variants to the setting's report already in --out
 
     @classmethod
     def make(cls, args: Any) -> Plan:
@@ -74,7 +75,11 @@ class Plan:
             raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
         horizon = args.duration or (360.0 if args.quick else 600.0)
         scale = args.time_scale or (40.0 if args.quick else 10.0)
-        return cls(settings, variants, horizon, scale, args.seed, args.quick, args.workers)
+        return cls(settings, variants, horizon, scale, args.seed, args.quick, args.workers, args.merge)
+
+
+class StartFailed(Exception):
+    """The variant's network did not come up."""
 
 
 START_ATTEMPTS = (
@@ -86,7 +91,7 @@ async def run_variant(setting: Setting, variant: Variant, plan: Plan, progress: 
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             result = await run_variant_once(setting, variant, plan, progress)
-        except TimeoutError as exc:
+        except StartFailed as exc:
             if attempt == START_ATTEMPTS:
                 raise
             console.print(f"[yellow]  {variant.name}: {exc}; starting the network again[/]")
@@ -105,11 +110,11 @@ async def run_variant_once(
     try:
         try:
             await cluster.start()
-        except TimeoutError:
+        except (TimeoutError, RuntimeError) as exc:  # a process did not start, or no convergence
             for name, node in cluster.nodes.items():  # say why, before the workdir goes
                 tail = node.log_path.read_text(errors="replace")[-600:] if node.log_path.exists() else ""
                 console.print(f"[yellow]  {name} log tail:[/] {tail}")
-            raise
+            raise StartFailed(str(exc)) from exc
         started_s = time.monotonic() - t0
         timeout = aiohttp.ClientTimeout(total=(setting.horizon + DRAIN_PAPER_S) / plan.time_scale + 60)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
@@ -187,6 +192,10 @@ async def run_setting(number: int, plan: Plan, out: Path) -> dict[str, Any]:
                 f"  {name:<16} mean {fmt(s['mean_s'])} s  p99 {fmt(s['p99_s'])} s  outcomes {s['outcomes']}  "
                 f"served elsewhere {s['served_elsewhere']}"
             )
+    for v in variants.values():
+        v["run"] = {"started": run.meta(plan.quick, plan)["started"], "time_scale": plan.time_scale}
+    if plan.merge:
+        variants = merged(number, plan, out, variants)
     threshold = threshold_for(latencies(variants["single"]["records"]), 0.5) if "single" in variants else None
     report: dict[str, Any] = {
         "meta": run.meta(plan.quick, plan),
@@ -211,6 +220,42 @@ async def run_setting(number: int, plan: Plan, out: Path) -> dict[str, Any]:
     print_targets(report)
     console.print(machine_line(report["meta"]))
     return report
+
+
+def merged(
+    number: int, plan: Plan, out: Path, variants: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The variants of the report already in `out` for this setting, with this run's replacing or
+    joining them: the same seeded workload (seed, horizon and time scale must match)."""
+    path = out / f"paper_eval_setting{number}.json"
+    if not path.exists():
+        return variants
+    old = json.loads(path.read_text())
+    plan_old = old["meta"]["plan"]
+    same = (plan_old["seed"], plan_old["horizon"], plan_old["time_scale"], plan_old.get("workers"))
+    if same != (plan.seed, plan.horizon, plan.time_scale, plan.workers):
+        raise SystemExit(
+            f"{path} ran another workload (seed, horizon, time scale, workers {same}): not merged"
+        )
+    for v in old["variants"].values():
+        v.setdefault("run", {"started": old["meta"]["started"], "time_scale": plan_old["time_scale"]})
+    order = [*old["variants"], *(n for n in variants if n not in old["variants"])]
+    both = old["variants"] | variants
+    console.print(
+        f"merged into {path}: {', '.join(variants)} from this run, the rest from {old['meta']['started']}"
+    )
+    return {n: both[n] for n in sorted(order, key=lambda n: list(VARIANTS).index(n) if n in VARIANTS else 99)}
+
+
+def rereport(report: dict[str, Any], out: Path) -> None:
+    """A report's threshold, targets and figures recomputed from its records."""
+    s, variants = report["setting"], report["variants"]
+    single = variants.get("single")
+    report["threshold_s"] = threshold_for(latencies(single["records"]), 0.5) if single else None
+    report["targets"] = setting_targets(s["number"], variants, s["horizon_s"])
+    report.pop("figures", None)
+    write_report(report, out, f"paper_eval setting {s['number']}: {s['title']}")
+    print_targets(report)
 
 
 def write_report(report: dict[str, Any], out: Path, name: str) -> None:
@@ -245,6 +290,7 @@ def write_summary(out: Path) -> Path:
         "|---|---|---|---|---|---|",
     ]
     target_lines = ["| target | value | limit | result | note |", "|---|---|---|---|---|"]
+    targets: list[dict[str, Any]] = []
     for path in sorted(out.glob("paper_eval_setting*.json")):
         report = json.loads(path.read_text())
         s = report["setting"]
@@ -255,11 +301,23 @@ def write_summary(out: Path) -> Path:
                 f"{m['completed']}/{m['requests']} | {m['served_elsewhere']} |"
             )
         for t in report["targets"]:
+            targets.append(t)
             value = t["value"]
             shown = "-" if value is None else (f"{value:.2f}" if isinstance(value, float) else str(value))
             target_lines.append(
                 f"| {t['target']} | {shown} | {t['op']} {t['limit']:g} | {t['result']} | {t['note']} |"
             )
+    vs_central = [t for t in targets if "/ centralized" in t["target"]]
+    if vs_central:
+        wins = sum(t["result"] == "PASS" for t in vs_central)
+        target_lines.append(
+            f"| best policy >= centralized on at least 3 settings | {wins} of {len(vs_central)} | >= 3 | "
+            f"{'PASS' if wins >= 3 else 'MISS'} | settings: "
+            + ", ".join(
+                f"{t['target'].split()[0]} {t['value']:.2f}" for t in vs_central if t["value"] is not None
+            )
+            + " |"
+        )
     summary = out / "paper_eval_summary.md"
     summary.write_text("\n".join(lines) + "\n\n" + "\n".join(target_lines) + "\n")
     return summary
@@ -275,8 +333,26 @@ async def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="keep only the first N workers (smoke tests)"
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add this run's variants to each setting's report already in --out (same seed, duration, "
+        "time scale); the report says when each variant ran",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: recompute the targets and figures of the reports already in --out",
+    )
     args = parser.parse_args()
     plan = Plan.make(args)
+    if args.report_only:
+        for number in plan.settings:
+            path = args.out / f"paper_eval_setting{number}.json"
+            if path.exists():
+                rereport(json.loads(path.read_text()), args.out)
+        console.print(f"summary: {write_summary(args.out)}")
+        return
     # SIGTERM or Ctrl-C cancels the run, so that every node and emulator it started is stopped.
     me = asyncio.current_task()
     assert me is not None

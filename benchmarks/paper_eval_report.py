@@ -16,6 +16,7 @@ import numpy as np
 
 WINDOW_S = 60.0  # recovery: mean latency of the requests submitted in the last WINDOW_S
 RECOVERY_LIMIT_S = 30.0
+BEST_VS_CENTRALIZED = 1.0  # "equal or better" (the issue), on at least three settings
 RECOVERY_TOLERANCE = 1.10  # "back to the pre-event level": within 10 %
 ROLLING = 45  # the paper's centred rolling mean over 45 requests
 OUR_POLICIES = ("frequency", "completion_time", "least_loaded")
@@ -136,10 +137,12 @@ def single_node_targets(number: int, variants: dict[str, dict[str, Any]]) -> lis
     att = {name: attainment(v, thr) for name, v in lat.items()}
     mean = {name: v["summary"]["mean_s"] for name, v in variants.items()}
     note = f"threshold {thr:.0f} s (single-node attains {att['single']:.2f})"
+    # The issue sets the paper's headline figures on the shifting-load setting (1) only.
+    info = "" if number == 1 else " (info)"
     if "frequency" in att and att["single"]:
         out.append(
             target(
-                f"S{number} frequency / single-node SLO attainment",
+                f"S{number} frequency / single-node SLO attainment{info}",
                 att["frequency"] / att["single"],
                 1.5,
                 ">=",
@@ -149,7 +152,7 @@ def single_node_targets(number: int, variants: dict[str, dict[str, Any]]) -> lis
     if "frequency" in mean and mean["frequency"] and mean["single"]:
         out.append(
             target(
-                f"S{number} frequency mean-latency reduction vs single-node",
+                f"S{number} frequency mean-latency reduction vs single-node{info}",
                 1 - mean["frequency"] / mean["single"],
                 0.276,
                 ">=",
@@ -164,7 +167,7 @@ def single_node_targets(number: int, variants: dict[str, dict[str, Any]]) -> lis
                 target(
                     f"S{number} best policy ({best}) / centralized SLO attainment",
                     ours[best] / att["centralized"],
-                    0.95,
+                    BEST_VS_CENTRALIZED,
                     ">=",
                     f"{ours[best]:.2f} vs {att['centralized']:.2f} at {thr:.0f} s; mean "
                     f"{mean[best]:.0f} vs {mean['centralized']:.0f} s",

@@ -21,7 +21,10 @@ What the simulation stands in for, and how:
 - Gossip: every node sees the same snapshot of every node's record (each policy's `node_meta()`,
   plus the coarse `load` summary a node publishes), rebuilt every `view_period` paper seconds: one
   gossip round (1 s) per hop of an epidemic's spread, ceil(log2 N) rounds, so a large network acts
-  on older news. A node leaves no peer out: membership is complete, as SWIM's is.
+  on older news. By default a node leaves no peer out: membership is complete, as SWIM's is. With
+  `--view-size K` each node sees a random K of its peers instead, redrawn at every refresh (a partial
+  view, as in Cyclon or HyParView): the policies and the router then cost O(K) per request instead of
+  O(N), which is what lets a pure-Python run of 1,000 nodes finish on a shared 2-core machine.
 - The ledger: every node has 1,000 credits and bonds what its policy asks (100); payments are not
   simulated (no node runs short of credit within a run).
 - Baselines: single-node, the reference's centralized dispatcher (keep local below KV usage 0.6,
@@ -141,13 +144,14 @@ class SimLedger:
 
 
 class SimGossip:
-    """Every node's view: the shared snapshot of all records."""
+    """A node's view: the shared snapshot of all records, or its partial view of them."""
 
-    def __init__(self, world: World) -> None:
-        self.world = world
+    def __init__(self, world: World, index: int) -> None:
+        self.world, self.index = world, index
 
     def peers(self) -> list[PeerView]:
-        return self.world.views
+        partial = self.world.partial
+        return partial[self.index] if partial else self.world.views
 
 
 @dataclass
@@ -179,11 +183,14 @@ class SimNode:
 
 
 class World:
-    def __init__(self, n: int, variant: str, seed: int, view_period: float) -> None:
+    def __init__(self, n: int, variant: str, seed: int, view_period: float, view_size: int = 0) -> None:
         self.now = 0.0
         self.variant = variant
         self.view_period = view_period
+        self.view_size = view_size if 0 < view_size < n - 1 else 0
         self.views: list[PeerView] = []
+        self.partial: list[list[PeerView]] = []
+        self.view_rng = random.Random(seed * 7919 + n)
         self.events: list[tuple[float, int, str, Any]] = []
         self._order = itertools.count()
         self.accounts: dict[str, Account] = {}
@@ -214,7 +221,7 @@ class World:
                 public_url=f"http://{node_id}",
                 data_dir=Path("."),
             )
-            api.bind(gossip=SimGossip(self), ledger=SimLedger(self.accounts, node_id))
+            api.bind(gossip=SimGossip(self, i), ledger=SimLedger(self.accounts, node_id))
             node = SimNode(i, node_id, engine, backend, api)
             if policy_cls is not None:
                 settings = {**POLICIES[variant], "seed": seed * 100_003 + i}
@@ -249,6 +256,12 @@ class World:
             models, peer_load, stake = PeerView.parse_fields(record)
             views.append(PeerView(node.id, "", PeerState.ALIVE, 1, 1, 0.0, models, peer_load, stake, record))
         self.views = views
+        if self.view_size:  # each node: a fresh random sample of its peers (itself left out)
+            n, k = len(views), self.view_size
+            self.partial = [
+                [views[j if j < i else j + 1] for j in self.view_rng.sample(range(n - 1), k)]
+                for i in range(n)
+            ]
 
     def run(self, requests: list[Any], on_done: Callable[[int], None]) -> list[Pending]:
         """Until every request is answered or rejected; `on_done(completed)` after each completion."""
@@ -388,10 +401,15 @@ def shifting_workload(n: int, seed: int, horizon: float) -> list[Any]:
 
 
 def run_one(
-    n: int, variant: str, requests: list[Any], seed: int, on_done: Callable[[int], None]
+    n: int,
+    variant: str,
+    requests: list[Any],
+    seed: int,
+    on_done: Callable[[int], None],
+    view_size: int = 0,
 ) -> dict[str, Any]:
     view_period = max(1.0, math.ceil(math.log2(max(n, 2))))
-    world = World(n, variant, seed, view_period)
+    world = World(n, variant, seed, view_period, view_size)
     asyncio.run(world.start())
     t0 = time.perf_counter()
     done = world.run(requests, on_done)
@@ -406,6 +424,7 @@ def run_one(
         "variant": variant,
         "nodes": n,
         "view_period_s": view_period,
+        "view_size": world.view_size or n - 1,
         "requests": len(requests),
         "completed": len(ok),
         "errors": world.errors,
@@ -475,6 +494,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 and 100 nodes, 300 paper seconds")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument(
+        "--view-size",
+        type=int,
+        default=0,
+        help="peers each node sees, a random sample redrawn every view period (0: all of them)",
+    )
+    parser.add_argument(
         "--merge",
         action="store_true",
         help="add these sizes to the paper_eval_scale.json already in --out (same horizon and seed)",
@@ -506,7 +531,7 @@ def main() -> None:
                 def tick(done: int, task: Any = task) -> None:
                     progress.update(task, completed=done)
 
-                report["runs"][str(n)][v] = run_one(n, v, requests, args.seed, tick)
+                report["runs"][str(n)][v] = run_one(n, v, requests, args.seed, tick, args.view_size)
             report["analysis"][str(n)] = analyse(report["runs"][str(n)])
     report["meta"] = run.meta(args.quick, SimpleNamespace(sizes=sizes, horizon=horizon, seed=args.seed))
     args.out.mkdir(parents=True, exist_ok=True)
