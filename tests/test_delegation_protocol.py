@@ -574,6 +574,18 @@ GARBAGE: dict[str, tuple[Items, str]] = {
         _with_accept({"t": "sse", "d": chunk("GARBAGE") + "GARBAGE\n\n"}),
         "accepted",
     ),
+    "sse whose choices are not a list": (
+        _with_accept({"t": "sse", "d": 'data: {"choices": 7}\n\n'}),
+        "accepted",
+    ),
+    "sse whose choice is not an object": (
+        _with_accept({"t": "sse", "d": 'data: {"choices": ["GARBAGE"]}\n\n'}),
+        "accepted",
+    ),
+    "sse whose delta is not an object": (
+        _with_accept({"t": "sse", "d": 'data: {"choices": [{"index": 0, "delta": "GARBAGE"}]}\n\n'}),
+        "accepted",
+    ),
     "unknown item after the accept": (_with_accept({"t": "bogus", "d": "GARBAGE"}), "accepted"),
     "json item in a stream": (_with_accept({"t": "json", "d": '{"GARBAGE": 1}'}), "accepted"),
     "unknown first item": (lambda node, raw: [{"t": "bogus"}], "invalid"),
@@ -610,7 +622,19 @@ async def test_garbage_in_a_stream_never_reaches_the_app(net: Net, case: str) ->
         assert net.failovers("before_output") == 1
 
 
+def _answered(text: str) -> Items:
+    """A well-framed, well-signed whole answer whose content is `text`."""
+    return lambda node, raw: [
+        accept_item(node, raw),
+        {"t": "json", "d": text},
+        {"t": "receipt", "r": make_receipt(node.identity, raw, text)},
+    ]
+
+
 NON_STREAMED_GARBAGE: dict[str, Items] = {
+    "choices that are not a list": _answered('{"choices": "GARBAGE"}'),
+    "no choices": _answered('{"choices": [], "GARBAGE": 1}'),
+    "a message that is not an object": _answered('{"choices": [{"index": 0, "message": "GARBAGE"}]}'),
     "an answer that is not JSON": lambda node, raw: [
         accept_item(node, raw),
         {"t": "json", "d": "GARBAGE"},

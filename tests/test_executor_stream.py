@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wwwserve_gateway.delegation.answers import AnswerReader, AnswerText
+from wwwserve_gateway.delegation.answers import AnswerReader, AnswerText, MalformedAnswer
 from wwwserve_gateway.delegation.executor import with_heartbeats
 from wwwserve_gateway.plugin_api.backend import Endpoint
 
@@ -65,7 +65,10 @@ def test_the_executor_hashes_the_text_the_entry_reads(chunks: list[dict]) -> Non
     executor.events(payload)
     assert executor.text == entry.text
     whole_entry = AnswerReader(Endpoint.CHAT, "id", "m")
-    whole_entry.whole(orjson.dumps(chunks[0]).decode())
+    try:
+        whole_entry.whole(orjson.dumps(chunks[0]).decode())
+    except MalformedAnswer:
+        return  # refused by the entry: never paid, whatever its hash
     whole = AnswerText()
     whole.whole(orjson.dumps(chunks[0]).decode())
     assert whole.text == whole_entry.text

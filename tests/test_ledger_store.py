@@ -338,3 +338,22 @@ def test_crash_safety_sqlite(tmp_path: Path) -> None:
 
 def test_crash_safety_postgres(tmp_path: Path, postgres_server: PostgresServer) -> None:
     _crash_rounds(tmp_path, postgres_server.create_database(), kills=6, crash_server=postgres_server)
+
+
+def test_one_process_per_author_on_postgresql(postgres_server: PostgresServer) -> None:
+    from wwwserve_gateway.plugins.ledger.store import AuthorInUse
+
+    url = postgres_server.create_database()
+    first, second = LedgerStore(url, NET), LedgerStore(url, NET)
+    try:
+        first.hold_author("a" * 64)
+        with pytest.raises(AuthorInUse, match="two processes with one identity"):
+            second.hold_author("a" * 64)
+        second.hold_author("b" * 64)  # replicas of other identities share the database
+        first.close()
+        third = LedgerStore(url, NET)
+        third.hold_author("a" * 64)  # released with its holder's connection
+        third.close()
+    finally:
+        first.close()
+        second.close()

@@ -133,7 +133,10 @@ class AnswerReader:
 
     def whole(self, text: str) -> bytes:
         """A whole (non-streamed) answer, as the app will see it."""
-        return orjson.dumps(self._reduce(self._parse(text)))
+        obj = self._parse(text)
+        if self.endpoint is not Endpoint.EMBEDDING and not obj.get("choices"):
+            raise MalformedAnswer("an answer without choices")
+        return orjson.dumps(self._reduce(obj))
 
     def completion_bound(self, max_tokens: int | None) -> int:
         bound = (
@@ -160,8 +163,12 @@ class AnswerReader:
             out = {k: v for k, v in obj.items() if k in ANSWER_FIELDS}
             out["id"] = self.id
             choices = out.get("choices")
-            if isinstance(choices, list):
-                out["choices"] = [self._choice(c) for c in choices if isinstance(c, dict)]
+            if choices is not None:
+                # A stream's last (usage) chunk has an empty list; anything but a list of objects
+                # is refused, never relayed to the app and paid for.
+                if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+                    raise MalformedAnswer("choices must be a list of objects")
+                out["choices"] = [self._choice(c) for c in choices]
         if "model" in out:
             out["model"] = self.model
         usage = out.get("usage")
@@ -179,6 +186,8 @@ class AnswerReader:
             self._text.append(choice["text"])
         for key in ("delta", "message"):
             part = choice.get(key)
+            if part is not None and not isinstance(part, dict):
+                raise MalformedAnswer(f"a choice's {key} must be an object")
             if isinstance(part, dict):
                 if index == 0 and isinstance(part.get("content"), str):
                     self._text.append(part["content"])
