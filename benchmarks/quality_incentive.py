@@ -2,44 +2,45 @@
 
     python benchmarks/quality_incentive.py [--quick] [--out DIR] [--gamma G] [--rate R] [--seed K]
 
-Real `wwwserve node` processes on loopback, real models on llama.cpp (one thread each). Three provider
-classes serve the same model name ("smol"), two executor nodes each:
+Real `wwwserve node` processes on loopback, real models on llama.cpp (one thread each), the official
+`openai` SDK as the apps' client. Three provider classes serve the same model name ("smol"), two
+executor nodes each, each class on its own llama.cpp server (the node's native `llamacpp/` backend):
 
-  good      SmolLM2-135M-Instruct, greedy (the deployment's default `temperature: 0`)
-  degraded  the same SmolLM2 server, sampled hot (the deployment's default `temperature`, 1.2 unless
-            --degraded-temperature; llama.cpp's default top-k/top-p/min-p stay)
-  random    the generated random-weight tiny model (garbage text), greedy
+  good      SmolLM2-135M-Instruct, the server's default temperature 0 (greedy)
+  degraded  SmolLM2-135M-Instruct, the server's default temperature 1.5 (--degraded-temperature;
+            llama.cpp's top-k 40 / top-p 0.95 / min-p 0.05 stay): the same weights, sampled carelessly
+  random    the generated random-weight tiny model (garbage text), llama.cpp's default sampling
 
-The classes' accuracy on the questions is measured in the run (phase 1, below) and reported. The
-good and degraded nodes share one SmolLM2 server (`--parallel` 8), the random nodes one tiny server:
-a node's deployment is `litellm/openai/...` with its class's default sampling (extra litellm_params a
-request may override; the apps send no temperature). An entry E (no model, no stake, founding credit
-to pay) sends app traffic: checkable questions (`network.canaries.make` + `question`: arithmetic,
-capitals, spelling, letter counts) through the official `openai` SDK, closed loop with `concurrency`
-clients, bounded in count and time, `max_tokens` 24. The executors are also the judges (a duel's
-judges are drawn from the other bonded members by the seeded stake draw; E has no stake).
+The apps send no temperature, so each provider's own defaults decide (a judge asks at temperature 0,
+whatever the server's default). The classes' accuracy on the questions is measured (phase 1) and
+reported. An entry E (no model, no stake, founding credit to pay) sends app traffic: checkable
+questions (`network.canaries.make` + `question`: arithmetic, capitals, spelling, letter counts),
+closed loop with `concurrency` clients, bounded in count and time, `max_tokens` 24. The executors are
+also the judges (a duel's judges are drawn from the other bonded members by the seeded stake draw; E
+has no stake).
 
-Phases, one after the other, on the same two llama.cpp servers:
+The three networks below are spawned together (21 processes; idle once formed) and phase 1 runs in
+process while they form; their app traffic then runs one network at a time, on the same servers:
 
 1. judge agreement, in process: answers to fresh questions from each class's deployment (built as a
    node builds it), pairs of different answers (good/degraded, good/random, degraded/random), each
    pair judged by `ReferenceJudge` and, in both orders, by `LLMJudge` on SmolLM2 (what the good and
-   degraded judges run: the judge asks at temperature 0, whatever the deployment's default) and on
-   the tiny model (the random judges). Agreement with the reference excludes reference ties;
-   position consistency is the same verdict for the same pair in both orders.
-2. no duels: a fresh network whose genesis has `duels.rate: 0`; the app traffic's first `base`
-   questions: the latency baseline, and 1 execution per request.
-3. reference judge: a fresh network, duels at `--rate` (default 1.0, the paper's) and `--gamma`
-   (default 0.3; the paper's code uses 1.0, under which one lost duel takes a node's whole bond),
-   every executor judging with `judge: {plugin: reference}`.
-4. LLM judge: a fresh network, the same genesis duel parameters, every executor judging with
-   `judge: {plugin: llm}`: its own deployment's model (SmolLM2 for good and degraded, the tiny model
-   for random).
+   degraded judges run) and on the tiny model (the random judges). Agreement with the reference
+   excludes reference ties; position consistency is the same verdict for the same pair in both
+   orders. Bounded by `agree_limit_s`: what is unfinished then abstains.
+2. no duels: a network whose genesis has `duels.rate: 0`; the app traffic's first `base` questions:
+   the latency baseline, and 1 execution per request.
+3. reference judge: duels at `--rate` (default 1.0, the paper's) and `--gamma` (default 0.3; the
+   paper's code uses 1.0, under which one lost duel takes a node's whole bond), every executor judging
+   with `judge: {plugin: reference}`.
+4. LLM judge: the same genesis duel parameters, every executor judging with `judge: {plugin: llm}`: its
+   own deployment's model (SmolLM2 for good and degraded, the tiny model for random).
 
 Every network: genesis with 1,000 founding credits per executor (each bonds 100) and 10^6 for E;
 price 1 credit per request, judges' price 0.2, 3 judges per duel, judge timeout 30 s, Elo K 16, no
-canaries (the app traffic itself is checkable); gossip as fast as in the tests. E's balances view is
-sampled every `sample_s` during the traffic and after it (until every duel is settled). Stake share
+canaries (the app traffic itself is checkable); gossip probes patient enough for a loaded machine.
+E's balances view is sampled every `sample_s` during the traffic and after it (until every duel is
+settled). Stake share
 = a class's bonded stake / all executors' bonded stake; credit share = (liquid + bonded) likewise.
 Win rate = (won + tied / 2) / duels of the class's nodes (ties count half, as in Elo); the decisive
 win rate (won / (won + lost)) is in the JSON. Work per app request: executions = the executors'
@@ -113,10 +114,14 @@ MAX_TOKENS = 24  # the apps' max_tokens: the good class's answers take ~14 token
 CREDITS = 1000  # each executor's founding allocation
 ENTRY_CREDITS = 1_000_000  # E pays for every request, duel and vote of the run
 BOND = 100
-GOSSIP = GossipParams(interval_s=0.3, probe_timeout_s=0.25, suspect_timeout_s=1.5, refresh_s=2.0)
+# Probes patient enough for a loaded 2-core machine (the tests' 0.25 s probes and 1.5 s suspicion make
+# members flap there while seven nodes and two llama.cpp servers share the cores).
+GOSSIP = GossipParams(interval_s=1.0, probe_timeout_s=2.0, suspect_timeout_s=10.0, refresh_s=5.0)
 JUDGES = 3
 JUDGE_TIMEOUT_S = 30.0
+FORM_S = 240.0  # at most, from spawning a network's nodes until every executor is alive and staked at E
 SMOL_PARALLEL = 8
+SERVER_ALIAS = {"good": "smol", "degraded": "smol-hot", "random": "tiny"}
 TINY_PARALLEL = 4
 SMOOTH = 5  # samples in the stake share's moving average
 PAPER_WIN_RATES = {"Qwen3-8B": 0.57, "Qwen3-4B": 0.53, "Qwen3-0.6B": 0.39}
@@ -126,6 +131,7 @@ TARGETS = {"stake_share_best": 0.5, "stake_share_random": 0.05, "agreement": 0.5
 @dataclass(frozen=True)
 class Plan:
     agree_specs: int  # questions of the judge-agreement phase (up to 3 answer pairs each)
+    agree_limit_s: float  # ... and at most this long (answers, then verdicts)
     base_requests: int  # app requests of the no-duel network (the duel networks' first ones)
     duel_requests: int  # app requests per duel network, at most
     duel_limit_s: float  # ... and at most this long
@@ -141,32 +147,90 @@ class Plan:
     @classmethod
     def make(cls, quick: bool, rate: float, gamma: float, temperature: float, seed: int) -> Plan:
         if quick:
-            return cls(3, 16, 40, 25.0, 15.0, 3, 1.0, 25.0, rate, gamma, temperature, seed)
-        return cls(24, 100, 320, 220.0, 80.0, 3, 1.5, 60.0, rate, gamma, temperature, seed)
+            return cls(2, 60.0, 16, 40, 25.0, 15.0, 3, 1.0, 25.0, rate, gamma, temperature, seed)
+        return cls(12, 150.0, 60, 400, 200.0, 60.0, 3, 2.0, 60.0, rate, gamma, temperature, seed)
 
 
 # --------------------------------------------------------------------------------------------
 # the providers
 
 
-def deployment(cls: str, servers: dict[str, bench.Llama], temperature: float) -> dict[str, Any]:
-    """A class's litellm_params: the shared server, and the class's default sampling."""
-    server = servers["tiny" if cls == "random" else "smol"]
-    return {
-        "model": f"litellm/openai/{'tiny' if cls == 'random' else 'smol'}",
-        "api_base": server.base_url,
-        "api_key": "none",
-        "temperature": temperature if cls == "degraded" else 0.0,
-    }
+def deployment(cls: str, servers: dict[str, bench.Llama]) -> dict[str, Any]:
+    """A class's litellm_params: the native llama.cpp backend on its class's server (no LiteLLM: its
+    import costs ~5 s of CPU per node, minutes on a loaded 2-core machine)."""
+    return {"model": f"llamacpp/{SERVER_ALIAS[cls]}", "api_base": servers[cls].base_url}
 
 
-def start_servers() -> dict[str, bench.Llama]:
+class SampledLlama(bench.Llama):
+    """A llama.cpp server (xllamacpp, one thread) whose *server-side* default temperature is set: what
+    a request that names none gets (llama.cpp's top-k 40, top-p 0.95, min-p 0.05 stay). The good
+    provider's is 0 (greedy), the degraded provider's hot: the same weights, sampled carelessly."""
+
+    def __init__(self, model: Path, alias: str, parallel: int, temp: float) -> None:
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--serve-llama",
+            json.dumps(
+                {
+                    "model": str(model),
+                    "alias": alias,
+                    "parallel": parallel,
+                    "temp": temp,
+                }
+            ),
+        ]
+        bench.Child.__init__(self, f"llama.cpp {alias}", cmd, 120.0)
+        try:
+            bench.wait_until(lambda: self.answers("/health"), 120, what=f"llama.cpp {alias} /health")
+        except BaseException:
+            self.stop()
+            raise
+
+
+def serve_llama(spec: str) -> None:
+    """The child of SampledLlama: backends/llamacpp_server.py's server, with sampling defaults."""
+    import signal
+    import threading
+
+    import xllamacpp as xlc
+
+    cfg = json.loads(spec)
+    params = xlc.CommonParams()
+    params.model.path = cfg["model"]
+    params.hostnames = ["127.0.0.1"]
+    params.port = 0
+    params.n_ctx = 4096  # shared by the slots: 512 tokens each at 8
+    params.n_parallel = cfg["parallel"]
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
+    params.model_alias = {cfg["alias"]}
+    params.n_threads_http = 16
+    params.endpoint_slots = True
+    params.sampling.temp = cfg["temp"]
+    params.verbosity = 1
+    server = xlc.Server(params)
+    print("listening", server.listening_address, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    stop.wait()
+    del server
+
+
+def start_servers(plan: Plan) -> dict[str, bench.Llama]:
+    """One llama.cpp server per class, one thread each: SmolLM2 greedy by default for good, SmolLM2 hot
+    by default for degraded (the apps send no temperature: each provider's defaults decide), the tiny
+    random model (llama.cpp's defaults) for random."""
     smol_path = find_model("smollm2") or pull("smollm2", models_dir())
-    servers = {"smol": bench.Llama(smol_path, "smol", parallel=SMOL_PARALLEL, extra=("--ctx", "4096"))}
+    servers: dict[str, bench.Llama] = {}
     try:
-        servers["tiny"] = bench.tiny_llama(TINY_PARALLEL)
+        servers["good"] = SampledLlama(smol_path, "smol", SMOL_PARALLEL, 0.0)
+        servers["degraded"] = SampledLlama(smol_path, "smol-hot", SMOL_PARALLEL, plan.degraded_temperature)
+        servers["random"] = bench.tiny_llama(TINY_PARALLEL)
     except BaseException:
-        servers["smol"].stop()
+        for server in servers.values():
+            server.stop()
         raise
     return servers
 
@@ -200,12 +264,10 @@ async def judge_agreement(
 ) -> dict[str, Any]:
     """Answers from each class to fresh questions, pairs of them judged by the reference judge and
     (both orders) by the LLM judge on SmolLM2 and on the tiny model."""
-    ctx = BackendContext(data_dir=workdir, request_timeout=90.0)
+    ctx = BackendContext(data_dir=workdir, request_timeout=300.0)
     backends: dict[str, Backend] = {}
     for cls in CLASSES:
-        entry = ModelEntry(
-            model_name=MODEL, litellm_params=deployment(cls, servers, plan.degraded_temperature)
-        )
+        entry = ModelEntry(model_name=MODEL, litellm_params=deployment(cls, servers))
         backends[cls] = build_backend(entry, ctx)
         await backends[cls].start()
     try:
@@ -219,14 +281,30 @@ async def judge_agreement(
         sem = asyncio.Semaphore(SMOL_PARALLEL // 2)
         task = progress.add_task("judge agreement: answers", total=len(specs) * len(CLASSES))
 
+        failed: Counter = Counter()
+
         async def answer(cls: str, spec: dict[str, Any]) -> str:
             async with sem:
                 body = {"model": MODEL, "messages": canaries.messages(spec), "max_tokens": MAX_TOKENS}
-                reply = await backends[cls].complete(Endpoint.CHAT, body)
+                try:
+                    reply = await backends[cls].complete(Endpoint.CHAT, body)
+                    text = normalise_text(answer_text(reply.body))
+                except Exception:  # counted, and an empty (wrong) answer
+                    failed[cls] += 1
+                    text = ""
             progress.advance(task)
-            return normalise_text(answer_text(reply.body))
+            return text
 
-        texts = await asyncio.gather(*(answer(c, s) for s in specs for c in CLASSES))
+        # Bounded in time as well as count: on a loaded machine what is unanswered at the deadline
+        # stays unanswered (an empty answer; counted).
+        deadline = time.monotonic() + plan.agree_limit_s
+        texts = [
+            t if isinstance(t, str) else ""
+            for t in await bounded(
+                [answer(c, s) for s in specs for c in CLASSES], deadline / 2 + time.monotonic() / 2
+            )
+        ]
+        failed["empty_or_unanswered_at_deadline"] = sum(1 for t in texts if t == "")
         answers = [dict(zip(CLASSES, texts[i * 3 : i * 3 + 3], strict=True)) for i in range(len(specs))]
         accuracy = {
             c: float(np.mean([canaries.is_right(s, a[c]) for s, a in zip(specs, answers, strict=True)]))
@@ -258,7 +336,9 @@ async def judge_agreement(
                 calls.append((len(rows) - 1, name, "ab", verdict(judge, case(spec, tx, ty))))
                 calls.append((len(rows) - 1, name, "ba", verdict(judge, case(spec, ty, tx))))
         t0 = time.monotonic()
-        got = await asyncio.gather(*(c[3] for c in calls))
+        raw = await bounded([c[3] for c in calls], deadline)
+        late = sum(v is None for v in raw)  # unfinished at the deadline: abstentions, as in a node
+        got = [v if isinstance(v, Verdict) else Verdict.ABSTAIN for v in raw]
         judge_s = time.monotonic() - t0
         for (i, name, order, _), v in zip(calls, got, strict=True):
             # In terms of the pair's own order: the swapped question's verdict swapped back.
@@ -267,13 +347,28 @@ async def judge_agreement(
             "questions": len(specs),
             "pairs": len(pairs),
             "class_accuracy": accuracy,
+            "answers_failed": dict(failed),
             "judge_wall_s": judge_s,
+            "limit_s": plan.agree_limit_s,
+            "verdicts_late": late,
             "judges": {name: agreement_stats(rows, name) for name in judges},
             "rows": rows,
         }
     finally:
         for b in backends.values():
             await b.aclose()
+
+
+async def bounded(coros: list[Any], deadline: float) -> list[Any]:
+    """Run the coroutines together until the monotonic `deadline`; those unfinished are cancelled and
+    give None."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if tasks:
+        await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return [t.result() if t.done() and not t.cancelled() and t.exception() is None else None for t in tasks]
 
 
 def agreement_stats(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -314,7 +409,8 @@ class Network:
     label: str
     genesis: NetworkGenesis
     nodes: dict[str, Node]
-    started_s: float = 0.0
+    started_s: float = 0.0  # from spawning the nodes until the network was usable
+    spawned_at: float = 0.0
     names: dict[str, str] = field(default_factory=dict)  # node id -> name
 
     @property
@@ -334,9 +430,11 @@ class Network:
             node.stop()
 
 
-def start_network(
+def spawn_network(
     label: str, workdir: Path, servers: dict[str, bench.Llama], duels: DuelParams, judge: str, plan: Plan
 ) -> Network:
+    """Write the genesis and the configs, and spawn the seven nodes (all at once: they find each other
+    through E); `form` waits until the network is usable."""
     workdir.mkdir(parents=True)
     allocations = {
         **bench.founding_allocations(workdir, ["E"], ENTRY_CREDITS),
@@ -363,7 +461,7 @@ def start_network(
                 "seed": plan.seed,
             }
         else:
-            params = deployment(EXECUTORS[name], servers, plan.degraded_temperature)
+            params = deployment(EXECUTORS[name], servers)
             model_list = [{"model_name": MODEL, "litellm_params": params}]
             policy = {"target_usage": 1.0, "accept_frequency": 1.0, "bond": BOND}
         config = {
@@ -375,27 +473,62 @@ def start_network(
         }
         nodes[name] = Node(config, workdir, name)
     net = Network(label, genesis, nodes)
-    t0 = time.monotonic()
+    net.spawned_at = time.monotonic()
     try:
-        for node in nodes.values():  # all at once: they find each other through E
-            node.spawn()
         for node in nodes.values():
-            bench.wait_until(lambda n=node: n.answered("/health/ready"), 120, 0.1, what=f"{node.name} ready")
-            node.id = node.own_id()
-        net.names = {node.id: name for name, node in nodes.items()}
-        bench.wait_until(
-            lambda: network_ready(net), 120, 0.3, what=f"{label}: every executor alive and staked"
-        )
+            node.spawn()
     except BaseException:
         net.close()
         raise
-    net.started_s = time.monotonic() - t0
     return net
 
 
+def form(net: Network, deadline: float) -> None:
+    """Wait (until the monotonic `deadline`) for every node to be ready and for E to see every executor
+    alive, serving the model and staked; closes the network and raises if it does not happen."""
+    label, nodes = net.label, net.nodes
+    try:
+        for node in nodes.values():
+            bench.wait_until(
+                lambda n=node: node_ready(n),
+                max(1.0, deadline - time.monotonic()),
+                0.2,
+                what=f"{label}: {node.name} ready",
+            )
+            node.id = node.own_id()
+        net.names = {node.id: name for name, node in nodes.items()}
+        bench.wait_until(
+            lambda: network_ready(net),
+            max(1.0, deadline - time.monotonic()),
+            0.5,
+            what=f"{label}: every executor alive and staked at E",
+        )
+    except BaseException:
+        for node in nodes.values():  # what the nodes said, for the failure's reader
+            console.print(f"--- {label}/{node.name} log tail ---", style="dim")
+            console.print(node.log()[-1200:], style="dim", markup=False, highlight=False)
+        net.close()
+        raise
+    net.started_s = time.monotonic() - net.spawned_at
+
+
+def node_ready(node: Node) -> bool:
+    """/health/ready answers 200; a 5 s read timeout, as a loaded machine needs (the tests' 1 s is short
+    when seven nodes start at once on two busy cores)."""
+    if node.proc is not None and node.proc.poll() is not None:
+        raise RuntimeError(f"node {node.name} exited with {node.proc.returncode}:\n{node.log()[-3000:]}")
+    try:
+        return http_get(node.url + "/health/ready", 5.0)[0] == 200
+    except OSError:
+        return False
+
+
 def network_ready(net: Network) -> bool:
-    peers = net.e.peers()
-    balances = net.e.balances()
+    try:
+        peers = net.e.peers()
+        balances = net.e.balances()
+    except (OSError, RuntimeError):
+        return False
     for name in EXECUTORS:
         node_id = net.nodes[name].id
         peer = peers.get(node_id, {})
@@ -831,7 +964,11 @@ def targets(report: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
                 "value": bench.fmt(v),
                 "limit": f"{want:g} +- 10%",
                 "result": "PASS" if ok else "MISS",
-                "note": f"+ {bench.fmt(w['judgements_per_request'])} judgements per request",
+                "note": (
+                    f"+ {bench.fmt(w['judgements_per_request'])} judgements per request; total work vs no "
+                    f"duels {bench.fmt(w.get('relative_to_no_duels'))} (1 + rate + judges' generations: "
+                    f"{bench.fmt(w.get('expected_relative'))})"
+                ),
             }
         )
     return out
@@ -1080,25 +1217,14 @@ def compare_latency(base: dict[str, Any], net: dict[str, Any]) -> dict[str, Any]
 
 
 def run_network(
-    label: str,
-    workdir: Path,
-    servers: dict[str, bench.Llama],
-    duels: DuelParams,
-    judge: str,
-    specs: list[dict[str, Any]],
-    limit_s: float,
-    plan: Plan,
-    progress: Progress,
+    net: Network, specs: list[dict[str, Any]], limit_s: float, plan: Plan, progress: Progress
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    setup = progress.add_task(f"{label}: start 7 nodes", total=None)
-    net = start_network(label, workdir / label, servers, duels, judge, plan)
-    progress.update(
-        setup, description=f"{label}: network formed in {net.started_s:.1f} s", total=1, completed=1
-    )
+    """The app traffic on a formed network, then its reading; closes the network."""
+    duelling = net.genesis.ledger.duels.rate > 0
     try:
-        traffic = asyncio.run(app_traffic(net, specs, limit_s, plan, progress, settle=duels.rate > 0))
-        result = analyse_network(net, traffic, plan, agree=duels.rate > 0)
-        ops = read_duels(net, traffic.t0_wall) if duels.rate > 0 else None
+        traffic = asyncio.run(app_traffic(net, specs, limit_s, plan, progress, settle=duelling))
+        result = analyse_network(net, traffic, plan, agree=duelling)
+        ops = read_duels(net, traffic.t0_wall) if duelling else None
         return result, ops
     finally:
         net.close()
@@ -1113,7 +1239,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gamma", type=float, default=0.3, help="genesis duels.gamma (default 0.3)")
     parser.add_argument(
-        "--degraded-temperature", type=float, default=1.2, help="the degraded class's temperature"
+        "--degraded-temperature",
+        type=float,
+        default=1.5,
+        help="the degraded provider's default temperature (default 1.5)",
     )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
@@ -1130,30 +1259,54 @@ def main(argv: list[str] | None = None) -> int:
     specs = [canaries.make(rng) for _ in range(plan.duel_requests)]
     networks: dict[str, Any] = {}
     duel_reads: dict[str, Any] = {}
+    nets: dict[str, Network] = {}
+    t_start = time.monotonic()
     try:
         with bench.progress_bar(console) as progress:
-            setup = progress.add_task("start llama.cpp: SmolLM2 and the tiny model", total=None)
-            servers = start_servers()
+            setup = progress.add_task("start llama.cpp: SmolLM2 good, SmolLM2 degraded, tiny", total=None)
+            servers = start_servers(plan)
+            progress.update(setup, total=1, completed=1)
+            # The three networks start together (21 processes; they are idle once formed), and the
+            # in-process judge phase runs while they form: one formation wait instead of three.
+            setup = progress.add_task("spawn 3 networks x 7 nodes", total=None)
+            for label, genesis_duels, judge in (
+                ("no_duels", DuelParams(rate=0.0, canary_rate=0.0), "reference"),
+                ("reference", duels, "reference"),
+                ("llm", duels, "llm"),
+            ):
+                nets[label] = spawn_network(label, workdir / label, servers, genesis_duels, judge, plan)
             progress.update(setup, total=1, completed=1)
             agreement = asyncio.run(judge_agreement(servers, plan, workdir, progress))
-            base_duels = DuelParams(rate=0.0, canary_rate=0.0)
+            deadline = time.monotonic() + FORM_S
+            for label, net in nets.items():
+                task = progress.add_task(f"{label}: forming", total=None)
+                form(net, deadline)
+                progress.update(
+                    task,
+                    description=f"{label}: formed {net.started_s:.0f} s after spawn",
+                    total=1,
+                    completed=1,
+                )
+            formed_s = time.monotonic() - t_start
             networks["no_duels"], _ = run_network(
-                "no_duels",
-                workdir,
-                servers,
-                base_duels,
-                "reference",
-                specs[: plan.base_requests],
-                plan.base_limit_s,
-                plan,
-                progress,
+                nets.pop("no_duels"), specs[: plan.base_requests], plan.base_limit_s, plan, progress
             )
             for label in ("reference", "llm"):
                 networks[label], duel_reads[label] = run_network(
-                    label, workdir, servers, duels, label, specs, plan.duel_limit_s, plan, progress
+                    nets.pop(label), specs, plan.duel_limit_s, plan, progress
                 )
+        base_work = networks["no_duels"]["work"]["executions_per_request"]
         for label in ("reference", "llm"):
             networks[label]["vs_no_duels"] = compare_latency(networks["no_duels"], networks[label])
+            w = networks[label]["work"]
+            # Generations per app request, relative to the no-duel network's: executions, plus the
+            # judgements that generate (the LLM judge's; the reference judge only compares strings).
+            gen = (w["executions_per_request"] or 0.0) + (
+                (w["judgements_per_request"] or 0.0) if label == "llm" else 0.0
+            )
+            w["generations_per_request"] = gen
+            w["relative_to_no_duels"] = gen / base_work if base_work else None
+            w["expected_relative"] = 1 + plan.rate + (plan.rate * JUDGES if label == "llm" else 0.0)
             networks[label]["duel_ops"] = duel_reads[label]
         report: dict[str, Any] = {
             "meta": {
@@ -1165,11 +1318,20 @@ def main(argv: list[str] | None = None) -> int:
                     "gossip": GOSSIP.model_dump(),
                 },
                 "classes": {
-                    "good": "SmolLM2-135M-Instruct Q4_1, temperature 0",
-                    "degraded": f"the same server, temperature {plan.degraded_temperature} (llama.cpp default top-k 40, top-p 0.95, min-p 0.05)",
-                    "random": f"{TINY_MODEL} (random weights), temperature 0",
+                    "good": "SmolLM2-135M-Instruct Q4_1, server default temperature 0 (greedy)",
+                    "degraded": (
+                        f"SmolLM2-135M-Instruct Q4_1 on its own server, default temperature "
+                        f"{plan.degraded_temperature} (llama.cpp's top-k 40, top-p 0.95, min-p 0.05)"
+                    ),
+                    "random": f"{TINY_MODEL} (random weights), llama.cpp's default sampling",
                 },
-                "servers": {"smol_parallel": SMOL_PARALLEL, "tiny_parallel": TINY_PARALLEL, "threads": 1},
+                "servers": {
+                    "smol_parallel": SMOL_PARALLEL,
+                    "tiny_parallel": TINY_PARALLEL,
+                    "threads": 1,
+                    "backend": "llamacpp/ (native) on an external llama.cpp server per class",
+                },
+                "networks_formed_s": formed_s,
                 "max_tokens": MAX_TOKENS,
                 "paper_win_rates": PAPER_WIN_RATES,
             },
@@ -1184,8 +1346,13 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"wrote {out_dir / 'quality_incentive.json'} and {out_dir / 'quality_incentive.png'}")
         return 0
     finally:
+        for net in nets.values():
+            net.close()
         bench.tear_down(list(servers.values()), workdir)
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve-llama":  # SampledLlama's child
+        serve_llama(sys.argv[2])
+        sys.exit(0)
     sys.exit(main())
