@@ -105,6 +105,7 @@ class LiteLLMSettings(BackendSettings):
 class LiteLLMBackend(Backend):
     Settings = LiteLLMSettings
     settings: LiteLLMSettings
+    endpoints = frozenset(CALLS)
 
     async def start(self) -> None:
         # In a thread, so the import does not stall the node's event loop (health checks, other backends).

@@ -59,7 +59,7 @@ class LlamaCppBackend(OpenAICompatBackend):
     def __init__(self, entry: ModelEntry, settings: BackendSettings, ctx: BackendContext) -> None:
         self._server: EmbeddedServer | None = None
         super().__init__(entry, settings, ctx)
-        chat = frozenset({Endpoint.CHAT, Endpoint.COMPLETION})
+        chat = frozenset({Endpoint.CHAT, Endpoint.COMPLETION, Endpoint.RESPONSES})
         self.endpoints = frozenset({Endpoint.EMBEDDING}) if self.settings.embedding else chat
         self._slots = self.settings.n_parallel
         self._slots_known = False

@@ -24,6 +24,7 @@ from wwwserve_gateway.http.errors import (
 )
 from wwwserve_gateway.http.sse import MalformedEvent, SSECutter
 from wwwserve_gateway.plugin_api.backend import (
+    TEXT_ENDPOINTS,
     Backend,
     BackendContext,
     BackendLoad,
@@ -166,7 +167,7 @@ class OpenAICompatBackend(Backend):
 
     async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> SSEStream:
         hide_usage = False
-        if self.settings.inject_stream_usage and endpoint is not Endpoint.EMBEDDING:
+        if self.settings.inject_stream_usage and endpoint in TEXT_ENDPOINTS:
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
                 body["stream_options"] = {**(options or {}), "include_usage": True}

@@ -165,6 +165,23 @@ def test_chat_stream(node: NodeProcess) -> None:
     assert chunks[-1].usage.completion_tokens > 0
 
 
+def test_responses_create_and_stream(node: NodeProcess) -> None:
+    """/v1/responses passes through to vLLM's own Responses API (the node rewrites `model`)."""
+    client = _client(node.url)
+    ask = {"model": PUBLIC, "input": "Say hello in one short sentence.", "max_output_tokens": 16}
+    response = client.responses.create(**ask, temperature=0)
+    assert response.status in ("completed", "incomplete") and response.output_text
+    assert response.usage is not None and response.usage.output_tokens > 0
+    with client.responses.stream(**ask) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.output_text.delta" in kinds and kinds[-1] in (
+        "response.completed",
+        "response.incomplete",
+    )
+    assert final.output_text
+
+
 def test_n_2(node: NodeProcess) -> None:
     answer = _client(node.url).chat.completions.create(**_hello(n=2, temperature=1.0, seed=7))
 

@@ -34,7 +34,7 @@ from wwwserve_gateway.http.errors import (
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.openai.request import AppRequest
 from wwwserve_gateway.openai.serving import LocalServing
-from wwwserve_gateway.plugin_api.backend import Usage
+from wwwserve_gateway.plugin_api.backend import DELEGATED_ENDPOINTS, Usage
 from wwwserve_gateway.plugin_api.node import NodeAPI
 from wwwserve_gateway.plugin_api.policy import Decision
 from wwwserve_gateway.plugin_api.requests import RequestInfo
@@ -168,6 +168,13 @@ class Dispatcher:
         info = request.info()
         if local and group != model:  # an alias or a wildcard group's model: policies see the group
             info = dataclasses.replace(info, model=group)
+        if request.endpoint not in DELEGATED_ENDPOINTS:  # served by this node's deployments only
+            if not local:
+                raise ModelNotFound(
+                    f"The model '{model}' is not served by this node for /v1/{request.endpoint}",
+                    param="model",
+                )
+            return await self._local(info, request)
         deadline = request.started + self.request_timeout
         while True:
             decision = policy.decide(info)
@@ -229,7 +236,7 @@ class Dispatcher:
                 if not worth_a_fallback(exc):
                     raise
                 failure = exc
-        if not context and model in self._network_models():
+        if not context and request.endpoint in DELEGATED_ENDPOINTS and model in self._network_models():
             try:
                 return await self._delegate(info, request)
             except NoExecutor:

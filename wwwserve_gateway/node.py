@@ -24,6 +24,7 @@ from wwwserve_gateway.delegation.metrics import DelegationMetrics
 from wwwserve_gateway.delegation.wire import STALL_S
 from wwwserve_gateway.deployments import Deployments
 from wwwserve_gateway.dispatch import Dispatcher
+from wwwserve_gateway.http.cors import with_cors
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.network.genesis import NetworkGenesis, load_genesis
 from wwwserve_gateway.network.identity import NodeIdentity
@@ -104,7 +105,7 @@ class Node:
             settings.request_timeout,
             self.requests,
         )
-        self.app = create_app(
+        app = create_app(
             AppParts(
                 settings,
                 self.dispatcher,
@@ -116,6 +117,7 @@ class Node:
                 requests=self.requests,
             )
         )
+        self.app = with_cors(app, settings)  # node.cors_*: none configured, none added
         self._tasks: list[asyncio.Task[None]] = []
 
     @property

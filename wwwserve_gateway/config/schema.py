@@ -56,6 +56,16 @@ class NodeSettings(StrictModel):
         None, description="the URL peers reach this node at (default: http://HOST:PORT)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    cors_allow_origins: list[str] = Field(
+        default_factory=list,
+        description="origins browsers may call the node from, e.g. https://app.example or '*'; empty: no CORS",
+    )
+    cors_allow_headers: list[str] = Field(
+        default_factory=lambda: ["authorization", "content-type"],
+        description="request headers a cross-origin call may send ('*' for any)",
+    )
+    cors_allow_credentials: bool = Field(False, description="let browsers send cookies cross-origin")
+    cors_max_age: int = Field(600, ge=0, description="seconds a browser may cache a preflight answer")
     access_log: bool = Field(
         True,
         description="log one line per app request (id, model, deployment, route, status, tokens, timings)",

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from wwwserve_gateway.network.identity import NODE_ID
-from wwwserve_gateway.plugin_api.backend import Endpoint
+from wwwserve_gateway.plugin_api.backend import DELEGATED_ENDPOINTS, Endpoint
 
 KIND = "wwwserve.delegate"
 MAX_HOPS = 8
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
-ENDPOINTS = frozenset(e.value for e in Endpoint)
+ENDPOINTS = frozenset(e.value for e in DELEGATED_ENDPOINTS)
 ITEM_TYPES = frozenset({"accept", "decline", "sse", "json", "error", "wait", "receipt"})
 HEARTBEAT_S = 2.0
 STALL_S = 10.0

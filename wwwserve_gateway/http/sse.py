@@ -62,10 +62,19 @@ class SSECutter(Generic[U]):
                     data = orjson.loads(event[5:])
                 except orjson.JSONDecodeError:
                     raise MalformedEvent(event[:200].decode("utf-8", "replace")) from None
-                usage = self.usage_of(data.get("usage")) if isinstance(data, dict) else None
+                usage = self.usage_of(_usage_field(data)) if isinstance(data, dict) else None
                 if usage is not None:
                     self.usage = usage
                     if self.hide_usage and not data.get("choices"):
                         continue
             kept.append(event)
         return EVENT_END.join(kept) + EVENT_END if kept else b""
+
+
+def _usage_field(data: dict[str, Any]) -> Any:
+    """An event's usage: top-level (chat, completions), or in its response (the Responses API's
+    response.completed)."""
+    usage = data.get("usage")
+    if usage is None and isinstance(data.get("response"), dict):
+        usage = data["response"].get("usage")
+    return usage

@@ -17,6 +17,7 @@ from wwwserve_gateway.http.auth import KeyCheck
 from wwwserve_gateway.http.errors import GatewayError, InvalidRequest, ModelNotFound
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.openai.protocol import (
+    PASS_THROUGH_TYPES,
     REQUEST_TYPES,
     ModelCard,
     ModelList,
@@ -53,7 +54,7 @@ class GenerationEndpoint:
         self, endpoint: Endpoint, serving: Serving, keys: KeyCheck, metrics: GatewayMetrics, limit: int
     ) -> None:
         self.endpoint = endpoint
-        self.request_type = REQUEST_TYPES[endpoint]
+        self.request_type = REQUEST_TYPES.get(endpoint) or PASS_THROUGH_TYPES[endpoint]
         self.serving = serving
         self.keys = keys
         self.metrics = metrics

@@ -62,6 +62,30 @@ class EmbeddingRequest(_Request):
     dimensions: int | None = Field(None, ge=1)
 
 
+class ResponsesRequest(_Request):
+    """The Responses API (`/v1/responses`): passed through to backends that serve it."""
+
+    input: str | list[Any]
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+
+
+class RerankRequest(_Request):
+    query: str
+    documents: list[Any] = Field(..., min_length=1)
+    top_n: int | None = Field(None, ge=1)
+
+
+class ModerationRequest(_Request):
+    input: str | list[Any]
+
+
+class ImageRequest(_Request):
+    prompt: str = Field(..., min_length=1)
+    n: int | None = Field(None, ge=1)
+
+
 StreamOptions.model_rebuild()
 _Request.model_rebuild()
 
@@ -114,4 +138,11 @@ REQUEST_TYPES: dict[Endpoint, type[_Request]] = {
     Endpoint.CHAT: ChatCompletionRequest,
     Endpoint.COMPLETION: CompletionRequest,
     Endpoint.EMBEDDING: EmbeddingRequest,
+}
+# Endpoints a node passes through to its own deployments (not delegated, not in the OpenAPI document).
+PASS_THROUGH_TYPES: dict[Endpoint, type[_Request]] = {
+    Endpoint.RESPONSES: ResponsesRequest,
+    Endpoint.RERANK: RerankRequest,
+    Endpoint.MODERATIONS: ModerationRequest,
+    Endpoint.IMAGES: ImageRequest,
 }

@@ -15,7 +15,8 @@ from wwwserve_gateway.http.errors import BackendError, GatewayError, InvalidRequ
 from wwwserve_gateway.http.sse import DONE
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.openai.request import AppRequest
-from wwwserve_gateway.plugin_api.backend import Backend, Endpoint, JSONReply, Usage
+from wwwserve_gateway.openai.responses import ResponsesStreamFixer
+from wwwserve_gateway.plugin_api.backend import TEXT_ENDPOINTS, Backend, Endpoint, JSONReply, Usage
 
 log = structlog.get_logger(__name__)
 
@@ -96,15 +97,18 @@ class LocalServing:
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
         done = False
         first = True
+        fixer = ResponsesStreamFixer(request.model) if request.endpoint is Endpoint.RESPONSES else None
         try:
             async for piece in sse:
                 if first:
                     request.ttft = time.perf_counter() - request.started
                     self.metrics.first_token(request.model, request.ttft)
                     first = False
+                if fixer is not None:
+                    piece = fixer.feed(piece)
                 done = piece.endswith(DONE)
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
-            if not done:
+            if not done and request.endpoint in TEXT_ENDPOINTS:
                 await send({"type": "http.response.body", "body": DONE, "more_body": True})
         except BackendError as exc:
             self.deployments.failed(backend, exc)  # logged there, with the deployment's id
@@ -119,7 +123,7 @@ class LocalServing:
     @staticmethod
     def _ensure_usage(endpoint: Endpoint, reply: JSONReply) -> tuple[Usage | None, Headers]:
         """Usage is always reported; a backend that gives none gets an estimate, marked as such."""
-        if reply.usage is not None or endpoint is Endpoint.EMBEDDING:
+        if reply.usage is not None or endpoint not in TEXT_ENDPOINTS:
             return reply.usage, []
         data = reply.data
         text = "".join(

@@ -31,6 +31,18 @@ class Endpoint(StrEnum):
     CHAT = "chat/completions"
     COMPLETION = "completions"
     EMBEDDING = "embeddings"
+    # Passed through to backends that serve them, never delegated (see DELEGATED_ENDPOINTS):
+    RESPONSES = "responses"
+    RERANK = "rerank"
+    MODERATIONS = "moderations"
+    IMAGES = "images/generations"
+
+
+# What peers serve for each other over the overlay (answers checked, receipted, paid for); the
+# other endpoints are answered by the node's own deployments only.
+DELEGATED_ENDPOINTS = frozenset({Endpoint.CHAT, Endpoint.COMPLETION, Endpoint.EMBEDDING})
+# Endpoints whose streams carry a usage chunk on request and end with `data: [DONE]`.
+TEXT_ENDPOINTS = frozenset({Endpoint.CHAT, Endpoint.COMPLETION})
 
 
 @dataclass(slots=True)
@@ -43,8 +55,9 @@ class Usage:
     def from_dict(cls, data: Any) -> Usage | None:
         if not isinstance(data, dict):
             return None
-        prompt = data.get("prompt_tokens") or 0
-        completion = data.get("completion_tokens") or 0
+        # Chat and completions name them prompt/completion; the Responses API input/output.
+        prompt = data.get("prompt_tokens") or data.get("input_tokens") or 0
+        completion = data.get("completion_tokens") or data.get("output_tokens") or 0
         total = data.get("total_tokens") or prompt + completion
         if not all(isinstance(v, int) for v in (prompt, completion, total)):
             return None
