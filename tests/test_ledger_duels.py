@@ -35,6 +35,11 @@ from wwwserve_gateway.plugins.ledger.ops import InvalidOperation
 from wwwserve_gateway.plugins.ledger.rules import MICRO
 
 
+def judging(judges: int):
+    """PARAMS with `judges` judges per duel: a duel settles on at least that many counted votes."""
+    return PARAMS.model_copy(update={"duels": PARAMS.duels.model_copy(update={"judges": judges})})
+
+
 def bonded(*chains: Chain, amount: int = 80) -> None:
     for c in chains:
         c.append("bond", {"amount": amount}, 1)
@@ -71,7 +76,7 @@ def test_a_tie_moves_no_stake_but_pays_the_judges() -> None:
     e, x, y, j1, j2 = joined(*IDS[:5])
     bonded(x, y, j1, j2)
     e.append("duel", duel_body(e.id, x.identity, y.identity, [(j1.identity, "A"), (j2.identity, "B")]), 2)
-    balances = fold(all_ops(e, x, y, j1, j2), PARAMS, NET)
+    balances = fold(all_ops(e, x, y, j1, j2), judging(2), NET)
     view = balances.view()
     assert view[x.id]["bonded"] == view[y.id]["bonded"] == view[j1.id]["bonded"] == 80
     assert view[j1.id]["liquid"] == view[j2.id]["liquid"] == 21
@@ -83,7 +88,7 @@ def test_a_loser_loses_at_most_what_it_has_bonded() -> None:
     bonded(x, j1)
     bonded(y, amount=10)  # but its receipt claims 80 committed
     e.append("duel", duel_body(e.id, x.identity, y.identity, [(j1.identity, "A")]), 2)
-    view = fold(all_ops(e, x, y, j1), PARAMS, NET).view()
+    view = fold(all_ops(e, x, y, j1), judging(1), NET).view()
     assert view[y.id]["bonded"] == 0 and view[x.id]["liquid"] == 20 + 10
 
 
@@ -215,14 +220,14 @@ def test_canaries_are_decided_by_their_answer_and_grade_the_judges() -> None:
             ),
             2 + n,
         )
-    balances = fold(all_ops(e, x, y, good, bad), PARAMS, NET)
+    balances = fold(all_ops(e, x, y, good, bad), judging(2), NET)
     view = balances.duel_view()
     assert view[x.id]["duels"]["won"] == 2 and view[y.id]["duels"]["lost"] == 2
     assert view[good.id]["judging"] == {"right": 2, "graded": 2, "weight": 0.75}
     assert view[bad.id]["judging"]["weight"] == 0.25
     # Now a duel the two judges split: the judge the canaries trust decides it.
     e.append("duel", duel_body(e.id, y.identity, x.identity, [(good.identity, "A"), (bad.identity, "B")]), 10)
-    after = fold(all_ops(e, x, y, good, bad), PARAMS, NET).duel_view()
+    after = fold(all_ops(e, x, y, good, bad), judging(2), NET).duel_view()
     assert after[y.id]["duels"]["won"] == 1
 
 
@@ -270,3 +275,26 @@ def test_decision_rules() -> None:
     ra, rb = elo(1500, 1500, 1.0, 16)
     assert (ra, rb) == (1508, 1492)
     assert elo(1900, 1500, 1.0, 16)[0] - 1900 < 2  # an expected win moves little
+
+
+def test_a_duel_on_fewer_votes_than_judges_settles_nothing() -> None:
+    """An entry that keeps only the votes it likes, fewer than `judges`, settles no duel."""
+    e, x, y, j1, j2, j3 = joined(*IDS)
+    bonded(x, y, j1, j2, j3)
+    e.append("duel", duel_body(e.id, x.identity, y.identity, [(j1.identity, "A"), (j2.identity, "A")]), 2)
+    balances = fold(all_ops(e, x, y, j1, j2, j3), PARAMS, NET)  # 3 judges per duel
+    view = balances.view()
+    assert view[x.id]["bonded"] == view[y.id]["bonded"] == 80 and view[x.id]["liquid"] == 20
+    assert x.id not in balances.duel_view() or "duels" not in balances.duel_view()[x.id]
+    assert balances.quality(x.id, "m") == balances.quality(y.id, "m") == 1500
+
+
+def test_a_loser_risks_half_its_bond_whatever_its_receipt_committed() -> None:
+    """A colluding entry's executor that commits nothing in its receipt still loses gamma x half
+    its bond."""
+    e, x, y, j1 = joined(*IDS[:4])
+    bonded(x, y, j1)
+    body = duel_body(e.id, x.identity, y.identity, [(j1.identity, "A")], stakes=(80, 0))
+    e.append("duel", body, 2)
+    view = fold(all_ops(e, x, y, j1), judging(1), NET).view()
+    assert view[y.id]["bonded"] == 80 - 20 and view[x.id]["liquid"] == 20 + 20  # 0.5 x (0.5 x 80)

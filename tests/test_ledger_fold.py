@@ -123,11 +123,16 @@ def fraud_body(chain: Chain, seq: int) -> dict[str, Any]:
 
 
 def duel_body(
-    entry: str, x: NodeIdentity, y: NodeIdentity, judges: list[tuple[NodeIdentity, str]], tag: str = ""
+    entry: str,
+    x: NodeIdentity,
+    y: NodeIdentity,
+    judges: list[tuple[NodeIdentity, str]],
+    tag: str = "",
+    stakes: tuple[float, float] = (80.0, 80.0),
 ) -> dict[str, Any]:
     """A duel of x (A) against y (B); each judge votes `choice` having been shown x's answer first."""
     request = h(f"duel-{entry}-{x.node_id}-{y.node_id}{tag}")
-    receipts = [receipt(x, entry, request), receipt(y, entry, request)]
+    receipts = [receipt(x, entry, request, stake=stakes[0]), receipt(y, entry, request, stake=stakes[1])]
     shown = (receipts[0]["body"]["text"], receipts[1]["body"]["text"])
     return {"receipts": receipts, "votes": [vote(j, entry, request, shown, c) for j, c in judges]}
 

@@ -282,6 +282,9 @@ class Balances:
             fee = min(price, max(entry.liquid, 0))
             entry.liquid -= fee
             self._account(judge).liquid += fee
+        if len(ballots) < rules.judges:
+            # Void: an entry must not settle a duel on the few votes it chose to keep.
+            return
         weights = {j: judge_weight(*self._graded.get(j, (0, 0))) for j in ballots}
         outcome = decide(ballots, weights, case.truth)
         if outcome is None:
@@ -304,9 +307,13 @@ class Balances:
         if outcome == "tie":
             return  # ties move no stake
         winner, loser = (a, b) if outcome == "A" else (b, a)
-        committed = case.committed[0 if loser == a else 1]
         loser_funds = self._account(loser)
-        moved = min(_take(to_micro(committed), rules.gamma), max(loser_funds.bonded, 0))
+        # At least commit_share of the bond held now is at risk, whatever the receipt committed:
+        # a colluding entry cannot settle duels its own executor risks nothing in.
+        committed = max(
+            to_micro(case.committed[0 if loser == a else 1]), _take(loser_funds.bonded, rules.commit_share)
+        )
+        moved = min(_take(committed, rules.gamma), max(loser_funds.bonded, 0))
         loser_funds.bonded -= moved
         self._account(winner).liquid += moved
         majority = tuple(sorted(j for j, c in ballots.items() if c == outcome))

@@ -73,6 +73,12 @@ class DuelParams(_Strict):
         description="fraction of the stake a duel's loser committed that moves to the winner (capped by its bond)",
     )
     judge_price: float = Field(0.2, ge=0, description="credits the entry pays each judge that votes")
+    commit_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of its bond an executor puts at risk in a duel at least, whatever its receipt says",
+    )
     minority_slash: float = Field(
         0.05,
         ge=0,
