@@ -5,6 +5,7 @@ real llama.cpp server (which serves /v1/responses itself)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,14 +13,24 @@ import httpx
 import openai
 import pytest
 
-from tests.support import LlamaServer, NodeProcess
+from tests.support import ListeningChild, LlamaServer, NodeProcess
 
 KEY = "sk-responses-test"
 ORIGIN = "https://app.example"
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, llama_tiny: LlamaServer) -> Iterator[NodeProcess]:
+def stub() -> Iterator[ListeningChild]:
+    """An OpenAI-style server with chat completions only (/v1/responses is a 404 there)."""
+    child = ListeningChild("stub", [sys.executable, "benchmarks/stub_server.py", "--port", "0"])
+    yield child
+    child.stop()
+
+
+@pytest.fixture(scope="module")
+def node(
+    tmp_path_factory: pytest.TempPathFactory, llama_tiny: LlamaServer, stub: ListeningChild
+) -> Iterator[NodeProcess]:
     config = {
         "node": {"api_keys": [KEY], "cors_allow_origins": [ORIGIN]},
         "model_list": [
@@ -27,7 +38,11 @@ def node(tmp_path_factory: pytest.TempPathFactory, llama_tiny: LlamaServer) -> I
                 "model_name": "tiny",
                 "litellm_params": {"model": "openai/tiny-ext", "api_base": llama_tiny.base_url},
                 "model_info": {"id": "tiny-1"},
-            }
+            },
+            {
+                "model_name": "chat-only",
+                "litellm_params": {"model": "openai/stub", "api_base": stub.url + "/v1"},
+            },
         ],
     }
     proc = NodeProcess(config, tmp_path_factory.mktemp("responses")).start()
@@ -57,6 +72,19 @@ def test_responses_stream(app: openai.OpenAI) -> None:
     assert kinds[0] == "response.created" and "response.output_text.delta" in kinds
     assert kinds[-1] == "response.completed"
     assert final.output_text and final.usage.output_tokens > 0
+
+
+def test_responses_through_chat_completions_where_the_backend_lacks_them(app: openai.OpenAI) -> None:
+    response = app.responses.create(model="chat-only", input="Say hi", instructions="Be brief")
+    assert response.status == "completed" and response.output_text == "Hello! This is a canned stub answer."
+    assert response.usage.input_tokens == 9 and response.usage.output_tokens == 9
+    with app.responses.stream(model="chat-only", input=[{"role": "user", "content": "hi"}]) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert deltas and final.output_text == "".join(deltas) and final.usage.output_tokens > 0
+    with pytest.raises(openai.BadRequestError) as bad:
+        app.responses.create(model="chat-only", input="hi", tools=[{"type": "web_search"}])
+    assert bad.value.body["param"] == "tools"
 
 
 def test_pass_through_endpoints_keep_auth_and_error_shapes(node: NodeProcess, app: openai.OpenAI) -> None:

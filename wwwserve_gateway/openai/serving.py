@@ -11,11 +11,12 @@ import structlog
 
 from wwwserve_gateway.deployments import Deployments, worth_another_deployment
 from wwwserve_gateway.http.asgi import SSE_HEADERS, Headers, cancel_on_disconnect, send_bytes
-from wwwserve_gateway.http.errors import BackendError, GatewayError, InvalidRequest
+from wwwserve_gateway.http.errors import BackendError, GatewayError, InvalidRequest, UpstreamError
 from wwwserve_gateway.http.sse import DONE
 from wwwserve_gateway.metrics import GatewayMetrics
 from wwwserve_gateway.openai.request import AppRequest
 from wwwserve_gateway.openai.responses import ResponsesStreamFixer
+from wwwserve_gateway.openai.responses_chat import ResponsesFromChat, chat_body, response_from_chat
 from wwwserve_gateway.plugin_api.backend import TEXT_ENDPOINTS, Backend, Endpoint, JSONReply, Usage
 
 log = structlog.get_logger(__name__)
@@ -49,7 +50,7 @@ class LocalServing:
                 if last is not None:
                     raise last from None  # the app hears why the group failed, not "none left"
                 raise
-            if request.endpoint not in backend.endpoints:
+            if request.endpoint not in backend.endpoints and not via_chat(request.endpoint, backend):
                 raise InvalidRequest(
                     f"The model '{request.model}' does not support /v1/{request.endpoint}",
                     param="model",
@@ -75,7 +76,9 @@ class LocalServing:
     async def _once(self, backend: Backend, request: AppRequest, headers: Headers) -> Usage | None:
         body = dict(request.body)  # each deployment rewrites `model` (and stream options) in its copy
         with self.deployments.lease(backend) as lease:
-            if request.stream:
+            if request.endpoint is Endpoint.RESPONSES:
+                usage = await self._responses(backend, request, body, headers)
+            elif request.stream:
                 work = self._stream(backend, request, body, headers)
                 usage = await cancel_on_disconnect(request.receive, work)
                 await request.send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -86,6 +89,63 @@ class LocalServing:
             lease.used(usage)
         self.deployments.answered(backend, time.perf_counter() - request.started)
         return usage
+
+    async def _responses(
+        self, backend: Backend, request: AppRequest, body: dict[str, Any], headers: Headers
+    ) -> Usage | None:
+        """/v1/responses: passed through where the backend serves it; otherwise (it does not list
+        it, or answers 404/405/501) translated to and from chat completions."""
+        if not via_chat(request.endpoint, backend) or Endpoint.RESPONSES in backend.endpoints:
+            try:
+                if request.stream:
+                    work = self._stream(backend, request, body, headers)
+                    usage = await cancel_on_disconnect(request.receive, work)
+                    await request.send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return usage
+                reply = await cancel_on_disconnect(request.receive, backend.complete(request.endpoint, body))
+                await send_bytes(request.send, 200, reply.body, headers)
+                return reply.usage
+            except UpstreamError as exc:
+                if exc.status not in (404, 405, 501) or Endpoint.CHAT not in backend.endpoints:
+                    raise
+        chat = chat_body(request.body, request.stream)
+        if request.stream:
+            usage = await cancel_on_disconnect(
+                request.receive, self._stream_via_chat(backend, request, chat, headers)
+            )
+            await request.send({"type": "http.response.body", "body": b"", "more_body": False})
+            return usage
+        reply = await cancel_on_disconnect(request.receive, backend.complete(Endpoint.CHAT, chat))
+        await send_bytes(
+            request.send, 200, response_from_chat(reply.data, reply.usage, request.model), headers
+        )
+        return reply.usage
+
+    async def _stream_via_chat(
+        self, backend: Backend, request: AppRequest, chat: dict[str, Any], headers: Headers
+    ) -> Usage | None:
+        send = request.send
+        sse = await backend.stream(Endpoint.CHAT, chat)
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
+        events = ResponsesFromChat(request.model)
+        try:
+            async for piece in sse:
+                out = events.feed(piece)
+                if request.ttft is None:
+                    request.ttft = time.perf_counter() - request.started
+                    self.metrics.first_token(request.model, request.ttft)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            await send({"type": "http.response.body", "body": events.close(), "more_body": True})
+        except BackendError as exc:
+            self.deployments.failed(backend, exc)
+            self.metrics.count_error("stream", exc.type)
+            await send(
+                {"type": "http.response.body", "body": b"data: " + exc.body() + b"\n\n", "more_body": True}
+            )
+        finally:
+            await sse.aclose()
+        return events.usage or sse.usage
 
     async def _stream(
         self, backend: Backend, request: AppRequest, body: dict[str, Any], headers: Headers
@@ -136,3 +196,8 @@ class LocalServing:
         data["usage"] = {"prompt_tokens": 0, "completion_tokens": completion, "total_tokens": completion}
         reply.body = orjson.dumps(data)
         return usage, ESTIMATED_USAGE
+
+
+def via_chat(endpoint: Endpoint, backend: Backend) -> bool:
+    """Whether `endpoint` can be served by `backend` through chat completions (the Responses API)."""
+    return endpoint is Endpoint.RESPONSES and Endpoint.CHAT in backend.endpoints
