@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -46,7 +47,7 @@ def _load(path: Path) -> GatewayConfig:
     try:
         return load_config(path, checks=(check_plugins,))
     except ConfigError as exc:
-        console.print(f"[red]config error[/red] {exc.render()}", highlight=False)
+        console.print(f"[red]config error[/red] {escape(exc.render())}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -379,7 +380,7 @@ def network_id(path: Annotated[Path, typer.Argument(help="a genesis file")]) -> 
     try:
         typer.echo(load_genesis(path).network_id)
     except ConfigError as exc:
-        console.print(f"[red]error[/red] {exc.render()}", highlight=False)
+        console.print(f"[red]error[/red] {escape(exc.render())}", highlight=False)
         raise typer.Exit(2) from None
 
 

@@ -84,6 +84,7 @@ class Dispatcher:
         self.dm = delegation_metrics
         self.request_timeout = request_timeout
         self.local_route = [(ROUTE_HEADER, self.me.encode())]
+        self.tracing = delegator.tracing
 
     # -- the catalog: what apps may ask this node for ---------------------------------------------
     def model_names(self) -> list[str]:
@@ -103,6 +104,45 @@ class Dispatcher:
 
     # -- serving ------------------------------------------------------------------------------------
     async def serve(self, request: AppRequest) -> None:
+        if self.tracing.enabled:
+            await self._traced(request)
+        else:
+            await self._serve(request)
+
+    async def _traced(self, request: AppRequest) -> None:
+        """`_serve` in the request's span, current while it runs: the policy, backend and
+        delegation spans nest in it. 5xx answers mark it failed."""
+        span = self.tracing.start(
+            "wwwserve.request",
+            kind="server",
+            attributes={
+                "wwwserve.request_id": request.id,
+                "wwwserve.endpoint": request.endpoint.value,
+                "gen_ai.request.model": request.model,
+                "wwwserve.stream": request.stream,
+            },
+        )
+        status = 200
+        try:
+            with self.tracing.use(span):
+                await self._serve(request)
+        except ClientDisconnected:
+            status = 499
+            raise
+        except GatewayError as exc:
+            status = exc.status
+            raise
+        except BaseException:
+            status = 500
+            raise
+        finally:
+            span.set("http.response.status_code", status)
+            span.set("wwwserve.route", ",".join(request.route or ((self.me,) if request.deployment else ())))
+            if status >= 500:
+                span.fail(f"HTTP {status}")
+            span.end()
+
+    async def _serve(self, request: AppRequest) -> None:
         model = request.model
         m = self.metrics
         status = 200
@@ -177,7 +217,9 @@ class Dispatcher:
             return await self._local(info, request)
         deadline = request.started + self.request_timeout
         while True:
-            decision = policy.decide(info)
+            with self.tracing.start("wwwserve.policy", attributes={"wwwserve.attempt": info.attempt}) as span:
+                decision = policy.decide(info)
+                span.set("wwwserve.decision", decision.value)
             if decision is Decision.LOCAL and not local:
                 decision = Decision.DELEGATE
             if decision is Decision.LOCAL:
@@ -219,7 +261,7 @@ class Dispatcher:
         groups served here, then peers: each only if nothing was sent to the app yet."""
         model = request.model
         try:
-            return await self.local.serve(request, self.local_route)
+            return await self._backend(request)
         except GatewayError as exc:
             if not worth_a_fallback(exc):
                 raise
@@ -231,7 +273,7 @@ class Dispatcher:
                 continue
             log.info("falling back", model=model, fallback=group, reason=failure.message)
             try:
-                return await self.local.serve(request, self.local_route, model=group)
+                return await self._backend(request, group)
             except GatewayError as exc:
                 if not worth_a_fallback(exc):
                     raise
@@ -242,6 +284,18 @@ class Dispatcher:
             except NoExecutor:
                 self.dm.delegations.labels(model, "no_executor").inc()
         raise failure
+
+    async def _backend(self, request: AppRequest, model: str | None = None) -> Usage | None:
+        """A local deployment of `model` (default: the one asked for) answers, in a span."""
+        span = self.tracing.start(
+            "wwwserve.backend", kind="client", attributes={"gen_ai.request.model": model or request.model}
+        )
+        with span:
+            try:
+                return await self.local.serve(request, self.local_route, model=model)
+            finally:
+                if request.deployment:
+                    span.set("wwwserve.deployment", request.deployment)
 
     async def _delegate(self, info: RequestInfo, request: AppRequest) -> Usage | None:
         """Hand the request to peers. NoExecutor (nobody took it, nothing sent) leaves no trace:

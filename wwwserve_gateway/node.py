@@ -37,6 +37,7 @@ from wwwserve_gateway.plugin_api.loading import build_plugin, check_backend, che
 from wwwserve_gateway.plugin_api.node import NodeAPI
 from wwwserve_gateway.plugin_api.peers import MembershipEvent, MembershipEventKind
 from wwwserve_gateway.plugin_api.slots import NODE_SLOTS
+from wwwserve_gateway.tracing import build as build_tracing
 from wwwserve_gateway.web.app import AppParts, create_app
 
 log = structlog.get_logger(__name__)
@@ -87,8 +88,13 @@ class Node:
         delegation_metrics = DelegationMetrics(self.metrics.prometheus)
         self.duels = Duels(self.api, DuelMetrics(self.metrics.prometheus))
         self.judging = JudgeService(self.api)
+        self.tracing = build_tracing(settings.otel, identity.node_id)  # node.otel unset: no-ops
         delegator = Delegator(
-            self.api, delegation_metrics, min(STALL_S, settings.request_timeout), duels=self.duels
+            self.api,
+            delegation_metrics,
+            min(STALL_S, settings.request_timeout),
+            duels=self.duels,
+            tracing=self.tracing,
         )
         self.executor = PeerExecutor(self.api, self.deployments, delegator, delegation_metrics)
         self.requests = RequestRecords(  # recent requests and the access log
@@ -160,6 +166,7 @@ class Node:
         self._tasks.clear()
         await self.deployments.aclose()
         self.data_dir_lock.release()
+        self.tracing.close()  # exports the spans still batched
         log.info("node stopped")
 
     def _on_membership(self, event: MembershipEvent) -> None:

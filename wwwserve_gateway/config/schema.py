@@ -20,6 +20,42 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class OtelSettings(StrictModel):
+    """OpenTelemetry tracing of the request path (needs the extra: pip install 'wwwserve[otel]')."""
+
+    exporter: Literal["otlp", "file", "console"] = Field(
+        "otlp", description="otlp (a collector), file (JSON lines at `path`) or console"
+    )
+    endpoint: str | None = Field(
+        None,
+        description="the OTLP collector, e.g. http://127.0.0.1:4318 (http/protobuf) or "
+        "http://127.0.0.1:4317 (grpc); unset: OTEL_EXPORTER_OTLP_ENDPOINT or the SDK's default",
+    )
+    protocol: Literal["http/protobuf", "grpc"] = Field("http/protobuf", description="OTLP transport")
+    headers: dict[str, str] = Field(default_factory=dict, description="headers sent to the collector")
+    service_name: str = Field("wwwserve", min_length=1, description="the service.name of this node's spans")
+    sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of app requests traced; peers follow the entry's choice"
+    )
+    path: Path | None = Field(
+        None, validate_default=True, description="exporter file: the JSON-lines file spans are appended to"
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_a_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _file_needs_a_path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None and info.data.get("exporter") == "file":
+            raise ValueError("the file exporter needs a path")
+        return value
+
+
 class NodeSettings(StrictModel):
     host: str = Field("127.0.0.1", description="address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
     port: int = Field(4000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)")
@@ -101,6 +137,10 @@ class NodeSettings(StrictModel):
         16 * 1024 * 1024,
         ge=2 * 1024 * 1024,
         description="bytes of all overlay streams' items one peer may leave unread here",
+    )
+
+    otel: OtelSettings | None = Field(
+        None, description="OpenTelemetry tracing, e.g. {endpoint: http://127.0.0.1:4318}; unset: none"
     )
 
     @field_validator("overlay_connection_window_bytes")

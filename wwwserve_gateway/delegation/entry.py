@@ -40,6 +40,7 @@ from wwwserve_gateway.plugin_api.backend import Endpoint, Usage
 from wwwserve_gateway.plugin_api.node import NodeAPI
 from wwwserve_gateway.plugin_api.requests import RequestInfo
 from wwwserve_gateway.plugin_api.requests import max_tokens as request_max_tokens
+from wwwserve_gateway.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger(__name__)
 
@@ -66,8 +67,10 @@ class Delegator:
         stall_timeout: float,
         strikes: Strikes | None = None,
         duels: Duels | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.api = api
+        self.tracing = tracing  # the dispatcher and the executor trace through it too
         self.me = api.node_id
         self.net = api.genesis.network_id
         self.metrics = metrics
@@ -89,12 +92,24 @@ class Delegator:
         for peer in self.api.router.candidates(ask):
             if peer in avoid or peer in request.route:
                 continue
-            items = self.api.overlay.stream(peer, wire.KIND, body, timeout=self.stall_timeout)
-            outcome = await self._first_item(peer, items, request.route)
+            span = self.tracing.start(
+                "wwwserve.delegation.attempt", kind="client", attributes={"wwwserve.peer": peer}
+            )
+            try:
+                sent = wire.with_trace(body, span.traceparent)
+                items = self.api.overlay.stream(peer, wire.KIND, sent, timeout=self.stall_timeout)
+                outcome = await self._first_item(peer, items, request.route)
+            except BaseException:
+                span.end()
+                raise
             if isinstance(outcome, tuple):
                 self.metrics.attempts.labels("accepted").inc()
-                return Execution(peer, outcome, request, items)
+                span.set("wwwserve.outcome", "accepted")
+                span.set("wwwserve.route", ",".join(outcome))
+                return Execution(peer, outcome, request, items, span)
             self.metrics.attempts.labels(outcome).inc()
+            span.set("wwwserve.outcome", outcome)
+            span.end()
             await items.aclose()  # type: ignore[attr-defined]
             avoid.add(peer)
         raise NoExecutor(f"no peer accepted the request for '{info.model}'")
@@ -166,6 +181,7 @@ class Delegator:
         return record, (prompt, completion)
 
     def _failed(self, ex: Execution, exc: ExecutorFailed, avoid: set[str]) -> None:
+        ex.span.fail(str(exc))
         avoid.update((ex.peer, ex.executor))
         if isinstance(exc, ExecutorStalled):  # silent without a heartbeat: frozen, or hostile
             self.strikes.strike(ex.executor)

@@ -8,6 +8,7 @@ from typing import Any
 
 from wwwserve_gateway.delegation import wire
 from wwwserve_gateway.overlay.errors import OverlayError, PeerTimeout
+from wwwserve_gateway.tracing import NO_SPAN, Span
 
 
 class NoExecutor(Exception):
@@ -30,6 +31,7 @@ class Execution:
     route: tuple[str, ...]  # the whole route, executor last
     request: wire.DelegatedRequest
     items: AsyncIterator[dict[str, Any]]
+    span: Span = NO_SPAN  # the delegation attempt's, ended with the execution
 
     @property
     def executor(self) -> str:
@@ -47,4 +49,7 @@ class Execution:
             raise ExecutorFailed(f"{self.executor[:16]}: {exc}") from None
 
     async def aclose(self) -> None:
-        await self.items.aclose()  # type: ignore[attr-defined]
+        try:
+            await self.items.aclose()  # type: ignore[attr-defined]
+        finally:
+            self.span.end()

@@ -147,7 +147,27 @@ class PeerExecutor:
 
     def register(self) -> None:
         """Start answering peers' delegated requests."""
-        self.api.overlay.on_stream(wire.KIND, self.handle)
+        self.api.overlay.on_stream(wire.KIND, self._traced if self.delegator.tracing.enabled else self.handle)
+
+    async def _traced(self, peer_id: str, raw: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """`handle` in a span of the overlay hop, a child of the sender's span when the request
+        names one: current for the stream's whole life (its own task), so backend and relay spans
+        nest under it."""
+        tracing = self.delegator.tracing
+        route = raw.get("route") if isinstance(raw, dict) else None
+        attributes = {"wwwserve.peer": peer_id, "wwwserve.hops": len(route) if isinstance(route, list) else 0}
+        hop = tracing.start(
+            "wwwserve.overlay.hop", kind="server", traceparent=wire.trace_context(raw), attributes=attributes
+        )
+        first = True
+        with hop, tracing.use(hop):
+            async for item in self.handle(peer_id, raw):
+                if first:
+                    first = False
+                    hop.set("wwwserve.outcome", "accepted" if item["t"] == "accept" else "declined")
+                    if item["t"] == "decline":
+                        hop.set("wwwserve.reason", item["reason"][:200])
+                yield item
 
     async def handle(self, peer_id: str, raw: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         try:
@@ -203,6 +223,9 @@ class PeerExecutor:
         ok = False
         answer = _Answer()
         self.metrics.peer_in_flight.inc()
+        span = self.delegator.tracing.start(
+            "wwwserve.backend", kind="client", attributes={"wwwserve.deployment": backend.id}
+        )
         try:
             with self.deployments.lease(backend) as lease:
                 try:
@@ -214,6 +237,7 @@ class PeerExecutor:
                         _read_text(text, item)
                         yield item
                 except GatewayError as exc:
+                    span.fail(exc.message)
                     log.info("backend failed a peer's request", backend=backend.id, error=exc.message)
                     self.metrics.peer_requests.labels(backend.model_name, "failed").inc()
                     yield wire.error(exc.status, exc.body().decode())
@@ -238,6 +262,7 @@ class PeerExecutor:
             ok = True
             yield wire.receipt(record)
         finally:
+            span.end()
             self.metrics.peer_in_flight.dec()
             self.api.policy.on_request_done(info, "local", time.time() - started, ok)
 

@@ -1,8 +1,10 @@
 """What travels between entry and executor on the overlay stream `wwwserve.delegate`.
 
-The request: {id, endpoint, body, route, continuation}. `route` lists the node ids it went through,
-entry first and the sender last; an executor refuses a request whose route contains itself (a loop)
-or is longer than MAX_HOPS.
+The request: {id, endpoint, body, route, continuation[, trace]}. `route` lists the node ids it went
+through, entry first and the sender last; an executor refuses a request whose route contains itself
+(a loop) or is longer than MAX_HOPS. `trace`, sent only by a node that traces, is the W3C
+`traceparent` of the sender's span (55 characters: version 00, trace id, span id, flags): the
+executor's spans join the entry's trace.
 
 The executor answers with stream items, the first at once:
 
@@ -36,6 +38,8 @@ ENDPOINTS = frozenset(e.value for e in DELEGATED_ENDPOINTS)
 ITEM_TYPES = frozenset({"accept", "decline", "sse", "json", "error", "wait", "receipt"})
 HEARTBEAT_S = 2.0
 STALL_S = 10.0
+TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+REQUEST_KEYS = frozenset({"id", "endpoint", "body", "route", "continuation"})
 
 
 class WireError(ValueError):
@@ -49,15 +53,17 @@ class DelegatedRequest:
     body: dict[str, Any]
     route: tuple[str, ...]
     continuation: bool = False
+    trace: str | None = None  # the sender's W3C traceparent
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        request = {
             "id": self.id,
             "endpoint": self.endpoint.value,
             "body": self.body,
             "route": list(self.route),
             "continuation": self.continuation,
         }
+        return with_trace(request, self.trace)
 
     @property
     def entry(self) -> str:
@@ -66,8 +72,8 @@ class DelegatedRequest:
 
 def parse_request(sender: str, me: str, raw: Any) -> DelegatedRequest:
     """Check a delegated request received from `sender`; raise WireError saying what is wrong."""
-    if not isinstance(raw, dict) or set(raw) != {"id", "endpoint", "body", "route", "continuation"}:
-        raise WireError("a delegated request is {id, endpoint, body, route, continuation}")
+    if not isinstance(raw, dict) or not REQUEST_KEYS <= set(raw) <= REQUEST_KEYS | {"trace"}:
+        raise WireError("a delegated request is {id, endpoint, body, route, continuation[, trace]}")
     rid, endpoint, body, route = raw["id"], raw["endpoint"], raw["body"], raw["route"]
     if not isinstance(rid, str) or not REQUEST_ID.fullmatch(rid):
         raise WireError("request id must be 32 hex characters")
@@ -84,7 +90,23 @@ def parse_request(sender: str, me: str, raw: Any) -> DelegatedRequest:
         raise WireError("the route already contains this node (a loop)")
     if len(hops) >= MAX_HOPS:
         raise WireError(f"the route is longer than {MAX_HOPS} hops")
-    return DelegatedRequest(rid, Endpoint(endpoint), body, hops, raw["continuation"])
+    trace = raw.get("trace")
+    if trace is not None and trace_context(raw) is None:
+        raise WireError("trace must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
+    return DelegatedRequest(rid, Endpoint(endpoint), body, hops, raw["continuation"], trace)
+
+
+def trace_context(raw: Any) -> str | None:
+    """A request's `trace`, if it is a well-formed traceparent (bounded: a fixed 55 characters)."""
+    trace = raw.get("trace") if isinstance(raw, dict) else None
+    if isinstance(trace, str) and len(trace) == 55 and TRACEPARENT.fullmatch(trace):
+        return trace
+    return None
+
+
+def with_trace(wire_request: dict[str, Any], traceparent: str | None) -> dict[str, Any]:
+    """A request on the wire, with the sender's span as `trace` when it traces."""
+    return wire_request if traceparent is None else {**wire_request, "trace": traceparent}
 
 
 def check_route(route: Any) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from wwwserve_gateway import tracing
 from wwwserve_gateway.config.problems import ConfigError, ConfigProblem, problems_from_validation
 from wwwserve_gateway.config.schema import GatewayConfig, ModelEntry, PluginSlot
 from wwwserve_gateway.plugin_api.backend import Backend
@@ -115,7 +116,7 @@ def check_plugins(config: GatewayConfig) -> list[ConfigProblem]:
             problems.append(ConfigProblem((slot.name, "plugin"), str(exc)))
             continue
         problems += validate_settings(cls.Settings, section.settings, (slot.name, "settings"))[1]
-    return problems
+    return problems + tracing.check(config.node.otel)  # and the extra node.otel needs
 
 
 def require_valid(config: GatewayConfig, source: str) -> None:
