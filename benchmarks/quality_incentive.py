@@ -37,7 +37,7 @@ process while they form; their app traffic then runs one network at a time, on t
    own deployment's model (SmolLM2 for good and degraded, the tiny model for random).
 
 Every network: genesis with 1,000 founding credits per executor (each bonds 100) and 10^6 for E;
-price 1 credit per request, judges' price 0.2, 3 judges per duel, judge timeout 30 s, Elo K 16, no
+price 1 credit per request, judges' price 0.2, 3 judges per duel, judge timeout 60 s, Elo K 16, no
 canaries (the app traffic itself is checkable); gossip probes patient enough for a loaded machine.
 E's balances view is sampled every `sample_s` during the traffic and after it (until every duel is
 settled). Stake share
@@ -118,11 +118,11 @@ BOND = 100
 # members flap there while seven nodes and two llama.cpp servers share the cores).
 GOSSIP = GossipParams(interval_s=1.0, probe_timeout_s=2.0, suspect_timeout_s=10.0, refresh_s=5.0)
 JUDGES = 3
-JUDGE_TIMEOUT_S = 30.0
-FORM_S = 240.0  # at most, from spawning a network's nodes until every executor is alive and staked at E
+JUDGE_TIMEOUT_S = 60.0  # the genesis default; SmolLM2 judging on a loaded machine needs it
+FORM_S = 420.0  # at most, from spawning a network's nodes until every executor is alive and staked at E
 SMOL_PARALLEL = 8
 SERVER_ALIAS = {"good": "smol", "degraded": "smol-hot", "random": "tiny"}
-TINY_PARALLEL = 4
+TINY_PARALLEL = 8
 SMOOTH = 5  # samples in the stake share's moving average
 PAPER_WIN_RATES = {"Qwen3-8B": 0.57, "Qwen3-4B": 0.53, "Qwen3-0.6B": 0.39}
 TARGETS = {"stake_share_best": 0.5, "stake_share_random": 0.05, "agreement": 0.5, "p50_ratio": 1.0}
@@ -148,7 +148,7 @@ class Plan:
     def make(cls, quick: bool, rate: float, gamma: float, temperature: float, seed: int) -> Plan:
         if quick:
             return cls(2, 60.0, 16, 40, 25.0, 15.0, 3, 1.0, 25.0, rate, gamma, temperature, seed)
-        return cls(12, 150.0, 60, 400, 200.0, 60.0, 3, 2.0, 60.0, rate, gamma, temperature, seed)
+        return cls(12, 150.0, 60, 400, 170.0, 60.0, 3, 2.0, 45.0, rate, gamma, temperature, seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +158,14 @@ class Plan:
 def deployment(cls: str, servers: dict[str, bench.Llama]) -> dict[str, Any]:
     """A class's litellm_params: the native llama.cpp backend on its class's server (no LiteLLM: its
     import costs ~5 s of CPU per node, minutes on a loaded 2-core machine)."""
-    return {"model": f"llamacpp/{SERVER_ALIAS[cls]}", "api_base": servers[cls].base_url}
+    # Two nodes share each server: each may keep half its slots busy (without a limit the backend's
+    # capacity reads as 1, and a node declines every request while one is in flight).
+    slots = TINY_PARALLEL if cls == "random" else SMOL_PARALLEL
+    return {
+        "model": f"llamacpp/{SERVER_ALIAS[cls]}",
+        "api_base": servers[cls].base_url,
+        "max_parallel_requests": slots // 2,
+    }
 
 
 class SampledLlama(bench.Llama):
