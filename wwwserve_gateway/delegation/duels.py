@@ -49,6 +49,9 @@ DUELLED = frozenset({Endpoint.CHAT, Endpoint.COMPLETION})
 CANARY_MIN_TOKENS = 64  # enough for any canary's answer, whatever the app request asked
 CANARY_COPIED = ("stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p")
 MAX_CANARY_TEXT = 16_384  # what a canary duel may carry of each answer (the ledger's bound)
+# A second executor rated this many Elo points below the first is relayed only if the first fails:
+# hedging buys latency, and must not buy it with the worst answer.
+HEDGE_MARGIN = 50.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +132,13 @@ class Duels:
         first. The duel goes on in the background."""
         a = Contender(ex)
         second = asyncio.ensure_future(self._second(delegator, info, ex, avoid))
+
+        def worse(b: Contender, a: Contender) -> bool:
+            rating = self.api.ledger.quality
+            return rating(b.ex.executor, info.model) < rating(a.ex.executor, info.model) - HEDGE_MARGIN
+
         try:
-            relayed, swapped = await race(a, second)
+            relayed, swapped = await race(a, second, worse)
         except asyncio.CancelledError:  # the app left: nothing to relay, nothing to judge
             second.cancel()
             a.cancel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from wwwserve_gateway.delegation.execution import Execution
@@ -84,10 +84,15 @@ class Contender:
         self.task.cancel()
 
 
-async def race(a: Contender, second: Awaitable[Contender | None]) -> tuple[Contender, bool]:
+async def race(
+    a: Contender,
+    second: Awaitable[Contender | None],
+    worse: Callable[[Contender, Contender], bool] = lambda b, a: False,
+) -> tuple[Contender, bool]:
     """The contender to relay, and whether the other one started too late to matter (False) or
     won (True: the second one was picked). `second` opens the other executor; it may finish after
-    this returns, for the duel to collect."""
+    this returns, for the duel to collect. A second that starts first but is `worse(b, a)` (known
+    to answer worse) is relayed only if `a` fails: speed must not hand the app the worst answer."""
 
     async def b_started() -> Contender | None:
         b = await asyncio.shield(second)  # giving up on the wait must not cancel the opening
@@ -95,6 +100,7 @@ async def race(a: Contender, second: Awaitable[Contender | None]) -> tuple[Conte
 
     a_wait = asyncio.ensure_future(a.started())
     b_wait = asyncio.ensure_future(b_started())
+    fallback: Contender | None = None
     try:
         pending: set[asyncio.Future[Any]] = {a_wait, b_wait}
         while pending:
@@ -102,7 +108,11 @@ async def race(a: Contender, second: Awaitable[Contender | None]) -> tuple[Conte
             if a_wait in done and a_wait.result():
                 return a, False
             if b_wait in done and (b := b_wait.result()) is not None:
-                return b, True
+                if not worse(b, a) or (a_wait.done() and not a_wait.result()):
+                    return b, True
+                fallback = b
+        if fallback is not None:  # A failed before any output: the worse answer beats none
+            return fallback, True
         return a, False  # neither started: the relay sees A's failure and fails over
     finally:
         for waiter in (a_wait, b_wait):
