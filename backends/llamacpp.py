@@ -128,7 +128,7 @@ class LlamaCppBackend(OpenAICompatBackend):
             return None
         running = round(sum(gauges.get(RUNNING, [])))
         waiting = round(sum(gauges.get(WAITING, [])))
-        return BackendLoad(running, waiting, min(1.0, running / self._slots))
+        return BackendLoad(running, waiting, min(1.0, running / self._slots), self._slots)
 
     def describe(self) -> dict:
         info = super().describe()

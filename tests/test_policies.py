@@ -104,6 +104,10 @@ def test_capacity_and_usage_take_the_quicker_signal() -> None:
     assert backend_usage(backend(in_flight=1, n_parallel=4)) == 0.25
     assert backend_usage(backend(in_flight=1, n_parallel=4, load=BackendLoad(1, 0, 0.6))) == 0.6
     assert backend_usage(backend(in_flight=3, n_parallel=4, load=BackendLoad(1, 0, 0.1))) == 0.75
+    # An external llama.cpp server reports its own slots: they beat the setting's default of 1.
+    external = backend(in_flight=2, n_parallel=1, load=BackendLoad(1, 0, 0.125, capacity=8))
+    assert backend_capacity(external) == 8 and backend_usage(external) == 0.25
+    assert backend_capacity(backend(parallel=2, load=BackendLoad(capacity=8))) == 2
 
 
 # -- settings ------------------------------------------------------------------------------------

@@ -24,10 +24,18 @@ log = structlog.get_logger(__name__)
 # -- backends ------------------------------------------------------------------------------------
 
 
+def _capacity(backend: Backend) -> int | None:
+    """Its parallel limit, else the slots its engine reports (an external llama.cpp server's are
+    its own setting, not ours), else the slots configured here; None when unknown."""
+    params = backend.settings
+    load = backend.state.load
+    reported = load.capacity if load is not None else None
+    return params.max_parallel_requests or reported or getattr(params, "n_parallel", None)
+
+
 def backend_capacity(backend: Backend) -> int:
     """How many requests the backend decodes at once: its parallel limit, its slot count, or 1."""
-    params = backend.settings
-    return params.max_parallel_requests or getattr(params, "n_parallel", None) or 1
+    return _capacity(backend) or 1
 
 
 def backend_usage(backend: Backend) -> float:
@@ -38,8 +46,7 @@ def backend_usage(backend: Backend) -> float:
     API or a vLLM server of unknown size says nothing about how busy it is."""
     load = backend.state.load
     probed = load.usage if load is not None else 0.0
-    params = backend.settings
-    capacity = params.max_parallel_requests or getattr(params, "n_parallel", None)
+    capacity = _capacity(backend)
     return max(probed, backend.state.in_flight / capacity) if capacity else probed
 
 

@@ -71,6 +71,7 @@ class BackendLoad:
     running: int = 0
     waiting: int = 0
     usage: float = 0.0
+    capacity: int | None = None  # requests the engine decodes at once, when it says (its slots)
 
 
 @dataclass(slots=True)
