@@ -119,6 +119,8 @@ def test_wrong_type_says_what_is_expected() -> None:
         ({"model": "my-model", "api_base": "http://h/v1"}, "openai/my-model"),
         ({"model": "claude-3-5-sonnet"}, "litellm/claude-3-5-sonnet"),  # LiteLLM's own inference
         ({"model": "llama3", "custom_llm_provider": "ollama_chat"}, "ollama_chat/llama3"),
+        ({"model": "anthropic/claude-3-5-sonnet"}, "litellm/anthropic/claude-3-5-sonnet"),
+        ({"model": "hosted_vllm/smol"}, "hosted_vllm/smol"),
     ],
 )
 def test_a_bare_model_name_gets_the_provider_litellm_infers(params: dict, model: str) -> None:

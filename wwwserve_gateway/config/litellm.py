@@ -9,9 +9,11 @@ for sections the node does not use. docs/litellm-config.md has the whole mapping
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 NO_DB = "a node keeps no database (keys, budgets and spend live in its ledger)"
@@ -143,7 +145,13 @@ OPENAI_NAMES = re.compile(
     r"^(gpt-|chatgpt-|o1|o3|o4|text-embedding-|text-moderation|omni-moderation|dall-e|gpt-image|whisper|tts-"
     r"|davinci|babbage|computer-use)"
 )
-OWN_PROVIDERS = {"openai", "hosted_vllm", "vllm", "sglang", "ollama", "ollama_chat", "llamacpp", "litellm"}
+
+
+@functools.cache
+def backend_providers() -> frozenset[str]:
+    """Provider prefixes with a wwwserve backend (entry points, third-party ones included); other
+    LiteLLM providers are served through the LiteLLM SDK backend (`litellm/`)."""
+    return frozenset(ep.name for ep in entry_points(group="wwwserve.backends"))
 
 
 @dataclass(frozen=True)
@@ -237,8 +245,11 @@ def _adopt_entry(index: int, entry: Any, warn: Any) -> Any:
     provider = params.pop("custom_llm_provider", None)
     if isinstance(model, str) and "/" not in model:
         params["model"] = f"{infer_provider(model, provider, params.get('api_base'))}/{model}"
-    elif isinstance(model, str) and provider and model.split("/", 1)[0] not in OWN_PROVIDERS:
+    elif isinstance(model, str) and provider and model.split("/", 1)[0] not in backend_providers():
         params["model"] = f"{provider}/{model}"
+    model = params.get("model")
+    if isinstance(model, str) and "/" in model and model.split("/", 1)[0] not in backend_providers():
+        params["model"] = f"litellm/{model}"  # anthropic/..., gemini/...: LiteLLM's own providers
     if "headers" in params:
         params["extra_headers"] = {**(params.pop("headers") or {}), **(params.get("extra_headers") or {})}
     if not str(params.get("model", "")).startswith("litellm/"):
