@@ -110,7 +110,9 @@ RECEIPT = "x-wwwserve-receipt"
 # A request counts as disturbed when it took this much longer than its answer's own duration (its
 # tokens x GAP_MS), or more than 3x the calm p99 of that excess if larger.
 DISTURBED_S = 1.0
-TAIL_S = 10.0  # the load goes on this long after the schedule's last action finished
+TAIL_S = 10.0
+STOPS = ("kill9", "term", "stop")
+SETTLE_S = 8.0  # a restarted node serves this long after ready before the schedule hits it again  # the load goes on this long after the schedule's last action finished
 RECOVERY_WINDOW_S = 10.0  # requests disturbed this long after an event count towards its recovery
 TARGETS = {"success": 0.999, "recovery_s": 2.0}
 SLOW = {"rtt_ms": (20.0, 250.0), "jitter": 0.2, "stall_every_s": 90.0, "stall_s": (0.5, 1.5)}
@@ -463,7 +465,11 @@ class Monitor:
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - tick)))
 
     async def poll(self, session: aiohttp.ClientSession, node: Node) -> None:
-        if not node.running or node.frozen:
+        if not node.running:  # a restarted node's views are new ones: each is recorded as a change
+            for subject in NODES:
+                self.last.pop((node.name, subject), None)
+            return
+        if node.frozen:
             return
         try:
             async with session.get(
@@ -530,7 +536,16 @@ class Chaos:
         prev_planned = prev_fired = 0.0
         for k, step in enumerate(self.plan.steps):
             await asyncio.sleep(max(0.0, prev_fired + (step.at - prev_planned) - self.now()))
-            await asyncio.gather(*(pending[n] for n in step.nodes if n in pending))
+            # a step that stops nodes waits until every restart so far has finished (so no more nodes
+            # are down than the plan says), and a restarted node serves SETTLE_S after ready first
+            stops = step.action in STOPS
+            await asyncio.gather(*(t for n, t in pending.items() if stops or n in step.nodes))
+            ready = [
+                e.get("ready") or 0.0
+                for e in self.events
+                if e["action"] == "start" and (stops or e["node"] in step.nodes)
+            ]
+            await asyncio.sleep(max(0.0, max(ready, default=0.0) + SETTLE_S - self.now()))
             prev_planned, prev_fired = step.at, self.now()
             task = asyncio.create_task(self.step(k, step))
             for n in step.nodes:
@@ -713,7 +728,8 @@ def analyse(
     reached = len(reqs) - refused - len(lost_with_entry)
     ok = outcomes.get("ok", 0)
     lo, hi = kill_window(events)
-    window = [r for r in reqs if lo <= r.start < hi]
+    lost_ids = {r.i for r in lost_with_entry}
+    window = [r for r in reqs if lo <= r.start < hi and r.outcome != "refused" and r.i not in lost_ids]
     first_event = min((e["t"] for e in events), default=plan.load_s)
     calm = [r.excess for r in reqs if r.outcome == "ok" and r.end < first_event]
     calm_p99 = float(np.percentile(calm, 99)) if calm else 0.0
@@ -748,6 +764,7 @@ def analyse(
             if k in e:
                 row[k] = round(e[k], 3) if isinstance(e[k], float) else e[k]
         node = e["node"]
+        until = min((x["t"] for x in events if x["node"] == node and x["t"] > t + 1e-6), default=float("inf"))
         if e["node"] in EXECUTORS:
             if e["action"] in ("start", "cont"):
                 path_s = late(
@@ -771,7 +788,9 @@ def analyse(
                 row["stream_resume_s"] = round(max(resumed), 3) if resumed else None
         else:
             if e["action"] == "start":
-                path_s = late([r for r in reqs if r.outcome == "ok" and r.entry == node and r.end > ref], ref)
+                path_s = late(
+                    [r for r in reqs if r.outcome == "ok" and r.entry == node and ref < r.end < until], ref
+                )
                 row["path"] = f"first success through {node} after it was ready"
             else:
                 homes = {r.worker for r in reqs if r.entry == node and r.start < t}
@@ -786,7 +805,11 @@ def analyse(
         last_hit = max((r.end - ref for r in hit), default=0.0)
         row["recovery_s"] = None if path_s is None else round(max(path_s, last_hit), 3)
         # membership: who saw it go, and come back
-        observers = [n for n in NODES if n != node]
+        # membership is read from the nodes that were up (running, not frozen, ready) then
+        observers = [
+            n for n in NODES if n != node and n not in e["together_with"] and not down_at(events, n, ref)
+        ]
+        row["observers"] = observers
         if e["action"] in ("kill9", "term", "stop"):
             suspect = monitor.first_change(node, t, {"suspect", "dead", "left", "absent"}, observers)
             dead = monitor.first_change(node, t, {"dead", "left", "absent"}, observers)
@@ -804,7 +827,7 @@ def analyse(
                 Counter(monitor.state_at(node, o, float("inf")) or "?" for o in observers).most_common()
             )
         if rtts is not None:
-            links = [rtts[(node, o)] for o in observers]
+            links = [rtts[(node, o)] for o in NODES if o != node]
             row["link_rtt_ms"] = {"min": min(links), "max": max(links)}
             row["recovery_limit_s"] = round(3 * max(links) / 1000 + TARGETS["recovery_s"], 3)
         else:
@@ -868,7 +891,7 @@ def analyse(
                     "outcome": r.outcome,
                     "detail": r.detail,
                 }
-                for r in reqs
+                for r in sorted(reqs, key=lambda r: (r.outcome == "refused", r.start))
                 if r.outcome != "ok"
             ][:300],
             "slowest": [
@@ -899,6 +922,19 @@ def analyse(
     else:
         result["overhead_vs_rtt"] = overhead_vs_rtt(reqs, events, None)
     return result
+
+
+def down_at(events: list[dict[str, Any]], node: str, t: float) -> bool:
+    """Whether `node` was down at `t`: its last event before was a stop, or a restart not ready yet."""
+    last = None
+    for e in sorted(events, key=lambda e: e["t"]):
+        if e["node"] == node and e["t"] <= t:
+            last = e
+    if last is None or last["action"] == "cont":
+        return False
+    if last["action"] == "start":
+        return not last.get("ready") or last["ready"] > t
+    return True
 
 
 def kill_window(events: list[dict[str, Any]]) -> tuple[float, float]:
@@ -975,7 +1011,8 @@ def evaluate(report: dict[str, Any], slow: bool) -> list[dict[str, Any]]:
             100 * TARGETS["success"],
             ">=",
             "%",
-            f"{rq['kill_window']['sent']} requests sent in t={rq['kill_window']['from']:.1f}..{rq['kill_window']['to']:.1f} s",
+            f"{rq['kill_window']['sent']} requests that reached a live entry in "
+            f"t={rq['kill_window']['from']:.1f}..{rq['kill_window']['to']:.1f} s",
         ),
         target_result(
             "hung requests",
