@@ -94,6 +94,15 @@ class Dispatcher:
     def serves(self, model: str) -> bool:
         return self.deployments.serves(model) or model in self._network_models()
 
+    def _may_come_back(self, model: str) -> bool:
+        """Whether a model nobody reachable serves is missing for now (503), not unknown (404): a
+        peer that offered it is suspect, dead or gone, or this node has seeds and no live peer
+        (it has just started, or is cut off)."""
+        others = [p for p in self.api.gossip.peers() if p.id != self.me]
+        if not any(p.alive for p in others) and self.api.gossip.seeds():
+            return True
+        return any(model in p.models for p in others) and self.api.policy.buys(model)
+
     def _network_models(self) -> set[str]:
         policy = self.api.policy
         names: set[str] = set()
@@ -151,6 +160,11 @@ class Dispatcher:
         counted = False
         try:
             if not self.serves(model):
+                if self._may_come_back(model):
+                    raise BackendUnavailable(
+                        f"no peer serving '{model}' is reachable from this node now; retry shortly",
+                        headers={"retry-after": "1"},
+                    )
                 raise ModelNotFound(f"The model '{model}' does not exist on this node", param="model")
             m.in_flight.inc()
             counted = True

@@ -78,6 +78,9 @@ class SwimGossip(GossipPlugin):
         self._deliver(self.membership.join(seeds))
         self._loop = asyncio.create_task(self._run())
 
+    def seeds(self) -> list[str]:
+        return self._seeds()
+
     def _seeds(self) -> list[str]:
         """The bootstrap list and the peers this node last knew (a seed node has no bootstrap
         list, yet must find its network again after a restart)."""

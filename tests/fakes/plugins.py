@@ -63,6 +63,9 @@ class FakeGossip:
     def peers(self) -> list[PeerView]:
         return list(self.list)
 
+    def seeds(self) -> list[str]:
+        return []
+
 
 def peer_view(
     node_id: str,

@@ -44,6 +44,11 @@ class GossipPlugin(Plugin, ABC):
     def peer(self, node_id: str) -> PeerView | None:
         return next((p for p in self.peers() if p.id == node_id), None)
 
+    def seeds(self) -> list[str]:
+        """The URLs this node joins through: its bootstrap list, and what the plugin remembers.
+        A node with seeds and no live peer is still joining (or cut off), not alone by design."""
+        return list(self.node.bootstrap)
+
     @abstractmethod
     def add_delegate(self, name: str, delegate: GossipDelegate) -> None:
         """Attach a delegate; `name` keys its state digest on the wire."""
