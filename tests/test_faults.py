@@ -275,6 +275,28 @@ def test_an_executor_restarted_under_load_costs_the_entry_no_timeouts(trio: Netw
     assert not slow, f"requests slower than 1.5 s right after the restart: {slow}"
 
 
+def test_a_graceful_stop_finishes_the_streams_it_serves(trio: Network) -> None:
+    s = trio.nodes["S"]
+    failovers = s.metric("wwwserve_failovers_total", stage="mid_stream")
+    body = {"model": LONG, "messages": [{"role": "user", "content": "Count"}], "stream": True}
+    with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as reply:
+        serving = reply.headers["x-wwwserve-route"].split(",")[-1]
+        name = next(n for n, i in trio.ids.items() if i == serving)
+        data = []
+        for line in reply.iter_lines():
+            if line.startswith("data:"):
+                data.append(line)
+                if len(data) == 5:
+                    trio.nodes[name].proc.send_signal(signal.SIGTERM)
+    assert data[-1] == "data: [DONE]"
+    # The executor finished the answer before it left: no failover, and it is paid for it.
+    assert s.metric("wwwserve_failovers_total", stage="mid_stream") == failovers
+    assert trio.nodes[name].proc.wait(60) in (0, -signal.SIGTERM)
+    assert "stopped with peers' requests unfinished" not in trio.nodes[name].log()
+    trio.nodes[name].start()
+    wait_until(lambda: trio.staked_at(s, name), 30, what=f"{name} back at S")
+
+
 # -- the ledger on disk ------------------------------------------------------------------------------
 
 

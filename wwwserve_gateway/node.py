@@ -44,6 +44,7 @@ log = structlog.get_logger(__name__)
 
 # Load goes into the gossip record at most this many gossip rounds apart (see BackendOffer).
 LOAD_PUBLISH_ROUNDS = 5
+PEER_DRAIN_S = 30.0  # at most this long on a graceful stop for peers' requests being served
 LEDGER_DRAIN_S = 5.0  # at most this long on a graceful stop to pay debts and hand the ledger over
 
 
@@ -156,6 +157,10 @@ class Node:
         # uvicorn has drained the HTTP requests by now. Settle and hand the ledger over while the
         # peers are still connected, then leave the network, then stop the backends.
         await self.duels.aclose()  # duels not yet judged are dropped; answers received are paid
+        # Peers' requests being served finish first (with their receipts); new ones are declined.
+        unfinished = await self.executor.drain(min(self.config.node.request_timeout, PEER_DRAIN_S))
+        if unfinished:
+            log.warning("stopped with peers' requests unfinished", requests=unfinished)
         await self.api.ledger.drain(LEDGER_DRAIN_S)
         for slot in reversed(NODE_SLOTS):
             await self.plugins[slot.name].stop()
@@ -170,9 +175,9 @@ class Node:
         log.info("node stopped")
 
     def _on_membership(self, event: MembershipEvent) -> None:
-        # Our own probes found it gone, or it left: its delegated streams fail over now instead of
-        # waiting out the stall deadline.
-        if event.kind in (MembershipEventKind.SUSPECT, MembershipEventKind.DEAD, MembershipEventKind.LEFT):
+        # Our own probes found it gone: its delegated streams fail over now instead of waiting out
+        # the stall deadline. A peer that left gracefully finishes what it serves first (see stop).
+        if event.kind in (MembershipEventKind.SUSPECT, MembershipEventKind.DEAD):
             self.api.overlay.drop(event.peer.id, f"membership: {event.kind.value}")
 
     @contextlib.asynccontextmanager

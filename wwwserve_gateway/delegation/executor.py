@@ -144,6 +144,20 @@ class PeerExecutor:
             lambda entry, request: api.ledger.is_paid(self.me, entry, request),
             grace_s=2 * genesis.ledger.payment_batch_window_s + 4 * sync_s + PAYMENT_GRACE_S,
         )
+        self.closing = False  # a graceful stop: new requests are declined, those served finish
+        self._serving = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, within_s: float) -> int:
+        """Decline new delegated requests and wait (at most `within_s`) for those being served to
+        finish, so a stopping executor hands over whole answers with their receipts. Returns how
+        many were still running at the deadline."""
+        self.closing = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                await self._idle.wait()
+        return self._serving
 
     def register(self) -> None:
         """Start answering peers' delegated requests."""
@@ -184,6 +198,10 @@ class PeerExecutor:
         )
         # A peer names any model it likes: only the ones served here become metric labels.
         model = info.model if self.deployments.serves(info.model) else "?"
+        if self.closing:
+            self.metrics.peer_requests.labels(model, "declined").inc()
+            yield wire.decline("stopping")
+            return
         if self.debtors.refuses(req.entry):
             self.metrics.peer_requests.labels(model, "unpaid").inc()
             yield wire.decline("the entry node has not paid for earlier requests")
@@ -223,6 +241,8 @@ class PeerExecutor:
         ok = False
         answer = _Answer()
         self.metrics.peer_in_flight.inc()
+        self._serving += 1
+        self._idle.clear()
         span = self.delegator.tracing.start(
             "wwwserve.backend", kind="client", attributes={"wwwserve.deployment": backend.id}
         )
@@ -264,6 +284,9 @@ class PeerExecutor:
         finally:
             span.end()
             self.metrics.peer_in_flight.dec()
+            self._serving -= 1
+            if not self._serving:
+                self._idle.set()
             self.api.policy.on_request_done(info, "local", time.time() - started, ok)
 
     async def _relay(
