@@ -270,13 +270,16 @@ def test_an_executor_that_stalls_before_answering_is_replaced(net: dict[str, Mem
     try:
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(ask, range(12)))
+        seen_as = e.node.peers().get(victim.id, {}).get("state")
     finally:
         os.kill(victim.node.proc.pid, signal.SIGCONT)
     for raw in answers:
         assert raw.parse().choices[0].message.content
         # X2 takes one at a time (one slot); what it declines, E serves itself as a last resort.
         assert raw.headers["x-wwwserve-route"] in (f"{e.id},{other.id}", e.id)
-    assert missed() > before
+    # Either some request drew X1 and waited it out, or (on a slow machine, where the requests
+    # arrive later) E's own probes had found it frozen first and no request drew it.
+    assert missed() > before or seen_as in ("suspect", "dead"), seen_as
     wait_until(
         lambda: e.node.peers().get(victim.id, {}).get("state") == "alive",
         interval=0.2,
