@@ -4,6 +4,7 @@ likes: any gossip record, ledger operation or delegation item, from its own key 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from tests.overlay_support import OverlayNode
 from wwwserve_gateway.network.genesis import NetworkGenesis
 from wwwserve_gateway.network.identity import NodeIdentity
+from wwwserve_gateway.overlay.errors import HandshakeError
 from wwwserve_gateway.plugins.gossip.membership import alive_body
 from wwwserve_gateway.plugins.ledger.chains import bucket_hashes, bucket_of
 from wwwserve_gateway.plugins.ledger.ops import Operation, sign_op
@@ -49,8 +51,18 @@ class HostileMember(OverlayNode):
         return self.identity.sign_record(body)
 
     async def connect(self, node_url: str) -> str:
-        """Open the overlay to an honest node (its HTTP URL); returns its id."""
-        return await self.overlay.connect(node_url.replace("http", "ws", 1) + "/overlay")
+        """Open the overlay to an honest node (its HTTP URL); returns its id. A node still holding
+        an earlier member's connection under this key refuses a second one ("duplicate") until it
+        sees the old one closed: retried for a bounded while."""
+        url = node_url.replace("http", "ws", 1) + "/overlay"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                return await self.overlay.connect(url)
+            except HandshakeError as exc:
+                if exc.reason != "duplicate" or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.2)
 
     async def gossip(self, to: str, *records: dict[str, Any]) -> None:
         await self.overlay.send(to, "gossip", {"type": "gossip", "u": list(records)})

@@ -70,7 +70,7 @@ class SwimGossip(GossipPlugin):
     async def start(self) -> None:
         self.node.overlay.on_message(KIND, self._on_message)
         self._publish_own()
-        seeds = self._seeds()
+        seeds = self.seeds()
         if seeds:
             log.info("joining the network", seeds=seeds)
         else:
@@ -79,9 +79,6 @@ class SwimGossip(GossipPlugin):
         self._loop = asyncio.create_task(self._run())
 
     def seeds(self) -> list[str]:
-        return self._seeds()
-
-    def _seeds(self) -> list[str]:
         """The bootstrap list and the peers this node last knew (a seed node has no bootstrap
         list, yet must find its network again after a restart)."""
         return list(dict.fromkeys([*self.node.bootstrap, *self._remembered]))
@@ -144,14 +141,14 @@ class SwimGossip(GossipPlugin):
                 if time.monotonic() >= next_round:
                     next_round += interval
                     self._publish_own()
-                    alive = [i for i in self.membership.alive_ids() if i != self.node.node_id]
+                    alive = self.membership.alive_ids()
                     rounds_alone = 0 if alive else rounds_alone + 1
                     if alive and not joined:
                         joined = True
                         log.info("joined the network", peers=len(alive))
                     if alive:
                         self._remember()
-                    seeds = self._seeds()
+                    seeds = self.seeds()
                     if seeds and rounds_alone >= REJOIN_AFTER_ROUNDS:
                         # No peer known (every seed was unreachable, or all left): keep trying.
                         rounds_alone = 0
