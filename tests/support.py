@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -366,3 +366,70 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+# -- a two-node network ----------------------------------------------------------------------------
+
+PAIR_MODEL = "stub"  # the model benchmarks/stub_server.py serves behind both nodes of delegating_pair
+PAIR_BOND = 100
+PAIR_POLICIES = {
+    # E is always overloaded: it never serves apps locally and always delegates.
+    "E": {"target_usage": -1, "offload_frequency": 1.0, "accept_frequency": 0.0, "bond": 0},
+    "X": {"target_usage": 1.0, "accept_frequency": 1.0, "bond": PAIR_BOND},
+}
+
+
+@contextlib.contextmanager
+def delegating_pair(
+    workdir: Path, name: str, node_extra: Callable[[str], dict[str, Any]] = lambda node: {}
+) -> Iterator[tuple[NodeProcess, NodeProcess]]:
+    """(entry E, executor X): two real nodes in front of one stub backend, in a network of their
+    own with fast gossip and no duels; E delegates every request, X is alive and staked at E when
+    this yields. `node_extra(name)` adds to a node's `node` section."""
+    from wwwserve_gateway.network.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
+
+    stub = ListeningChild("stub", [sys.executable, "benchmarks/stub_server.py", "--port", "0"])
+    genesis = workdir / "network.yaml"
+    ledger = LedgerParams(
+        payment_batch_window_s=0.3,
+        price_per_request=1.0,
+        duels=no_duels(),
+        allocations=founding_allocations(workdir, list(PAIR_POLICIES), 1000),
+    )
+    gossip = GossipParams(interval_s=0.3, probe_timeout_s=0.25, suspect_timeout_s=1.5, refresh_s=2.0)
+    write_genesis(NetworkGenesis(name=name, gossip=gossip, ledger=ledger), genesis)
+    nodes: dict[str, NodeProcess] = {}
+    try:
+        for node_name, policy in PAIR_POLICIES.items():
+            config = {
+                "node": {
+                    "network": str(genesis),
+                    "bootstrap": [nodes["E"].url] if nodes else [],
+                    **node_extra(node_name),
+                },
+                "model_list": [
+                    {
+                        "model_name": PAIR_MODEL,
+                        "litellm_params": {"model": "openai/stub", "api_base": stub.url + "/v1"},
+                    }
+                ],
+                "policy": {"settings": policy},
+                "router": {"settings": {"explore": 0.0}},
+            }
+            nodes[node_name] = NodeProcess(config, workdir, name=node_name).start()
+        entry, executor = nodes["E"], nodes["X"]
+        xid = executor.own_id()
+        wait_until(
+            lambda: (
+                entry.peers().get(xid, {}).get("state") == "alive"
+                and entry.balances().get(xid, {}).get("bonded") == PAIR_BOND
+            ),
+            60,
+            interval=0.2,
+            what="the executor alive and staked at the entry",
+        )
+        yield entry, executor
+    finally:
+        for node in nodes.values():
+            node.stop()
+        stub.stop()

@@ -12,28 +12,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 
-from tests.support import (
-    REPO,
-    ListeningChild,
-    NodeProcess,
-    founding_allocations,
-    http_get,
-    no_duels,
-    wait_until,
-)
-from wwwserve_gateway.network.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
+from tests.support import PAIR_MODEL as MODEL
+from tests.support import REPO, NodeProcess, delegating_pair, http_get
 
 DASHBOARD = REPO / "examples" / "grafana" / "wwwserve.json"
-MODEL = "stub"
-BOND = 100
-GOSSIP = GossipParams(interval_s=0.3, probe_timeout_s=0.25, suspect_timeout_s=1.5, refresh_s=2.0)
 METRIC = re.compile(r"\b(wwwserve_[a-z0-9_]+)\b")
 RATE_ARG = re.compile(r"rate\(\s*(wwwserve_[a-z0-9_]+)")
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
@@ -66,46 +54,7 @@ def expressions(dashboard: dict[str, Any]) -> list[str]:
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The union of both nodes' /metrics after a delegated request, streamed and not."""
-    workdir = tmp_path_factory.mktemp("grafana")
-    stub = ListeningChild("stub", [sys.executable, "benchmarks/stub_server.py", "--port", "0"])
-    genesis = workdir / "network.yaml"
-    ledger = LedgerParams(
-        payment_batch_window_s=0.3,
-        price_per_request=1.0,
-        duels=no_duels(),
-        allocations=founding_allocations(workdir, ["E", "X"], 1000),
-    )
-    write_genesis(NetworkGenesis(name="grafana-test", gossip=GOSSIP, ledger=ledger), genesis)
-    policies = {
-        "E": {"target_usage": -1, "offload_frequency": 1.0, "accept_frequency": 0.0, "bond": 0},
-        "X": {"target_usage": 1.0, "accept_frequency": 1.0, "bond": BOND},
-    }
-    nodes: dict[str, NodeProcess] = {}
-    try:
-        for name, policy in policies.items():
-            config = {
-                "node": {"network": str(genesis), "bootstrap": [nodes["E"].url] if nodes else []},
-                "model_list": [
-                    {
-                        "model_name": MODEL,
-                        "litellm_params": {"model": "openai/stub", "api_base": stub.url + "/v1"},
-                    }
-                ],
-                "policy": {"settings": policy},
-                "router": {"settings": {"explore": 0.0}},
-            }
-            nodes[name] = NodeProcess(config, workdir, name=name).start()
-        entry, executor = nodes["E"], nodes["X"]
-        xid = executor.own_id()
-        wait_until(
-            lambda: (
-                entry.peers().get(xid, {}).get("state") == "alive"
-                and entry.balances().get(xid, {}).get("bonded") == BOND
-            ),
-            60,
-            interval=0.2,
-            what="the executor alive and staked at the entry",
-        )
+    with delegating_pair(tmp_path_factory.mktemp("grafana"), "grafana-test") as (entry, executor):
         client = openai.OpenAI(base_url=entry.url + "/v1", api_key="none", max_retries=0, timeout=30)
         messages = [{"role": "user", "content": "hi"}]
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
@@ -113,17 +62,13 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
             pass
         assert entry.metric("wwwserve_delegations_total", outcome="ok") == 2
         assert executor.metric("wwwserve_peer_requests_total", outcome="served") == 2
-        pages = [metrics_page(node) for node in nodes.values()]
+        pages = [metrics_page(node) for node in (entry, executor)]
         union: dict[str, str] = {}
         for page in pages:
             for name, kind in exposed(page).items():
                 if union.get(name, "untyped") == "untyped":
                     union[name] = kind
         yield union
-    finally:
-        for node in nodes.values():
-            node.stop()
-        stub.stop()
 
 
 def metrics_page(node: NodeProcess) -> str:

@@ -25,21 +25,13 @@ import openai
 import pytest
 import yaml
 
-from tests.support import REPO, ListeningChild, NodeProcess, founding_allocations, no_duels, wait_until
+from tests.support import PAIR_MODEL as MODEL
+from tests.support import PAIR_POLICIES, REPO, NodeProcess, delegating_pair, wait_until
 from wwwserve_gateway.config.loading import load_config
 from wwwserve_gateway.config.problems import ConfigError
 from wwwserve_gateway.delegation import wire
-from wwwserve_gateway.network.genesis import GossipParams, LedgerParams, NetworkGenesis, write_genesis
 from wwwserve_gateway.network.identity import NodeIdentity
 from wwwserve_gateway.plugin_api.backend import Endpoint
-
-MODEL = "stub"
-BOND = 100
-GOSSIP = GossipParams(interval_s=0.3, probe_timeout_s=0.25, suspect_timeout_s=1.5, refresh_s=2.0)
-POLICIES = {
-    "E": {"target_usage": -1, "offload_frequency": 1.0, "accept_frequency": 0.0, "bond": 0},
-    "X": {"target_usage": 1.0, "accept_frequency": 1.0, "bond": BOND},
-}
 
 
 @dataclass
@@ -55,54 +47,16 @@ class Traced:
         return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def model_list(stub: ListeningChild) -> list[dict[str, Any]]:
-    return [{"model_name": MODEL, "litellm_params": {"model": "openai/stub", "api_base": stub.url + "/v1"}}]
-
-
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
     workdir = tmp_path_factory.mktemp("tracing")
-    stub = ListeningChild("stub", [sys.executable, "benchmarks/stub_server.py", "--port", "0"])
-    genesis = workdir / "network.yaml"
-    ledger = LedgerParams(
-        payment_batch_window_s=0.3,
-        price_per_request=1.0,
-        duels=no_duels(),
-        allocations=founding_allocations(workdir, list(POLICIES), 1000),
-    )
-    write_genesis(NetworkGenesis(name="tracing-test", gossip=GOSSIP, ledger=ledger), genesis)
-    spans_at = {name: workdir / f"{name}-spans.jsonl" for name in POLICIES}
-    nodes: dict[str, NodeProcess] = {}
-    try:
-        for name, policy in POLICIES.items():
-            otel = {"exporter": "file", "path": str(spans_at[name]), "service_name": f"wwwserve-{name}"}
-            config = {
-                "node": {
-                    "network": str(genesis),
-                    "bootstrap": [nodes["E"].url] if nodes else [],
-                    "otel": otel,
-                },
-                "model_list": model_list(stub),
-                "policy": {"settings": policy},
-                "router": {"settings": {"explore": 0.0}},
-            }
-            nodes[name] = NodeProcess(config, workdir, name=name).start()
-        entry, executor = nodes["E"], nodes["X"]
-        xid = executor.own_id()
-        wait_until(
-            lambda: (
-                entry.peers().get(xid, {}).get("state") == "alive"
-                and entry.balances().get(xid, {}).get("bonded") == BOND
-            ),
-            60,
-            interval=0.2,
-            what="the executor alive and staked at the entry",
-        )
+    spans_at = {name: workdir / f"{name}-spans.jsonl" for name in PAIR_POLICIES}
+
+    def otel(name: str) -> dict[str, Any]:
+        return {"otel": {"exporter": "file", "path": str(spans_at[name]), "service_name": f"wwwserve-{name}"}}
+
+    with delegating_pair(workdir, "tracing-test", otel) as (entry, executor):
         yield Traced(entry, executor, spans_at)
-    finally:
-        for node in nodes.values():
-            node.stop()
-        stub.stop()
 
 
 def ask(node: NodeProcess, stream: bool) -> tuple[str, str]:
