@@ -137,7 +137,7 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
         self.net = node.genesis.network_id
         self.balances = Balances(self.params, self.net)
         self._lock = asyncio.Lock()
-        self._pulling: set[str] = set()
+        self._pulling: dict[str, asyncio.Task[None]] = {}  # by "peer:author"
         self._refold: asyncio.TimerHandle | None = None
         self._stale = False  # operations stored but not yet folded
         self._refolding: asyncio.Task[None] | None = None
@@ -237,13 +237,7 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
             raise ValueError("ledger.announce takes {author: the sender's own id, seq: int}")
         head = self.store.head(author)
         if head is None or head[0] < seq:
-            key = f"{peer_id}:{author}"
-            if key not in self._pulling:
-                self._pulling.add(key)
-                try:
-                    await self._pull(peer_id, author)
-                finally:
-                    self._pull_done(key)
+            await asyncio.shield(self._schedule_pull(peer_id, author))
             head = self.store.head(author)
         return {"seq": head[0] if head else 0}
 
@@ -590,16 +584,18 @@ class ChainLedger(LedgerPlugin, GossipDelegate):
         heads = self.store.heads()
         return {"heads": {a: [seq, h] for a, (seq, h) in heads.items() if bucket_of(a) in wanted_set}}
 
-    def _schedule_pull(self, peer_id: str, author: str) -> None:
+    def _schedule_pull(self, peer_id: str, author: str) -> asyncio.Task[None]:
+        """The pull of `author`'s chain from `peer_id`: the one running, or a new one."""
         key = f"{peer_id}:{author}"
-        if key in self._pulling:
-            return
-        self._pulling.add(key)
-        task = asyncio.get_running_loop().create_task(self._pull(peer_id, author))
-        task.add_done_callback(lambda _: self._pull_done(key))
+        task = self._pulling.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._pull(peer_id, author))
+            self._pulling[key] = task
+            task.add_done_callback(lambda _: self._pull_done(key))
+        return task
 
     def _pull_done(self, key: str) -> None:
-        self._pulling.discard(key)
+        self._pulling.pop(key, None)
         if not self._pulling and self._stale:
             self._schedule_refold()
 
