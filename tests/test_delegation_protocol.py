@@ -8,6 +8,7 @@ another executor so the app reads one answer). Unit tests cover continuation.py 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -28,7 +29,7 @@ from tests.support import DEADLINE_S, until
 from wwwserve_gateway.delegation import entry as entry_mod
 from wwwserve_gateway.delegation import wire
 from wwwserve_gateway.delegation.answers import AnswerReader, MalformedAnswer
-from wwwserve_gateway.delegation.continuation import Progress, Stitcher, continuation_body, progress
+from wwwserve_gateway.delegation.continuation import NOTHING, Progress, Stitcher, continuation_body, progress
 from wwwserve_gateway.delegation.entry import Delegator, NoExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
 from wwwserve_gateway.http.errors import UpstreamError, error_body
@@ -925,25 +926,44 @@ async def test_a_death_after_the_last_event_ends_the_stream_unpaid(net: Net) -> 
 # -- 11. continuation.py ----------------------------------------------------------------------------------
 
 
+def read(endpoint: Endpoint, pieces: list[str]) -> AnswerReader:
+    """A reader that relayed `pieces`, as an entry does (a refused piece relays nothing)."""
+    reader = AnswerReader(endpoint, "e1", MODEL)
+    for piece in pieces:
+        with contextlib.suppress(MalformedAnswer):
+            reader.events(piece)
+    return reader
+
+
 def test_progress_over_chat_events() -> None:
     pieces = [
         chunk(role="assistant", id="abc", created=7) + chunk("Hel", id="abc", created=7),
         ": a comment\n\n" + chunk("lo", id="abc", created=7),
-        "data: not json\n\n" + chunk("", id="abc", created=7) + chunk(" you", id="zzz", created=9),
+        # refused whole: its text never reached the app
+        chunk(" there", id="abc", created=7) + "data: not json\n\n",
+        chunk("", id="abc", created=7) + chunk(" you", id="zzz", created=9),
     ]
-    done = progress(pieces)
-    assert done == Progress("Hello you", 3, False, "abc", 7)
-    assert progress([*pieces, chunk(finish="stop") + DONE]).finished is True
+    done = progress(NOTHING, read(Endpoint.CHAT, pieces))
+    assert done == Progress("Hello you", 3, False, "e1", 7)
+    assert progress(NOTHING, read(Endpoint.CHAT, [*pieces, chunk(finish="stop")])).finished is True
 
 
 def test_progress_over_completion_events() -> None:
-    done = progress([text_chunk("Once", id="t9", created=5), text_chunk(" upon", finish="length")])
-    assert done == Progress("Once upon", 2, True, "t9", 5)
+    reader = read(
+        Endpoint.COMPLETION, [text_chunk("Once", id="t9", created=5), text_chunk(" upon", finish="length")]
+    )
+    assert progress(NOTHING, reader) == Progress("Once upon", 2, True, "e1", 5)
+
+
+def test_progress_adds_a_continuation_to_what_came_before() -> None:
+    before = Progress("Once", 1, False, "e1", 5)
+    after = progress(before, read(Endpoint.COMPLETION, [text_chunk(" upon", created=8), text_chunk(" a")]))
+    assert after == Progress("Once upon a", 3, False, "e1", 5)
 
 
 def test_progress_of_nothing() -> None:
-    assert progress([]) == Progress("", 0, False, None, None)
-    assert progress([": ping\n\n", DONE]) == Progress("", 0, False, None, None)
+    assert progress(NOTHING, read(Endpoint.CHAT, [])) == Progress("", 0, False, "e1", None)
+    assert progress(NOTHING, read(Endpoint.CHAT, [": ping\n\n"])) == Progress("", 0, False, "e1", None)
 
 
 def test_continuation_of_a_chat() -> None:
@@ -1036,8 +1056,8 @@ def test_stitched_events_parse_and_carry_the_original_id(
     assert [
         o["choices"][0]["delta"].get("content") for o in objects if not o["choices"][0]["finish_reason"]
     ] == texts
-    assert progress([out]).text == "".join(texts)
-    assert progress([out]).finished is finish
+    assert progress(NOTHING, read(Endpoint.CHAT, [out])).text == "".join(texts)
+    assert progress(NOTHING, read(Endpoint.CHAT, [out])).finished is finish
 
 
 def test_stitcher_without_an_id_keeps_the_events_own() -> None:

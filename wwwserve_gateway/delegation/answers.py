@@ -115,20 +115,36 @@ class AnswerReader:
         self.tool_calls = 0
         self.choices: set[int] = set()
         self._text: list[str] = []  # the first choice's content: what a duel's judges compare
+        # What a continuation needs of the events relayed so far (the relayed text itself is not kept).
+        self.created: int | None = None
+        self.text_events = 0  # events whose first choice carried text: about one token each
+        self.finished = False
 
     @property
     def text(self) -> str:
         return "".join(self._text)
 
     def events(self, payload: str) -> str:
-        """Whole SSE events, as the app will see them (comments dropped)."""
+        """Whole SSE events, as the app will see them (comments dropped). A payload with a malformed
+        event is refused whole: nothing of it counts as relayed."""
         out = []
-        for event in payload.split("\n\n"):
-            if not event or event.startswith(":"):
-                continue
-            if not event.startswith(DATA):
-                raise MalformedAnswer("an SSE event without a data field")
-            out.append(DATA + orjson.dumps(self._reduce(self._parse(event[len(DATA) :]))).decode() + "\n\n")
+        kept = (len(self._text), self.text_events, self.finished, self.created)
+        try:
+            for event in payload.split("\n\n"):
+                if not event or event.startswith(":"):
+                    continue
+                if not event.startswith(DATA):
+                    raise MalformedAnswer("an SSE event without a data field")
+                obj = self._parse(event[len(DATA) :])
+                if self.created is None and isinstance(obj.get("created"), int):
+                    self.created = obj["created"]
+                text_before = len(self._text)
+                out.append(DATA + orjson.dumps(self._reduce(obj)).decode() + "\n\n")
+                self.text_events += any(self._text[text_before:])
+        except MalformedAnswer:
+            del self._text[kept[0] :]
+            self.text_events, self.finished, self.created = kept[1:]
+            raise
         return "".join(out)
 
     def whole(self, text: str) -> bytes:
@@ -180,6 +196,7 @@ class AnswerReader:
         index = choice.get("index")
         index = index if isinstance(index, int) else 0
         self.choices.add(index)
+        self.finished = self.finished or bool(choice.get("finish_reason"))
         self.choice_events += 1
         self.text_bytes += _utf8(choice.get("text"))
         if index == 0 and isinstance(choice.get("text"), str):

@@ -1,7 +1,7 @@
 """Resuming a broken stream at another executor, so the app sees one uninterrupted answer.
 
-The entry keeps the SSE events it relayed. When an executor dies mid-stream, the text streamed so
-far becomes an assistant prefix (chat) or is appended to the prompt (completions) and the request is
+The entry measures the SSE events it relays (`AnswerReader`). When an executor dies mid-stream,
+the text streamed so far becomes an assistant prefix (chat) or is appended to the prompt (completions) and the request is
 sent again; the new executor's events are rewritten to carry the first stream's id and `created`,
 and its opening role-only chunk is dropped.
 """
@@ -13,27 +13,13 @@ from typing import Any
 
 import orjson
 
+from wwwserve_gateway.delegation.answers import AnswerReader
 from wwwserve_gateway.plugin_api.backend import Endpoint
 
 DATA = "data: "
 
 
-def events(pieces: list[str]) -> list[dict[str, Any]]:
-    """The JSON objects of relayed SSE text (comments and [DONE] skipped)."""
-    out = []
-    for piece in pieces:
-        for event in piece.split("\n\n"):
-            if event.startswith(DATA) and event != DATA + "[DONE]":
-                try:
-                    obj = orjson.loads(event[len(DATA) :])
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(obj, dict):
-                    out.append(obj)
-    return out
-
-
-@dataclass
+@dataclass(frozen=True)
 class Progress:
     text: str  # the answer so far
     chunks: int  # events that carried text: about one token each
@@ -42,24 +28,20 @@ class Progress:
     created: int | None
 
 
-def progress(pieces: list[str]) -> Progress:
-    parts: list[str] = []
-    chunks = 0
-    finished = False
-    first: dict[str, Any] | None = None
-    for obj in events(pieces):
-        first = first or obj
-        for choice in obj.get("choices") or []:
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta")
-            piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            if isinstance(piece, str) and piece:
-                parts.append(piece)
-                chunks += 1
-            finished = finished or bool(choice.get("finish_reason"))
-    first = first or {}
-    return Progress("".join(parts), chunks, finished, first.get("id"), first.get("created"))
+NOTHING = Progress("", 0, False, None, None)
+
+
+def progress(before: Progress, reader: AnswerReader) -> Progress:
+    """What the app has seen: `before` (earlier executors' part) and then what `reader` relayed. The
+    reader measures the events as it rewrites them, so the entry keeps no copy of a stream it relays
+    (a slow app would otherwise make it hold every byte handed to the socket)."""
+    return Progress(
+        before.text + reader.text,
+        before.chunks + reader.text_events,
+        before.finished or reader.finished,
+        before.id or reader.id,
+        before.created if before.created is not None else reader.created,
+    )
 
 
 def continuation_body(endpoint: Endpoint, body: dict[str, Any], done: Progress) -> dict[str, Any] | None:
@@ -68,6 +50,8 @@ def continuation_body(endpoint: Endpoint, body: dict[str, Any], done: Progress) 
     if body.get("n", 1) != 1:
         return None
     resumed = dict(body)
+    if not done.text and not done.chunks:  # only the head and empty events reached the app
+        return resumed
     for key in ("max_tokens", "max_completion_tokens"):
         if isinstance(body.get(key), int):
             left = body[key] - done.chunks

@@ -20,7 +20,7 @@ import structlog
 
 from wwwserve_gateway.delegation import wire
 from wwwserve_gateway.delegation.answers import AnswerReader, MalformedAnswer, prompt_bound
-from wwwserve_gateway.delegation.continuation import Stitcher, continuation_body, progress
+from wwwserve_gateway.delegation.continuation import NOTHING, Stitcher, continuation_body, progress
 from wwwserve_gateway.delegation.duels import Duels
 from wwwserve_gateway.delegation.execution import Execution, ExecutorFailed, ExecutorStalled, NoExecutor
 from wwwserve_gateway.delegation.metrics import DelegationMetrics
@@ -263,7 +263,8 @@ class Delegator:
         error event."""
         paid: list[Paid] = []
         avoid: set[str] = set()
-        sent: list[str] = []  # SSE text relayed to the app, for a continuation
+        started = False  # the app has the response's head
+        done = NOTHING  # what earlier executors' streams gave the app
         trailer: list[str] = []
         usage = Usage()
         attempt_body, stitch = body, None
@@ -273,7 +274,7 @@ class Delegator:
             try:
                 ex = await self.open(info, request, avoid)
             except NoExecutor:
-                if not sent:
+                if not started:
                     raise
                 await _send_text(send, _error_event("no other executor could continue the answer"))
                 return usage, paid
@@ -292,16 +293,15 @@ class Delegator:
                             raise ExecutorFailed(f"an SSE event that is {exc}") from None
                         digest.update(payload.encode())
                         out = relayed if stitch is None else stitch(relayed)
-                        if not sent:
+                        if not started:
                             route = ",".join(ex.route).encode()
                             headers = [*SSE_HEADERS, (ROUTE_HEADER, route)]
                             await send({"type": "http.response.start", "status": 200, "headers": headers})
-                        if out:
-                            sent.append(out)
-                            await _send_text(send, out)
+                            started = True
+                        await _send_text(send, out)
                     elif kind == "error":
                         status, text = payload
-                        if status < 500 and not sent:
+                        if status < 500 and not started:
                             raise UpstreamError.from_response(status, text.encode(), backend=ex.executor[:16])
                         raise ExecutorFailed(f"server error {status}")
                     elif kind == "receipt" and receipt is None:
@@ -311,13 +311,13 @@ class Delegator:
                 if receipt is None:
                     raise ExecutorFailed("the stream ended without a receipt")
             except ExecutorFailed as exc:
-                stage = "mid_stream" if sent else "before_output"
+                stage = "mid_stream" if started else "before_output"
                 log.warning("executor failed", executor=ex.executor[:16], stage=stage, error=str(exc))
                 self.metrics.failovers.labels(stage).inc()
                 self._failed(ex, exc, avoid)
-                if not sent:
+                if not started:
                     continue
-                done = progress(sent)
+                done = progress(done, reader)
                 if done.finished:
                     break
                 resumed = continuation_body(endpoint, body, done)
