@@ -42,8 +42,8 @@ entries' RSS, buffered overlay bytes and kernel send queues, and every process's
   7 non-paying-entry  H sends requests straight to the executors (a few a second each) and never
                       pays; at the end a fresh key asks once more
   8 slow-readers      apps open long streams (the stub's "long" model, about 7 MB) through a 4 KB
-                      receive buffer and read 1 KB/s: N delegated through E1 and, at the same time,
-                      N served locally by E2
+                      receive buffer and read 1 KB/s: 16 delegated through E1 and, at the same time,
+                      16 served locally by E2
   9 floods            from 127.0.0.2: silent overlay handshakes to every node (twice the per-source
                       cap, reopened as they close) and slowloris header trickles to both entries
                       (over the per-source connection cap); a genuine peer joins meanwhile
@@ -158,8 +158,8 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(4.0, 3.0, 15.0, 20.0, 6, 280, 16, 4.0, 20.0)
-        return cls(20.0, 8.0, 45.0, 25.0, 12, 300, 16, 5.0, 40.0)
+            return cls(4.0, 3.0, 15.0, 20.0, 16, 280, 16, 4.0, 20.0)
+        return cls(20.0, 8.0, 45.0, 25.0, 16, 300, 16, 5.0, 40.0)
 
 
 # --------------------------------------------------------------------------------------------
