@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from tests.fakes.plugins import node_api
 from tests.support import LlamaServer
 from wwwserve_gateway.delegation.judging import InvalidJudgeRequest, parse_judge_request
+from wwwserve_gateway.http.errors import InvalidRequest
 from wwwserve_gateway.network import canaries
 from wwwserve_gateway.plugin_api.judge import JudgeCase, Verdict
 from wwwserve_gateway.plugins.judges.llm import LLMJudge, LLMJudgeSettings
@@ -115,6 +116,65 @@ async def test_the_llm_judge_asks_its_own_model_and_reads_a_verdict(smollm2_serv
     # Without a deployment of the wanted model, it abstains rather than guess.
     picky = LLMJudge(api, LLMJudgeSettings(model="another"))
     assert await picky.judge(case("Capital of France?", "Paris", "Lyon")) is Verdict.ABSTAIN
+
+
+PAIRS = [
+    ("What is the capital city of France?", "The capital of France is Paris.", "Berlin"),
+    ("What is 885 + 969?", "885 + 969 = 1854", "7 ) O{ k uy q7 ( (68&46&4y X"),
+    ("Spell the word 'house' backwards.", "esuoh", "the house is big and nice"),
+]
+FLIP = {
+    Verdict.A: Verdict.B,
+    Verdict.B: Verdict.A,
+    Verdict.TIE: Verdict.TIE,
+    Verdict.ABSTAIN: Verdict.ABSTAIN,
+}
+
+
+async def test_a_constrained_verdict_is_always_readable(smollm2_server, make_backend) -> None:
+    # Asked in free text, this 135M model echoes the prompt and every verdict is an abstention; under
+    # the JSON schema it always answers.
+    backend = await make_backend("openai/smol", api_base=smollm2_server.base_url)
+    judge = LLMJudge(node_api(backends=[backend]), LLMJudgeSettings(swap=False))
+    for question, a, b in PAIRS:
+        for swapped in (False, True):
+            assert await judge.ask(backend, case(question, a, b), swapped=swapped) is not Verdict.ABSTAIN
+
+
+async def test_an_answer_wins_only_if_it_wins_in_both_orders(smollm2_server, make_backend) -> None:
+    backend = await make_backend("openai/smol", api_base=smollm2_server.base_url)
+    judge = LLMJudge(node_api(backends=[backend]), LLMJudgeSettings())
+    for question, a, b in PAIRS:
+        both = case(question, a, b)
+        shown_first = await judge.ask(backend, both, swapped=False)
+        shown_second = FLIP[await judge.ask(backend, both, swapped=True)]
+        expected = shown_first if shown_first is shown_second else Verdict.TIE
+        assert await judge.judge(both) is expected
+        # The verdict is about the answers, not the order they came in.
+        assert await judge.judge(case(question, b, a)) is FLIP[expected]
+
+
+class RefusesResponseFormat:
+    """A real deployment behind a server that rejects `response_format` with a 400, as some
+    OpenAI-compatible servers do."""
+
+    def __init__(self, backend) -> None:
+        self.inner, self.id, self.model_name, self.ready = backend, backend.id, backend.model_name, True
+        self.refused = 0
+
+    async def complete(self, endpoint, body):
+        if "response_format" in body:
+            self.refused += 1
+            raise InvalidRequest("response_format is not supported", param="response_format")
+        return await self.inner.complete(endpoint, body)
+
+
+async def test_a_server_without_response_format_is_asked_in_free_text(smollm2_server, make_backend) -> None:
+    backend = RefusesResponseFormat(await make_backend("openai/smol", api_base=smollm2_server.base_url))
+    judge = LLMJudge(node_api(backends=[backend]), LLMJudgeSettings(max_tokens=8))
+    for question, a, b in PAIRS[:2]:
+        assert await judge.judge(case(question, a, b)) in set(Verdict)
+    assert backend.refused == 1  # asked once with the schema, then in free text
 
 
 # -- the judge service and the entry's order ---------------------------------------------------------
