@@ -191,10 +191,24 @@ def test_newcomers_get_a_bounded_share_of_first_picks() -> None:
     assert all(n.startswith("new") or n in "abc" for n in firsts)
 
 
-def test_with_no_staked_peer_newcomers_are_tried() -> None:
+def test_with_no_bonded_peer_newcomers_are_tried() -> None:
     router = make_router([peer(f"new{i}", 0) for i in range(5)], seed=3, explore=0.0)
     picked = router.candidates(request())
     assert len(picked) == 3 and all(n.startswith("new") for n in picked)
+
+
+def test_while_staked_peers_are_busy_newcomers_keep_a_bounded_share() -> None:
+    # The staked peers advertise no stake (busy), though bonded: a swarm of fresh keys must not get
+    # every request then, or saturating the honest nodes would hand it the network's traffic.
+    busy = [peer(n, 0) for n in "abc"]
+    fresh = [peer(f"new{i}", 0) for i in range(20)]
+    bonded = {n: 10.0 for n in "abc"} | {f"new{i}": 0.0 for i in range(20)}
+    router = make_router(busy + fresh, bonded, seed=5, explore=0.05)
+    draws = 4000
+    picked = [router.candidates(request()) for _ in range(draws)]
+    to_newcomers = sum(1 for p in picked if p)
+    assert 155 <= to_newcomers <= 245  # binomial(4000, 0.05), as above
+    assert all(n.startswith("new") for p in picked for n in p)  # busy peers are not drawn
 
 
 def test_unknown_model_or_empty_table_gives_no_candidates() -> None:

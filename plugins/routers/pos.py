@@ -110,14 +110,20 @@ class StakeRouter(Router):
         """Up to max_attempts peers, best first, for the node to try in turn: by stake, except that
         with probability `explore` the first is a newcomer drawn uniformly. Newcomers are how an
         honest node without stake earns its first credits; the bounded share is all a swarm of
-        fresh keys can take."""
+        fresh keys can take, also while every staked peer is busy (advertising next to no stake):
+        otherwise saturating the honest nodes would hand the swarm every request. Only a network
+        with no bonded peer at all (bootstrapping) draws newcomers freely."""
         weights = self.eligible(info)
-        staked = {n: w for n, w in weights.items() if w >= self.settings.newcomer_stake}
-        newcomers = [n for n, w in weights.items() if w < self.settings.newcomer_stake]
+        floor = self.settings.newcomer_stake
+        staked = {n: w for n, w in weights.items() if w >= floor}
+        bonded = {n for n in weights if self.node.ledger.account(n).bonded >= floor}
+        newcomers = [n for n in weights if n not in bonded]
         k = self.settings.max_attempts
         # The coin is tossed on every request, so a seed gives the same sequence whoever is there.
         explore = self._rng.random() < self.settings.explore
         if not staked:
+            if bonded and not explore:
+                return []  # every staked peer is busy: the node serves locally, or asks the app to retry
             return self._rng.sample(newcomers, min(k, len(newcomers)))
         if newcomers and explore:
             return [self._rng.choice(newcomers), *weighted_order(staked, self._rng, k - 1)][:k]
