@@ -1,5 +1,6 @@
-"""The hedge's race (delegation/racing.py): the first executor to start is relayed, unless it is
-known to answer worse than the other, which is then relayed only if the other fails."""
+"""The hedge's race (delegation/racing.py): the first executor is relayed if it starts within the
+patience, else the first to start, unless that one is known to answer worse than the other, which is
+then relayed only if the other fails."""
 
 from __future__ import annotations
 
@@ -60,6 +61,38 @@ async def test_a_worse_second_is_relayed_when_the_first_fails() -> None:
     a, b = contender("A", a_go, fail=True), contender("B", b_go)
     b_go.set()
     task = asyncio.ensure_future(race(a, opened(b), worse_if_named("B")))
+    await b.started()
+    a_go.set()
+    relayed, swapped = await task
+    assert relayed is b and swapped
+
+
+async def test_within_the_patience_the_first_executor_is_relayed_though_the_second_started_first() -> None:
+    a_go, b_go = asyncio.Event(), asyncio.Event()
+    a, b = contender("A", a_go), contender("B", b_go)
+    b_go.set()
+    task = asyncio.ensure_future(race(a, opened(b), patience=3600.0))
+    await b.started()
+    assert not task.done()  # B is out first, but A still has time
+    a_go.set()
+    relayed, swapped = await task
+    assert relayed is a and not swapped
+
+
+async def test_past_the_patience_the_second_is_relayed() -> None:
+    a_go, b_go = asyncio.Event(), asyncio.Event()
+    a, b = contender("A", a_go), contender("B", b_go)
+    b_go.set()
+    relayed, swapped = await race(a, opened(b), patience=0.05)  # A never starts
+    assert relayed is b and swapped
+    a_go.set()
+
+
+async def test_within_the_patience_a_first_that_fails_hands_over_at_once() -> None:
+    a_go, b_go = asyncio.Event(), asyncio.Event()
+    a, b = contender("A", a_go, fail=True), contender("B", b_go)
+    b_go.set()
+    task = asyncio.ensure_future(race(a, opened(b), patience=3600.0))
     await b.started()
     a_go.set()
     relayed, swapped = await task

@@ -52,6 +52,9 @@ MAX_CANARY_TEXT = 16_384  # what a canary duel may carry of each answer (the led
 # A second executor rated this many Elo points below the first is relayed only if the first fails:
 # hedging buys latency, and must not buy it with the worst answer.
 HEDGE_MARGIN = 50.0
+# The first executor (the router's stake- and quality-weighted draw) is relayed if it starts within
+# this; the second takes over only when the first is that slow: the tail a hedge is for.
+HEDGE_PATIENCE_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +131,8 @@ class Duels:
     async def hedge(
         self, delegator: Delegator, info: RequestInfo, endpoint: Endpoint, ex: Execution, avoid: set[str]
     ) -> Execution:
-        """Send `ex`'s request to a second executor too; the execution to relay is whichever starts
-        first. The duel goes on in the background."""
+        """Send `ex`'s request to a second executor too; the execution to relay is `ex` unless it is
+        slower than HEDGE_PATIENCE_S to start (see `racing.race`). The duel goes on in the background."""
         a = Contender(ex)
         second = asyncio.ensure_future(self._second(delegator, info, ex, avoid))
 
@@ -138,7 +141,7 @@ class Duels:
             return rating(b.ex.executor, info.model) < rating(a.ex.executor, info.model) - HEDGE_MARGIN
 
         try:
-            relayed, swapped = await race(a, second, worse)
+            relayed, swapped = await race(a, second, worse, HEDGE_PATIENCE_S)
         except asyncio.CancelledError:  # the app left: nothing to relay, nothing to judge
             second.cancel()
             a.cancel()

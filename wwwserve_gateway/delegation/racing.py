@@ -1,9 +1,13 @@
-"""Hedged requests: two executors answer the same request, the app gets whichever starts first.
+"""Hedged requests: two executors answer the same request; the app gets the first executor's answer
+unless it has not started within a patience, and then whichever starts first.
 
 A `Contender` reads one execution to its end in a task of its own and keeps every item, so the
 winner can be relayed live while the loser is still collected for its duel, and both can be read
-again once they are done. `race` picks the first that produces output; one that fails before any
-output loses to the other.
+again once they are done. `race` picks which to relay: the first executor (the router's draw) if it
+starts within `patience`, else whichever starts first; one that fails before any output loses to the
+other. As in "The Tail at Scale" (Dean and Barroso), the second request is there for the tail: relayed
+from its start instead, a provider that answers fast and badly would win nearly every race, and the
+app would get its answers whatever the router's stake and quality weights say.
 """
 
 from __future__ import annotations
@@ -88,11 +92,15 @@ async def race(
     a: Contender,
     second: Awaitable[Contender | None],
     worse: Callable[[Contender, Contender], bool] = lambda b, a: False,
+    patience: float = 0.0,
 ) -> tuple[Contender, bool]:
     """The contender to relay, and whether the other one started too late to matter (False) or
     won (True: the second one was picked). `second` opens the other executor; it may finish after
-    this returns, for the duel to collect. A second that starts first but is `worse(b, a)` (known
-    to answer worse) is relayed only if `a` fails: speed must not hand the app the worst answer."""
+    this returns, for the duel to collect. A second that starts first is relayed only once `a` has
+    not started for `patience` seconds since the race began, and, if it is `worse(b, a)` (known to
+    answer worse), only if `a` fails: speed must not hand the app the worst answer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
 
     async def b_started() -> Contender | None:
         b = await asyncio.shield(second)  # giving up on the wait must not cancel the opening
@@ -108,9 +116,15 @@ async def race(
             if a_wait in done and a_wait.result():
                 return a, False
             if b_wait in done and (b := b_wait.result()) is not None:
-                if not worse(b, a) or (a_wait.done() and not a_wait.result()):
-                    return b, True
-                fallback = b
+                a_failed = a_wait.done() and not a_wait.result()
+                if worse(b, a) and not a_failed:
+                    fallback = b
+                    continue
+                if not a_failed and (left := deadline - loop.time()) > 0:
+                    with contextlib.suppress(TimeoutError):
+                        if await asyncio.wait_for(asyncio.shield(a_wait), left):
+                            return a, False
+                return b, True
         if fallback is not None:  # A failed before any output: the worse answer beats none
             return fallback, True
         return a, False  # neither started: the relay sees A's failure and fails over
