@@ -42,8 +42,10 @@ canaries (the app traffic itself is checkable); gossip probes patient enough for
 E's balances view is sampled every `sample_s` during the traffic and after it (until every duel is
 settled). Stake share
 = a class's bonded stake / all executors' bonded stake; credit share = (liquid + bonded) likewise.
-Win rate = (won + tied / 2) / duels of the class's nodes (ties count half, as in Elo); the decisive
-win rate (won / (won + lost)) is in the JSON. Work per app request: executions = the executors'
+Win rate = won / (won + lost) over the duels of the class's nodes: the paper's win rate as plotted
+(paper-reference §6: wins over `transfer_stake` rows; a tie moves nothing and is not counted). The
+score with ties at half, (won + tied / 2) / duels, is beside it: two executors of the same class
+mostly tie, so it pulls every class towards 0.5. Work per app request: executions = the executors'
 `wwwserve_peer_requests_total{outcome="served"}` / the app requests E answered; judgements = E's
 `wwwserve_judge_requests_total` (voted, unreachable, invalid: each ran a judge) / app requests.
 
@@ -772,10 +774,9 @@ def class_view(balances: dict[str, dict[str, Any]], net: Network) -> dict[str, d
     for row in per.values():
         n = row["won"] + row["lost"] + row["tied"]
         row["duels"] = n
-        row["win_rate"] = (row["won"] + row["tied"] / 2) / n if n else None
-        row["decisive_win_rate"] = (
-            row["won"] / (row["won"] + row["lost"]) if row["won"] + row["lost"] else None
-        )
+        decided = row["won"] + row["lost"]
+        row["win_rate"] = row["won"] / decided if decided else None
+        row["score_with_ties"] = (row["won"] + row["tied"] / 2) / n if n else None
         row["stake_share"] = row["bonded"] / bonded if bonded > 0 else None
         row["credit_share"] = row["credit"] / credit if credit > 0 else None
         row["elo"] = float(np.mean(row["elo"]))
@@ -990,7 +991,7 @@ def print_table(report: dict[str, Any]) -> None:
         "duels",
         "won/lost/tied",
         "win rate",
-        "decisive",
+        "with ties",
         "stake share",
         "credit share",
         "Elo",
@@ -1008,7 +1009,7 @@ def print_table(report: dict[str, Any]) -> None:
                 str(row["duels"]),
                 f"{row['won']}/{row['lost']}/{row['tied']}",
                 bench.fmt(row["win_rate"]),
-                bench.fmt(row["decisive_win_rate"]),
+                bench.fmt(row["score_with_ties"]),
                 bench.fmt(row["stake_share"], 3),
                 bench.fmt(row["credit_share"], 3),
                 f"{row['elo']:.0f}",
@@ -1106,7 +1107,7 @@ def plot(report: dict[str, Any], out: Path) -> None:
         end = net["traffic_wall_s"]
         for col, (key, title, ylabel) in enumerate(
             (
-                ("win_rate", "duel win rate ((won + tied/2) / duels)", "win rate"),
+                ("win_rate", "duel win rate (won / (won + lost))", "win rate"),
                 ("stake_share", "bonded stake share", "share of executors' bonded stake"),
                 ("credit_share", "credit share (liquid + bonded)", "share of executors' credit"),
                 ("elo", "quality score (mean Elo of the class)", "Elo"),
