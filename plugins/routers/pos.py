@@ -108,11 +108,12 @@ class StakeRouter(Router):
 
     def candidates(self, info: RequestInfo) -> list[str]:
         """Up to max_attempts peers, best first, for the node to try in turn: by stake, except that
-        with probability `explore` the first is a newcomer drawn uniformly. Newcomers are how an
-        honest node without stake earns its first credits; the bounded share is all a swarm of
-        fresh keys can take, also while every staked peer is busy (advertising next to no stake):
-        otherwise saturating the honest nodes would hand the swarm every request. Only a network
-        with no bonded peer at all (bootstrapping) draws newcomers freely."""
+        with probability `explore` the first is a newcomer (a peer with no bonded stake) drawn
+        uniformly. Newcomers are how an honest node without stake earns its first credits; the
+        bounded share is all a swarm of fresh keys can take. It stays bounded while every staked
+        peer advertises next to no stake (full, or ramping up after a start): those are tried in a
+        random order instead, since otherwise saturating the honest nodes would hand the swarm every
+        request. Only a network with no bonded peer at all draws newcomers freely."""
         weights = self.eligible(info)
         floor = self.settings.newcomer_stake
         staked = {n: w for n, w in weights.items() if w >= floor}
@@ -121,10 +122,13 @@ class StakeRouter(Router):
         k = self.settings.max_attempts
         # The coin is tossed on every request, so a seed gives the same sequence whoever is there.
         explore = self._rng.random() < self.settings.explore
-        if not staked:
-            if bonded and not explore:
-                return []  # every staked peer is busy: the node serves locally, or asks the app to retry
+        if staked:
+            order = weighted_order(staked, self._rng, k)
+        elif bonded:
+            held = [n for n in weights if n in bonded]
+            order = self._rng.sample(held, min(k, len(held)))
+        else:
             return self._rng.sample(newcomers, min(k, len(newcomers)))
         if newcomers and explore:
-            return [self._rng.choice(newcomers), *weighted_order(staked, self._rng, k - 1)][:k]
-        return weighted_order(staked, self._rng, k)
+            order = [self._rng.choice(newcomers), *order]
+        return order[:k]
