@@ -90,6 +90,10 @@ class LLMJudge(Judge):
     Settings = LLMJudgeSettings
     settings: LLMJudgeSettings
 
+    def __init__(self, node: NodeAPI, settings: LLMJudgeSettings) -> None:
+        super().__init__(node, settings)
+        self.free_text_only: set[str] = set()  # deployments that refused response_format
+
     def backend_for(self, model: str) -> Backend | None:
         """A ready local deployment to judge with."""
         wanted = self.settings.model or model
@@ -98,10 +102,6 @@ class LLMJudge(Judge):
             if backend.model_name == wanted:
                 return backend
         return backends[0] if backends and self.settings.model is None else None
-
-    def __init__(self, node: NodeAPI, settings: LLMJudgeSettings) -> None:
-        super().__init__(node, settings)
-        self.free_text_only: set[str] = set()  # deployments that refused response_format
 
     def prompt(self, case: JudgeCase, *, as_json: bool = False, swapped: bool = False) -> str:
         cut = self.settings.answer_chars

@@ -1,9 +1,9 @@
 """Resuming a broken stream at another executor, so the app sees one uninterrupted answer.
 
 The entry measures the SSE events it relays (`AnswerReader`). When an executor dies mid-stream,
-the text streamed so far becomes an assistant prefix (chat) or is appended to the prompt (completions) and the request is
-sent again; the new executor's events are rewritten to carry the first stream's id and `created`,
-and its opening role-only chunk is dropped.
+the text streamed so far becomes an assistant prefix (chat) or is appended to the prompt
+(completions) and the request is sent again; the new executor's events are rewritten to carry the
+first stream's id and `created`, and its opening role-only chunk is dropped.
 """
 
 from __future__ import annotations
