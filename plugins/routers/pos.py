@@ -117,15 +117,16 @@ class StakeRouter(Router):
         weights = self.eligible(info)
         floor = self.settings.newcomer_stake
         staked = {n: w for n, w in weights.items() if w >= floor}
-        bonded = {n for n in weights if self.node.ledger.account(n).bonded >= floor}
-        newcomers = [n for n in weights if n not in bonded]
+        held: list[str] = []  # bonded, though maybe advertising next to nothing
+        newcomers: list[str] = []
+        for n in weights:
+            (held if self.node.ledger.account(n).bonded >= floor else newcomers).append(n)
         k = self.settings.max_attempts
         # The coin is tossed on every request, so a seed gives the same sequence whoever is there.
         explore = self._rng.random() < self.settings.explore
         if staked:
             order = weighted_order(staked, self._rng, k)
-        elif bonded:
-            held = [n for n in weights if n in bonded]
+        elif held:
             order = self._rng.sample(held, min(k, len(held)))
         else:
             return self._rng.sample(newcomers, min(k, len(newcomers)))

@@ -117,7 +117,7 @@ class AnswerReader:
         self._text: list[str] = []  # the first choice's content: what a duel's judges compare
         # What a continuation needs of the events relayed so far (the relayed text itself is not kept).
         self.created: int | None = None
-        self.text_events = 0  # events whose first choice carried text: about one token each
+        self.text_events = 0  # first-choice deltas that carried text: about one token each
         self.finished = False
 
     @property
@@ -138,9 +138,7 @@ class AnswerReader:
                 obj = self._parse(event[len(DATA) :])
                 if self.created is None and isinstance(obj.get("created"), int):
                     self.created = obj["created"]
-                text_before = len(self._text)
                 out.append(DATA + orjson.dumps(self._reduce(obj)).decode() + "\n\n")
-                self.text_events += any(self._text[text_before:])
         except MalformedAnswer:
             del self._text[kept[0] :]
             self.text_events, self.finished, self.created = kept[1:]
@@ -199,15 +197,18 @@ class AnswerReader:
         self.finished = self.finished or bool(choice.get("finish_reason"))
         self.choice_events += 1
         self.text_bytes += _utf8(choice.get("text"))
-        if index == 0 and isinstance(choice.get("text"), str):
+        carried = False  # text for the first choice (what a continuation resumes)
+        if index == 0 and isinstance(choice.get("text"), str) and choice["text"]:
             self._text.append(choice["text"])
+            carried = True
         for key in ("delta", "message"):
             part = choice.get(key)
             if part is not None and not isinstance(part, dict):
                 raise MalformedAnswer(f"a choice's {key} must be an object")
             if isinstance(part, dict):
-                if index == 0 and isinstance(part.get("content"), str):
+                if index == 0 and isinstance(part.get("content"), str) and part["content"]:
                     self._text.append(part["content"])
+                    carried = True
                 self.text_bytes += sum(_utf8(part.get(f)) for f in TEXT_FIELDS)
                 calls = part.get("tool_calls")
                 if isinstance(calls, list):
@@ -216,4 +217,5 @@ class AnswerReader:
                         if isinstance(function, dict):
                             self.tool_calls += 1 if function.get("name") else 0
                             self.text_bytes += _utf8(function.get("name")) + _utf8(function.get("arguments"))
+        self.text_events += carried
         return {k: v for k, v in choice.items() if k in CHOICE_FIELDS}
