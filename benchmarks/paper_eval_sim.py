@@ -148,10 +148,18 @@ class SimGossip:
 
     def __init__(self, world: World, index: int) -> None:
         self.world, self.index = world, index
+        self._indexed: list[PeerView] | None = None
+        self._by_id: dict[str, PeerView] = {}
 
     def peers(self) -> list[PeerView]:
         partial = self.world.partial
         return partial[self.index] if partial else self.world.views
+
+    def peer(self, node_id: str) -> PeerView | None:
+        peers = self.peers()
+        if peers is not self._indexed:  # the view was rebuilt since the last lookup
+            self._indexed, self._by_id = peers, {p.id: p for p in peers}
+        return self._by_id.get(node_id)
 
 
 @dataclass

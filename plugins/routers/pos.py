@@ -17,6 +17,7 @@ from pydantic import Field
 
 from wwwserve_gateway.plugin_api.base import PluginSettings
 from wwwserve_gateway.plugin_api.node import NodeAPI
+from wwwserve_gateway.plugin_api.peers import PeerView
 from wwwserve_gateway.plugin_api.requests import RequestInfo
 from wwwserve_gateway.plugin_api.router import Router
 
@@ -75,6 +76,13 @@ def quality_factor(rating: float, span: float) -> float:
     return min(max(2 ** ((rating - 1500) / 400), 1 / span), span)
 
 
+def full(peer: PeerView | None) -> bool:
+    """Whether a peer's own load record says a request sent now would queue: requests waiting in
+    its engines, or every slot (KV cache, for vLLM-style engines) in use. Only bonded peers are
+    judged by it, so a false record wins a liar no more than a place in the order among them."""
+    return peer is None or peer.load.waiting > 0 or peer.load.usage >= 1.0
+
+
 class StakeRouter(Router):
     """Executor choice by proportional-to-stake draw over the alive peers that serve the model."""
 
@@ -110,23 +118,33 @@ class StakeRouter(Router):
         """Up to max_attempts peers, best first, for the node to try in turn: by stake, except that
         with probability `explore` the first is a newcomer (a peer with no bonded stake) drawn
         uniformly. Newcomers are how an honest node without stake earns its first credits; the
-        bounded share is all a swarm of fresh keys can take. It stays bounded while every staked
-        peer advertises next to no stake (full, or ramping up after a start): those are tried in a
-        random order instead, since otherwise saturating the honest nodes would hand the swarm every
-        request. Only a network with no bonded peer at all draws newcomers freely."""
+        bounded share is all a swarm of fresh keys can take.
+
+        It stays bounded while every staked peer advertises next to no stake, since otherwise
+        saturating the honest nodes would hand the swarm every request. A bonded peer advertises
+        next to nothing when it is full, but also while its stake ramps up after a start; its own
+        load record tells the two apart. Those not `full` are tried in a random order; if all are
+        full, none is offered, and the node keeps the request rather than queue it behind a peer's.
+        Only a network with no bonded peer at all draws newcomers freely."""
         weights = self.eligible(info)
         floor = self.settings.newcomer_stake
         staked = {n: w for n, w in weights.items() if w >= floor}
-        held: list[str] = []  # bonded, though maybe advertising next to nothing
+        bonded = False
+        held: list[str] = []  # bonded and not full, though advertising next to nothing
         newcomers: list[str] = []
         for n in weights:
-            (held if self.node.ledger.account(n).bonded >= floor else newcomers).append(n)
+            if self.node.ledger.account(n).bonded < floor:
+                newcomers.append(n)
+                continue
+            bonded = True
+            if n not in staked and not full(self.node.gossip.peer(n)):
+                held.append(n)
         k = self.settings.max_attempts
         # The coin is tossed on every request, so a seed gives the same sequence whoever is there.
         explore = self._rng.random() < self.settings.explore
         if staked:
             order = weighted_order(staked, self._rng, k)
-        elif held:
+        elif bonded:
             order = self._rng.sample(held, min(k, len(held)))
         else:
             return self._rng.sample(newcomers, min(k, len(newcomers)))

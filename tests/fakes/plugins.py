@@ -63,6 +63,9 @@ class FakeGossip:
     def peers(self) -> list[PeerView]:
         return list(self.list)
 
+    def peer(self, node_id: str) -> PeerView | None:
+        return next((p for p in self.list if p.id == node_id), None)
+
     def seeds(self) -> list[str]:
         return []
 
