@@ -43,7 +43,7 @@ EXECUTOR = {"target_usage": 1.0, "accept_frequency": 1.0, "bond": BOND}
 class Network:
     """A seed entry S (no bootstrap list: the network's first node) and executors joining through it."""
 
-    def __init__(self, workdir: Path, executors: list[str]) -> None:
+    def __init__(self, workdir: Path, executors: list[str], gossip: GossipParams = GOSSIP) -> None:
         self.workdir = workdir
         self.stub = ListeningChild(
             "stub",
@@ -61,7 +61,7 @@ class Network:
         names = ["S", *executors]
         ledger = LEDGER.model_copy(update={"allocations": founding_allocations(workdir, names, 1000)})
         self.genesis = workdir / "network.yaml"
-        write_genesis(NetworkGenesis(name="faults-test", gossip=GOSSIP, ledger=ledger), self.genesis)
+        write_genesis(NetworkGenesis(name="faults-test", gossip=gossip, ledger=ledger), self.genesis)
         self.nodes: dict[str, NodeProcess] = {}
         self.ids: dict[str, str] = {}
         try:
@@ -259,6 +259,43 @@ def test_a_frozen_executor_is_failed_over_in_seconds(trio: Network) -> None:
     wait_until(
         lambda: trio.staked_at(s, next(n for n, p in trio.nodes.items() if p is frozen)), 30, what="thawed"
     )
+
+
+def test_a_suspicion_alone_does_not_cut_a_delegated_stream(tmp_path: Path) -> None:
+    # A starved executor misses probe deadlines while it still streams. Freeze one just until the
+    # entry suspects it, then thaw it: it refutes within the (long) suspicion timeout, and the
+    # stream must finish on it, not start over elsewhere.
+    patient = GOSSIP.model_copy(update={"suspect_timeout_s": 8.0})
+    net = Network(tmp_path, ["X1", "X2"], gossip=patient)
+    try:
+        s = net.nodes["S"]
+        body = {"model": LONG, "messages": [{"role": "user", "content": "Count"}], "stream": True}
+        frozen: NodeProcess | None = None
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as reply:
+            assert reply.status_code == 200
+            serving = reply.headers["x-wwwserve-route"].split(",")[-1]
+            name = next(n for n, i in net.ids.items() if i == serving)
+            frozen = net.nodes[name]
+            data = []
+            for line in reply.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data.append(line)
+                if len(data) == 5:
+                    os.kill(frozen.proc.pid, signal.SIGSTOP)
+                    try:
+                        wait_until(
+                            lambda: s.peers()[serving]["state"] == "suspect",
+                            20,
+                            what="S suspects the executor",
+                        )
+                    finally:
+                        os.kill(frozen.proc.pid, signal.SIGCONT)
+            assert data[-1] == "data: [DONE]"
+        assert s.metric("wwwserve_failovers_total") == 0
+        wait_until(lambda: s.peers()[serving]["state"] == "alive", 20, what="the suspicion refuted")
+    finally:
+        net.close()
 
 
 def test_an_executor_restarted_under_load_costs_the_entry_no_timeouts(trio: Network) -> None:

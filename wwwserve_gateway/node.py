@@ -175,9 +175,12 @@ class Node:
         log.info("node stopped")
 
     def _on_membership(self, event: MembershipEvent) -> None:
-        # Our own probes found it gone: its delegated streams fail over now instead of waiting out
-        # the stall deadline. A peer that left gracefully finishes what it serves first (see stop).
-        if event.kind in (MembershipEventKind.SUSPECT, MembershipEventKind.DEAD):
+        # Declared dead: its delegated streams fail over now instead of waiting out the stall
+        # deadline. A suspicion alone is a hint (a starved machine misses probe deadlines while it
+        # still streams), and cutting there would redo whole answers; a peer that is really frozen
+        # is dead a suspicion timeout later. A peer that left gracefully finishes what it serves
+        # first (see stop).
+        if event.kind is MembershipEventKind.DEAD:
             self.api.overlay.drop(event.peer.id, f"membership: {event.kind.value}")
 
     @contextlib.asynccontextmanager
