@@ -11,7 +11,11 @@ and the samplers (credits, engine load).
   of them, so this is each engine's exact running + waiting), straight to the engine.
 
 Every request carries its lengths in the emulator's body fields (`x-emulator-prompt-tokens`,
-`x-emulator-output-tokens`), which the gateways pass through to the engines unchanged.
+`x-emulator-output-tokens`), which the gateways pass through to the engines unchanged. Its message
+also holds as many bytes as a prompt of that many tokens would (four per token): an entry pays for
+no more prompt tokens than the bytes it sent can hold and strikes an executor whose receipt claims
+more. Runs before this padding struck honest executors in setting 4 (prompts of ~1,000 tokens in
+a message of a few bytes) and then avoided them for the rest of the run.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ class Record:
 def chat_body(req: Request, model: str, max_tokens: int) -> dict[str, Any]:
     return {
         "model": model,
-        "messages": [{"role": "user", "content": f"problem {req.id}"}],
+        "messages": [{"role": "user", "content": f"problem {req.id}:" + " tok" * req.prompt_tokens}],
         "max_tokens": max_tokens,
         "temperature": 0.6,
         "x-emulator-prompt-tokens": req.prompt_tokens,

@@ -52,9 +52,25 @@ def test_a_small_setting_runs_end_to_end(tmp_path: Path) -> None:
             assert r["route"] and set(r["route"]) <= nodes - {"entry"}
             assert r["route"][0] == r["node"] or name == "ideal"
     assert report["variants"]["frequency"]["credits"], "the ledger was not sampled"
+    # Honest executors' receipts are believed: none struck, so none avoided for the rest of the run.
+    counters = report["variants"]["frequency"]["delegation_counters"]
+    assert not [k for node in counters.values() for k in node if k.startswith("wwwserve_bad_receipts")]
     for suffix in ("_slo.png", "_latency.png", "_credits.png"):
         assert (tmp_path / f"paper_eval_setting1{suffix}").stat().st_size > 10_000
     assert "frequency" in (tmp_path / "paper_eval_summary.md").read_text()
+
+
+def test_a_request_s_bytes_can_hold_the_prompt_tokens_its_receipt_will_claim() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from paper_eval_clients import chat_body
+    from paper_eval_workload import Request
+
+    from wwwserve_gateway.delegation.answers import prompt_bound
+
+    for tokens in (1, 1_020, 30_000):
+        body = chat_body(Request(7, "n1", "qwen3-8b", 0.0, tokens, 129), "qwen3-8b", 2048)
+        assert prompt_bound(body) >= tokens
+        assert prompt_bound(body) < 4 * tokens + 1024  # about a real prompt's bytes, not a flood
 
 
 def test_the_scale_simulation_runs_the_real_policies(tmp_path: Path) -> None:
