@@ -70,7 +70,12 @@ def node(stub: ListeningChild, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def tight(stub: ListeningChild, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """A node with small limits, so that reaching them is quick."""
     config = stub_config(
-        stub, max_connections=30, max_connections_per_source=20, header_timeout=1.0, body_timeout=1.5
+        stub,
+        max_connections=30,
+        max_connections_per_source=20,
+        header_timeout=1.0,
+        body_timeout=1.5,
+        keep_alive_timeout=1.0,
     )
     proc = NodeProcess(config, tmp_path_factory.mktemp("tight")).start()
     yield proc
@@ -249,6 +254,30 @@ def test_header_and_body_deadlines(tight: NodeProcess) -> None:
         while time.monotonic() < deadline:
             assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
     assert rejected(tight, "header_timeout") == before["header_timeout"] + 1
+
+
+def chat_on(sock: socket.socket) -> int:
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(BODY)}\r\n\r\n".encode()
+        + BODY
+    )
+    return read_response(sock)[0]
+
+
+def test_an_idle_keep_alive_connection_outlives_client_pools(node: NodeProcess, tight: NodeProcess) -> None:
+    # httpx (the OpenAI SDK's client) drops an idle pooled connection after 5 s; a server that closed
+    # it at the same moment (uvicorn's default) reset the request the client had just sent on it.
+    with connect(node) as sock:
+        assert chat_on(sock) == 200
+        time.sleep(6.0)  # the idle time under test, past the 5 s both sides used to share
+        assert chat_on(sock) == 200
+    # The setting is what holds it open: at 1 s, the tight node closes an idle connection.
+    with connect(tight) as sock:
+        assert chat_on(sock) == 200
+        started = time.monotonic()
+        assert sock.recv(1) == b""
+        assert 0.9 <= time.monotonic() - started < 8
 
 
 def test_a_bad_limit_is_a_config_error_naming_the_key(tmp_path: Path) -> None:

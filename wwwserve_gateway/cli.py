@@ -123,6 +123,10 @@ def node(
             # before buffering it, and the overlay counts that as `oversized`.
             ws_max_size=DEFAULT_MAX_FRAME_BYTES,
             log_config=None,
+            # Longer than clients keep an idle pooled connection (httpx, the OpenAI SDK's client:
+            # 5 s; aiohttp: 15 s), so the client closes it first. uvicorn's default of 5 s let a
+            # request sent at the moment of expiry meet a connection being closed: a reset.
+            timeout_keep_alive=settings.keep_alive_timeout,
             timeout_graceful_shutdown=30,
         )
     )

@@ -121,6 +121,11 @@ class NodeSettings(StrictModel):
     body_timeout: float = Field(
         60.0, gt=0, description="seconds for a request's body to arrive once its headers have; 408 after"
     )
+    keep_alive_timeout: float = Field(
+        75.0,
+        gt=0,
+        description="seconds an idle keep-alive connection stays open; keep it above clients' pool expiry",
+    )
     overlay_max_handshakes: int = Field(64, ge=1, description="overlay handshakes pending at once")
     overlay_handshakes_per_source: int = Field(
         8, ge=1, description="overlay handshakes pending at once from one address"
