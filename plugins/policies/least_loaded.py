@@ -104,11 +104,8 @@ class LeastLoadedPolicy(StakedPolicy):
         """What the node that sent us `request` (the last hop of its route) published for its model."""
         if not request.route:
             return None
-        sender = request.route[-1]
-        for peer in self.node.gossip.peers():
-            if peer.id == sender:
-                return published_busy(peer, request.model)
-        return None
+        peer = self.node.gossip.peer(request.route[-1])
+        return None if peer is None else published_busy(peer, request.model)
 
     # -- decisions ------------------------------------------------------------------------------
     def decide(self, request: RequestInfo) -> Decision:
