@@ -213,10 +213,10 @@ def test_while_staked_peers_are_busy_newcomers_keep_a_bounded_share() -> None:
     assert Counter(p[0] for p in picked if not p[0].startswith("new")).keys() == set("abc")
 
 
-def test_busy_bonded_peers_whose_load_says_full_are_not_offered() -> None:
-    # All bonded peers advertise next to no stake. Those whose load record says a request would
-    # queue (waiting, or every slot in use) are left out; one idle, e.g. ramping its stake up after
-    # a start, is still offered. When all are full, the node keeps the request.
+def test_busy_bonded_peers_are_offered_idle_first_then_by_shortest_queue() -> None:
+    # All bonded peers advertise next to no stake. Those whose load record says a request would not
+    # queue (e.g. ramping their stake up after a start) come first, in a random order; then those
+    # that are full (waiting, or every slot in use), shortest reported queue first.
     def bonded_peer(node_id: str, load: dict[str, Any] | None) -> PeerView:
         record: dict[str, Any] = {"models": [{"name": MODEL}], "stake": 0.1}
         if load is not None:
@@ -224,22 +224,24 @@ def test_busy_bonded_peers_whose_load_says_full_are_not_offered() -> None:
         return peer(node_id, record=record)
 
     loads = {
-        "waiting": {"running": 8, "waiting": 1, "usage": 0.7},
+        "long": {"running": 8, "waiting": 6, "usage": 1.0},
+        "short": {"running": 8, "waiting": 1, "usage": 0.7},
         "saturated": {"running": 4, "waiting": 0, "usage": 1.0},
         "starting": {"running": 0, "waiting": 0, "usage": 0.0},
         "unprobed": None,
     }
     peers = [bonded_peer(n, load) for n, load in loads.items()]
-    router = make_router(peers, {n: 10.0 for n in loads}, seed=9, explore=0.0)
-    offered = Counter(n for _ in range(200) for n in router.candidates(request()))
-    assert offered.keys() == {"starting", "unprobed"}
-    full_only = [bonded_peer(n, loads[n]) for n in ("waiting", "saturated")]
-    fresh = peer("new0", 0)
-    router = make_router([*full_only, fresh], {"waiting": 10.0, "saturated": 10.0, "new0": 0.0}, seed=9)
+    router = make_router(peers, {n: 10.0 for n in loads}, seed=9, explore=0.0, max_attempts=5)
+    orders = [router.candidates(request()) for _ in range(200)]
+    assert all(o[2:] == ["saturated", "short", "long"] for o in orders)
+    assert Counter(o[0] for o in orders).keys() == {"starting", "unprobed"}
+    # Full peers only: still offered (their `accept` decides), shortest queue first; a newcomer
+    # comes first only at the exploration share.
+    full_only = [bonded_peer(n, loads[n]) for n in ("long", "short")]
+    router = make_router([*full_only, peer("new0", 0)], {"long": 10.0, "short": 10.0, "new0": 0.0}, seed=9)
     picked = [router.candidates(request()) for _ in range(400)]
-    # Only the exploration share reaches the newcomer; nothing else is offered.
-    assert all(p in ([], ["new0"]) for p in picked)
-    assert 0 < sum(1 for p in picked if p) < 60  # binomial(400, 0.05): 20 expected
+    assert all(p in (["short", "long"], ["new0", "short", "long"]) for p in picked)
+    assert 0 < sum(1 for p in picked if p[0] == "new0") < 60  # binomial(400, 0.05): 20 expected
 
 
 def test_unknown_model_or_empty_table_gives_no_candidates() -> None:

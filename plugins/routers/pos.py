@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import sys
 from collections.abc import Mapping
 
 from pydantic import Field
@@ -76,11 +77,11 @@ def quality_factor(rating: float, span: float) -> float:
     return min(max(2 ** ((rating - 1500) / 400), 1 / span), span)
 
 
-def full(peer: PeerView | None) -> bool:
+def full(peer: PeerView) -> bool:
     """Whether a peer's own load record says a request sent now would queue: requests waiting in
     its engines, or every slot (KV cache, for vLLM-style engines) in use. Only bonded peers are
     judged by it, so a false record wins a liar no more than a place in the order among them."""
-    return peer is None or peer.load.waiting > 0 or peer.load.usage >= 1.0
+    return peer.load.waiting > 0 or peer.load.usage >= 1.0
 
 
 class StakeRouter(Router):
@@ -123,29 +124,35 @@ class StakeRouter(Router):
         It stays bounded while every staked peer advertises next to no stake, since otherwise
         saturating the honest nodes would hand the swarm every request. A bonded peer advertises
         next to nothing when it is full, but also while its stake ramps up after a start; its own
-        load record tells the two apart. Those not `full` are tried in a random order; if all are
-        full, none is offered, and the node keeps the request rather than queue it behind a peer's.
-        Only a network with no bonded peer at all draws newcomers freely."""
+        load record tells the two apart. Those not `full` are tried first, in a random order, then
+        the full ones by the shortest queue they report (a request moves to a shorter queue, and
+        each policy's `accept` decides whether it is short enough). Only a network with no bonded
+        peer at all draws newcomers freely."""
         weights = self.eligible(info)
         floor = self.settings.newcomer_stake
         staked = {n: w for n, w in weights.items() if w >= floor}
-        bonded = False
         held: list[str] = []  # bonded and not full, though advertising next to nothing
+        queued: list[tuple[int, float, str]] = []  # bonded and full: (queue, tie-break, id)
         newcomers: list[str] = []
         for n in weights:
             if self.node.ledger.account(n).bonded < floor:
                 newcomers.append(n)
                 continue
-            bonded = True
-            if n not in staked and not full(self.node.gossip.peer(n)):
+            if n in staked:
+                continue
+            peer = self.node.gossip.peer(n)
+            if peer is None or full(peer):
+                queue = peer.load.running + peer.load.waiting if peer else sys.maxsize
+                queued.append((queue, self._rng.random(), n))
+            else:
                 held.append(n)
         k = self.settings.max_attempts
         # The coin is tossed on every request, so a seed gives the same sequence whoever is there.
         explore = self._rng.random() < self.settings.explore
         if staked:
             order = weighted_order(staked, self._rng, k)
-        elif bonded:
-            order = self._rng.sample(held, min(k, len(held)))
+        elif held or queued:
+            order = self._rng.sample(held, min(k, len(held))) + [n for *_, n in sorted(queued)]
         else:
             return self._rng.sample(newcomers, min(k, len(newcomers)))
         if newcomers and explore:
