@@ -11,7 +11,6 @@ from __future__ import annotations
 import heapq
 import math
 import random
-import sys
 from collections.abc import Mapping
 
 from pydantic import Field
@@ -141,9 +140,10 @@ class StakeRouter(Router):
             if n in staked:
                 continue
             peer = self.node.gossip.peer(n)
-            if peer is None or full(peer):
-                queue = peer.load.running + peer.load.waiting if peer else sys.maxsize
-                queued.append((queue, self._rng.random(), n))
+            if peer is None:  # `eligible` read it from the same table: cannot happen
+                continue
+            if full(peer):
+                queued.append((peer.load.running + peer.load.waiting, self._rng.random(), n))
             else:
                 held.append(n)
         k = self.settings.max_attempts
